@@ -1,0 +1,79 @@
+"""GPT-2 interpreters to GGUF in the official `gpt2-q8_0.gguf` layout: Conv1D weights transposed,
+tied output, the position table as stored, the tokenizer inside."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, TokenType, quants
+
+from paw_lite.atomic import atomic_path
+from paw_lite.errors import InvalidFileError
+from paw_lite.base_model import hf_gpt2_config, hf_gpt2_tensors
+from paw_lite.gpt2_layout import ARCH, GPT2Config
+from paw_lite.tokenizer import hf_vocab
+
+GPT2_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+
+
+def tensor_type_for(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """Matrices take the requested type; norms, biases and the position table stay F32 (as the official file)."""
+    if len(shape) < 2 or name == "position_embd.weight":
+        return GGMLQuantizationType.F32
+    if qtype == GGMLQuantizationType.Q8_0 and shape[-1] % 32:
+        raise InvalidFileError(f"{name}: row length {shape[-1]} is not a multiple of 32, required by Q8_0")
+    return qtype
+
+
+def write_gpt2_gguf(out: str | os.PathLike[str], config: GPT2Config, tensors: Iterable[tuple[str, np.ndarray]],
+                    tokens: list[str], merges: list[str], special_ids: list[int], eos_id: int,
+                    qtype: GGMLQuantizationType = GGMLQuantizationType.Q8_0, name: str = "gpt2",
+                    on_tensor: Callable[[str], None] | None = None) -> Path:
+    """Write a GPT-2 GGUF atomically. `tensors` yields (GGUF name, float32 array in Linear layout)."""
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        w = GGUFWriter(tmp, ARCH)
+        w.add_name(name)
+        w.add_block_count(config.n_layer)
+        w.add_context_length(config.n_ctx)
+        w.add_embedding_length(config.n_embd)
+        w.add_feed_forward_length(config.n_ff)
+        w.add_head_count(config.n_head)
+        w.add_layer_norm_eps(config.eps)
+        w.add_file_type(int(qtype))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        special = set(special_ids)
+        w.add_token_types([int(TokenType.CONTROL) if i in special else int(TokenType.NORMAL) for i in range(len(tokens))])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(eos_id)
+        w.add_eos_token_id(eos_id)
+        w.add_add_bos_token(False)
+        for tname, arr in tensors:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            t = tensor_type_for(tname, arr.shape, qtype)
+            w.add_tensor(tname, quants.quantize(arr, t), raw_dtype=t)
+            if on_tensor:
+                on_tensor(tname)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+
+def convert_hf_gpt2(folder: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str = "q8_0",
+                    on_tensor: Callable[[str], None] | None = None) -> Path:
+    folder = Path(folder)
+    if qtype not in GPT2_TYPES:
+        raise InvalidFileError(f"--type {qtype!r}: GPT-2 converts to one of {', '.join(GPT2_TYPES)}")
+    config = hf_gpt2_config(folder / "config.json")
+    tokens, merges, special, eos, _ = hf_vocab(folder)
+    name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or "gpt2"
+    return write_gpt2_gguf(out, config, hf_gpt2_tensors(folder), tokens, merges, special, eos, GPT2_TYPES[qtype],
+                           name=str(name), on_tensor=on_tensor)

@@ -1,0 +1,154 @@
+"""Loading the GPT-2 interpreter: a GGUF file (the official layout) or an HF GPT-2 folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+from .gguf_file import WEIGHT_TYPES, get_field, get_float, get_int, get_str, numpy_shape, open_gguf, tensor_to_f32
+from .gpt2_layout import ARCH, GPT2Config, hf_to_gguf_name
+from .safetensors_file import SafetensorsFile
+from .tokenizer import GPT2Tokenizer
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class BaseModel:
+    """A GPT-2 interpreter in memory: float32 weights under GGUF names, its tokenizer, and a content
+    fingerprint that keys the prefix caches built on it."""
+
+    config: GPT2Config
+    weights: dict[str, np.ndarray]
+    tokenizer: GPT2Tokenizer
+    source: Path
+    fingerprint: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "BaseModel":
+        path = Path(path)
+        if path.is_dir():
+            return _load_hf_dir(path)
+        if not path.exists():
+            raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 folder)")
+        return _load_gguf(path)
+
+
+def _check_shapes(weights: dict[str, np.ndarray], config: GPT2Config, source: Path) -> None:
+    expected = config.tensor_shapes()
+    if "output.weight" in weights:
+        expected["output.weight"] = (config.n_vocab, config.n_embd)
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise InvalidFileError(f"{source}: unexpected tensors for a GPT-2 model: {', '.join(unknown[:5])}")
+    for name, shape in expected.items():
+        if name not in weights:
+            raise InvalidFileError(f"{source}: tensor {name} is missing")
+        if tuple(weights[name].shape) != shape:
+            raise InvalidFileError(f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+
+
+def _load_gguf(path: Path) -> BaseModel:
+    reader = open_gguf(path)
+    arch = get_str(reader, "general.architecture", path)
+    if arch != ARCH:
+        raise IncompatibleModelError(f"{path}: architecture is {arch!r}; the interpreter runs GPT-2 ('gpt2') models")
+    n_embd = get_int(reader, f"{arch}.embedding_length", path)
+    tokenizer = GPT2Tokenizer.from_gguf(reader, path)
+    config = GPT2Config(
+        n_vocab=tokenizer.n_vocab,
+        n_ctx=get_int(reader, f"{arch}.context_length", path),
+        n_embd=n_embd,
+        n_head=get_int(reader, f"{arch}.attention.head_count", path),
+        n_layer=get_int(reader, f"{arch}.block_count", path),
+        n_ff=get_int(reader, f"{arch}.feed_forward_length", path, default=4 * n_embd),
+        eps=get_float(reader, f"{arch}.attention.layer_norm_epsilon", path),
+    ).validate(path)
+    infos = {t.name: t for t in reader.tensors}
+    # Check every shape from the header before dequantizing anything.
+    _check_shapes({n: _ShapeOnly(numpy_shape(t)) for n, t in infos.items()}, config, path)
+    weights = {name: tensor_to_f32(t, path, WEIGHT_TYPES) for name, t in infos.items()}
+    return BaseModel(config, weights, tokenizer, path, file_sha256(path))
+
+
+class _ShapeOnly:
+    """Stands in for an array in shape checks, so no tensor data is touched."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def hf_gpt2_config(cfg_path: Path) -> GPT2Config:
+    """GPT2Config from an HF config.json."""
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidFileError(f"{cfg_path}: cannot read the model config: {exc}") from exc
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise IncompatibleModelError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
+    if cfg.get("activation_function", "gelu_new") not in _ACTIVATIONS:
+        raise IncompatibleModelError(f"{cfg_path}: activation_function {cfg['activation_function']!r} is not GPT-2's tanh GELU")
+    try:
+        n_embd = int(cfg["n_embd"])
+        return GPT2Config(
+            n_vocab=int(cfg["vocab_size"]),
+            n_ctx=int(cfg.get("n_positions", cfg.get("n_ctx"))),
+            n_embd=n_embd,
+            n_head=int(cfg["n_head"]),
+            n_layer=int(cfg["n_layer"]),
+            n_ff=int(cfg.get("n_inner") or 4 * n_embd),
+            eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        ).validate(cfg_path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidFileError(f"{cfg_path}: missing or malformed GPT-2 hyperparameter: {exc}") from exc
+
+
+def hf_gpt2_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in Linear layout) for each weight of an HF GPT-2 folder, one at a
+    time; an output matrix equal to the embedding is dropped (tied, as in the official layout)."""
+    st_path = folder / "model.safetensors"
+    if not st_path.exists():
+        raise ModelNotFoundError(f"{folder}: no model.safetensors (convert a pytorch_model.bin with `paw-lite convert gpt2 {folder} -o gpt2.gguf`)")
+    st = SafetensorsFile(st_path)
+    for key in st.keys():
+        mapped = hf_to_gguf_name(key)
+        if mapped is None:
+            continue
+        name, transpose = mapped
+        if name == "output.weight":
+            wte = next((k for k in st.keys() if k.removeprefix("transformer.") == "wte.weight"), None)
+            if wte is not None and np.array_equal(st.raw(key), st.raw(wte)):
+                continue
+        arr = st.f32(key)
+        yield name, (np.ascontiguousarray(arr.T) if transpose else arr)
+
+
+def _load_hf_dir(folder: Path) -> BaseModel:
+    cfg_path = folder / "config.json"
+    config = hf_gpt2_config(cfg_path)
+    st_path = folder / "model.safetensors"
+    weights = dict(hf_gpt2_tensors(folder))
+    _check_shapes(weights, config, st_path)
+    tokenizer = GPT2Tokenizer.from_hf_dir(folder)
+    if tokenizer.n_vocab != config.n_vocab:
+        raise InvalidFileError(f"{folder}: tokenizer has {tokenizer.n_vocab} tokens but config.json says vocab_size {config.n_vocab}")
+    h = hashlib.sha256()
+    for p in (cfg_path, st_path):
+        h.update(file_sha256(p).encode())
+    return BaseModel(config, weights, tokenizer, folder, h.hexdigest())

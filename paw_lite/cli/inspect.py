@@ -1,0 +1,52 @@
+"""`paw-lite inspect PROGRAM`: what a program holds, without loading a model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .. import paths
+from ..lora import describe_adapter_gguf
+from ..program import Program
+from . import emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show a program's spec, pseudo-program, interpreter and adapter")
+    p.add_argument("program", help="a .paw bundle or a program folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prog = Program.load(args.program)
+    with prog.adapter_file(paths.cache_dir() / "tmp") as tmp:
+        adapter = describe_adapter_gguf(tmp)
+    src = Path(args.program)
+    info = {
+        "program": str(src),
+        "program_id": prog.program_id,
+        "spec": prog.spec,
+        "pseudo_program": prog.pseudo_program,
+        "interpreter": prog.meta.get("interpreter", "gpt2"),
+        "runtime_id": prog.meta.get("runtime_id", paths.DEFAULT_RUNTIME_ID),
+        "compiler_snapshot": prog.meta.get("compiler_snapshot"),
+        "meta_version": prog.meta.get("version"),
+        "adapter": adapter,
+        "sizes": {"bundle_bytes": os.path.getsize(src) if src.is_file() else None, "adapter_bytes": len(prog.adapter_gguf),
+                  "template_chars": len(prog.template)},
+    }
+    kinds = ", ".join(f"{n} {t}" for t, n in adapter["tensor_types"].items())
+    text = "\n".join([
+        f"program      {info['program']}",
+        f"program id   {info['program_id']}",
+        f"spec         {info['spec']}",
+        f"interpreter  {info['interpreter']} (runtime {info['runtime_id']})",
+        f"adapter      rank {adapter['rank']}, alpha {adapter['alpha']:g}, {adapter['n_tensors']} tensors ({kinds}), {len(prog.adapter_gguf):,} bytes",
+        f"bundle       {info['sizes']['bundle_bytes']:,} bytes" if info["sizes"]["bundle_bytes"] else "bundle       (folder)",
+        "pseudo-program:",
+        *("  " + line for line in (prog.pseudo_program or "(none)").splitlines()),
+    ])
+    emit(args, info, text)
+    return 0

@@ -1,0 +1,67 @@
+"""`paw-lite run PROGRAM TEXT` and `paw-lite run PROGRAM --input-file FILE [--output FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .. import batch
+from ..errors import PawError
+from ..runtime import function
+from . import emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a program on one input, or on every line of a file")
+    p.add_argument("program", help="a .paw bundle or a program folder")
+    p.add_argument("text", nargs="?", help="the input (omit with --input-file)")
+    p.add_argument("--input-file", type=Path, help="one input per line, or JSONL with a 'text' field")
+    p.add_argument("--output", type=Path, help="JSONL results (default: stdout); an existing file is resumed")
+    p.add_argument("--base-model", help="interpreter GGUF or HF GPT-2 folder (default: the models directory)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after N output tokens (default: EOS or context end)")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs evaluated together in batch mode")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.input_file is None):
+        raise PawError("give either TEXT or --input-file FILE")
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
+    t0 = time.perf_counter()
+    with function(args.program, base_model=args.base_model) as fn:
+        load_s = time.perf_counter() - t0
+        if args.text is not None:
+            t1 = time.perf_counter()
+            out = fn(args.text, max_tokens=args.max_tokens)
+            emit(args, {"input": args.text, "output": out, "load_s": round(load_s, 3),
+                        "call_s": round(time.perf_counter() - t1, 3)}, out)
+            return 0
+        return _run_file(args, fn)
+
+
+def _run_file(args: argparse.Namespace, fn) -> int:
+    from tqdm import tqdm
+
+    items = batch.read_inputs(args.input_file)
+    done = batch.completed_indices(args.output) if args.output else set()
+    todo = list(batch.pending(items, done))
+    write, close = batch.jsonl_writer(args.output)
+    bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
+    try:
+        ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size),
+                                     write, chunk=max(1, args.batch_size), on_progress=bar.update)
+    finally:
+        bar.close()
+        close()
+    summary = {"inputs": len(items), "already_done": len(done), "ok": ok, "failed": failed,
+               "output": str(args.output) if args.output else None}
+    text = f"{ok} done, {failed} failed" + (f", {len(done)} already in {args.output}" if done else "")
+    if args.output:
+        emit(args, summary, text)
+    else:
+        print(text, file=sys.stderr)  # stdout carries the results
+    return 1 if failed else 0

@@ -1,0 +1,202 @@
+"""LoRA programs for the GPT-2 interpreter: read and write `adapter.gguf` and PEFT folders,
+validate against the base model, merge into its weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+from .atomic import atomic_path
+from .errors import IncompatibleModelError, InvalidFileError
+from .gguf_file import ADAPTER_TYPES, get_float, get_str, numpy_shape, open_gguf, tensor_to_f32
+from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
+from .safetensors_file import SafetensorsFile
+
+_NAME_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight\.lora_(a|b)$")
+# PEFT matches module-name suffixes: "c_proj" covers both attn.c_proj and mlp.c_proj.
+PEFT_TARGET_MODULES = ["c_attn", "c_proj", "c_fc"]
+ADAPTER_WRITE_TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q8_0": GGMLQuantizationType.Q8_0,
+                       "f16": GGMLQuantizationType.F16, "f32": GGMLQuantizationType.F32}
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """Per target `blk.{i}.{module}`: A (r, d_in) and B (d_out, r). Applied as W + (alpha/r) B A."""
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]
+    alpha: float
+    rank: int
+    tensor_type: str
+    source: str
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], config: GPT2Config) -> "LoraAdapter":
+        path = Path(path)
+        reader = open_gguf(path)
+        for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", ARCH)):
+            got = get_str(reader, key, path)
+            if got != want:
+                raise IncompatibleModelError(f"{path}: {key} is {got!r}, expected {want!r}")
+        alpha = get_float(reader, "adapter.lora.alpha", path)
+        shapes = {t.name: numpy_shape(t) for t in reader.tensors}
+        rank = _validate_shapes(shapes, config, path)
+        tensors = {t.name: tensor_to_f32(t, path, ADAPTER_TYPES) for t in reader.tensors}
+        kind = Counter(t.tensor_type.name for t in reader.tensors).most_common(1)[0][0]
+        return cls(_pair_up(tensors), _check_alpha(alpha, path), rank, kind, str(path))
+
+    @classmethod
+    def from_peft_dir(cls, folder: str | os.PathLike[str], config: GPT2Config) -> "LoraAdapter":
+        folder = Path(folder)
+        cfg_path = folder / "adapter_config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidFileError(f"{cfg_path}: cannot read the PEFT config: {exc}") from exc
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise IncompatibleModelError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+        for flag in ("use_rslora", "use_dora"):
+            if cfg.get(flag):
+                raise IncompatibleModelError(f"{cfg_path}: {flag} is set; paw_lite applies plain LoRA (alpha / r) only")
+        for pattern in ("rank_pattern", "alpha_pattern"):
+            if cfg.get(pattern):
+                raise IncompatibleModelError(f"{cfg_path}: {pattern} is set; paw_lite needs one rank and alpha for all modules")
+        st = SafetensorsFile(folder / "adapter_model.safetensors")
+        tensors: dict[str, np.ndarray] = {}
+        for key in st.keys():
+            name = peft_to_gguf_name(key)
+            if name is None:
+                raise InvalidFileError(f"{st.path}: tensor {key!r} is not a LoRA weight of a GPT-2 target module")
+            tensors[name] = st.f32(key)
+        rank = _validate_shapes({n: a.shape for n, a in tensors.items()}, config, st.path)
+        if int(cfg.get("r", rank)) != rank:
+            raise InvalidFileError(f"{cfg_path}: r is {cfg.get('r')} but the tensors have rank {rank}")
+        for name, arr in tensors.items():
+            if not np.isfinite(arr).all():
+                raise InvalidFileError(f"{st.path}: {gguf_to_peft_name(name)} holds NaN or Inf values")
+        alpha = _check_alpha(float(cfg.get("lora_alpha", rank)), cfg_path)
+        return cls(_pair_up(tensors), alpha, rank, st.dtype_name(st.keys()[0]) if st.keys() else "F32", str(folder))
+
+    def merged_into(self, weights: dict[str, np.ndarray], inplace: bool = False) -> dict[str, np.ndarray]:
+        """Weights with W + scale * B @ A for each target. Without inplace, the input arrays are not modified."""
+        out = weights if inplace else dict(weights)
+        scale = np.float32(self.scale)
+        for target, (a, b) in self.pairs.items():
+            key = f"{target}.weight"
+            delta = scale * (b @ a)  # (d_out, r) @ (r, d_in)
+            if inplace:
+                out[key] += delta
+            else:
+                out[key] = weights[key] + delta
+        return out
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """GGUF name -> array, in a stable order."""
+        out = {}
+        for target, (a, b) in sorted(self.pairs.items(), key=lambda kv: _target_sort_key(kv[0])):
+            out[f"{target}.weight.lora_a"] = a
+            out[f"{target}.weight.lora_b"] = b
+        return out
+
+
+def describe_adapter_gguf(path: Path) -> dict:
+    """Rank, alpha, tensor types and count of an adapter.gguf, without a base model."""
+    reader = open_gguf(path)
+    alpha = get_float(reader, "adapter.lora.alpha", path)
+    ranks = {numpy_shape(t)[-1] for t in reader.tensors if t.name.endswith(".lora_b")}
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return {"architecture": get_str(reader, "general.architecture", path), "rank": ranks.pop() if len(ranks) == 1 else sorted(ranks),
+            "alpha": alpha, "tensor_types": dict(types), "n_tensors": len(reader.tensors)}
+
+
+def _target_sort_key(target: str) -> tuple[int, int]:
+    _, layer, module = target.split(".")
+    return int(layer), list(LORA_MODULES).index(module)
+
+
+def _check_alpha(alpha: float, path: Path | str) -> float:
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise InvalidFileError(f"{path}: LoRA alpha is {alpha}, expected a positive number")
+    return alpha
+
+
+def _validate_shapes(shapes: dict[str, tuple[int, ...]], config: GPT2Config, path: Path | str) -> int:
+    """Check names and shapes of LoRA tensors against the base model; return the common rank."""
+    if not shapes:
+        raise InvalidFileError(f"{path}: the adapter holds no LoRA tensors")
+    ranks = set()
+    for name, shape in shapes.items():
+        m = _NAME_RE.match(name)
+        if not m or m.group(2) not in LORA_MODULES:
+            raise InvalidFileError(f"{path}: tensor {name!r} is not a GPT-2 LoRA tensor (blk.N.{{{'|'.join(LORA_MODULES)}}}.weight.lora_a|lora_b)")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= config.n_layer:
+            raise IncompatibleModelError(f"{path}: {name} targets layer {layer}; the base model has {config.n_layer} layers")
+        partner = name[:-1] + ("b" if ab == "a" else "a")
+        if partner not in shapes:
+            raise InvalidFileError(f"{path}: {name} has no matching {partner}")
+        d_in, d_out = config.module_dims(module)
+        r = shape[0] if ab == "a" else (shape[1] if len(shape) == 2 else -1)
+        want = (r, d_in) if ab == "a" else (d_out, r)
+        if len(shape) != 2 or tuple(shape) != want or r <= 0:
+            raise IncompatibleModelError(f"{path}: {name} has shape {tuple(shape)}, expected {want} for this base model")
+        ranks.add(r)
+    if len(ranks) != 1:
+        raise InvalidFileError(f"{path}: LoRA tensors have different ranks {sorted(ranks)}; one rank is expected")
+    return ranks.pop()
+
+
+def _pair_up(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    targets = {name.rsplit(".weight.", 1)[0] for name in tensors}
+    return {t: (tensors[f"{t}.weight.lora_a"], tensors[f"{t}.weight.lora_b"]) for t in targets}
+
+
+def write_adapter_gguf(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], alpha: float, tensor_type: str = "q4_0") -> Path:
+    """Write `adapter.gguf` as llama.cpp and the official runtime read it (PAW-FACTS §4). Atomic."""
+    if tensor_type not in ADAPTER_WRITE_TYPES:
+        raise ValueError(f"adapter type {tensor_type!r} is not one of {sorted(ADAPTER_WRITE_TYPES)}")
+    qtype = ADAPTER_WRITE_TYPES[tensor_type]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(tmp, ARCH)
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(alpha))
+        for name, arr in tensors.items():
+            data = quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def write_peft_dir(folder: str | os.PathLike[str], adapter: LoraAdapter, base_model_name: str = "gpt2") -> Path:
+    """Export the PEFT form (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    from .atomic import atomic_dir
+
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+            "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": True, "target_modules": PEFT_TARGET_MODULES,
+            "inference_mode": True,
+        }
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file({gguf_to_peft_name(n): np.ascontiguousarray(a, dtype=np.float32) for n, a in adapter.tensors().items()},
+                  str(tmp / "adapter_model.safetensors"))
+    return folder

@@ -1,0 +1,54 @@
+"""Where paw_lite keeps models and caches. Read once, when a function or command starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+DEFAULT_RUNTIME_ID = "gpt2-q8_0"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def user_cache_root() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def models_dir() -> Path:
+    """$PAW_LITE_MODELS, else <user cache>/paw_lite/models."""
+    env = os.environ.get("PAW_LITE_MODELS")
+    return Path(env).expanduser() if env else user_cache_root() / "paw_lite" / "models"
+
+
+def cache_dir() -> Path:
+    """$PAW_LITE_CACHE, else <user cache>/paw_lite/cache (prefix KV caches, temporary files)."""
+    env = os.environ.get("PAW_LITE_CACHE")
+    return Path(env).expanduser() if env else user_cache_root() / "paw_lite" / "cache"
+
+
+def resolve_interpreter(base_model: str | os.PathLike[str] | None, runtime_id: str | None) -> Path:
+    """The interpreter file for a program: an explicit path, else `<runtime_id>.gguf` in the models directory."""
+    if base_model is not None:
+        path = Path(base_model).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"{path}: no such interpreter model (pass a GPT-2 GGUF file or an HF GPT-2 folder)")
+        return path
+    rid = runtime_id or DEFAULT_RUNTIME_ID
+    if not _SAFE_NAME.match(rid):
+        raise ModelNotFoundError(f"program names runtime {rid!r}, which is not a valid model file name; pass base_model= / --base-model")
+    directory = models_dir()
+    path = directory / f"{rid}.gguf"
+    if path.exists():
+        return path
+    raise ModelNotFoundError(
+        f"interpreter {path.name} is not in the models directory {directory}. Get it with `paw-lite models pull` "
+        f"(needs a network; or `paw-lite models import DIR` for files brought in by hand), pass --base-model PATH / "
+        f"base_model=PATH (a GPT-2 GGUF or HF folder), or set PAW_LITE_MODELS to the folder that holds it"
+    )

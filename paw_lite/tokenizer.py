@@ -1,0 +1,148 @@
+"""GPT-2 byte-level BPE, built with `tokenizers` from a model file's own token list and merges.
+
+User text is always encoded as plain text: only the program's template may hold control tokens."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from gguf import TokenType
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from .errors import InvalidFileError
+from .gguf_file import get_field, get_int, get_str
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (the alphabet of its vocabulary)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class GPT2Tokenizer:
+    """Encode and decode GPT-2 token ids. `special_ids` are the control tokens (e.g. <|endoftext|>)."""
+
+    def __init__(self, tokens: list[str], merges: list[str], special_ids: list[int], eos_id: int, source: Path | str):
+        if not 0 <= eos_id < len(tokens):
+            raise InvalidFileError(f"{source}: eos token id {eos_id} is outside the vocabulary of {len(tokens)} tokens")
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        if len(vocab) != len(tokens):
+            raise InvalidFileError(f"{source}: the token list holds duplicate tokens")
+        try:
+            pairs = [tuple(m.split(" ", 1)) for m in merges]
+            bpe = models.BPE(vocab=vocab, merges=pairs)
+        except Exception as exc:  # tokenizers raises its own untyped errors on bad vocab/merges
+            raise InvalidFileError(f"{source}: the BPE vocabulary or merges are malformed: {exc}") from exc
+        self._tok = Tokenizer(bpe)
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        self._tok.decoder = decoders.ByteLevel()
+        self.n_vocab = len(tokens)
+        self.eos_id = eos_id
+        self.special = {tokens[i]: i for i in special_ids}
+        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True))) if self.special else None
+        self._bytes = [b"" if i in self.special.values() else bytes(_UNICODE_TO_BYTE.get(c, 0x3F) for c in tok) for i, tok in enumerate(tokens)]
+
+    @classmethod
+    def from_gguf(cls, reader, path: Path) -> "GPT2Tokenizer":
+        model = get_str(reader, "tokenizer.ggml.model", path)
+        if model != "gpt2":
+            raise InvalidFileError(f"{path}: tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE)")
+        tokens = get_field(reader, "tokenizer.ggml.tokens", path)
+        merges = get_field(reader, "tokenizer.ggml.merges", path)
+        types = get_field(reader, "tokenizer.ggml.token_type", path, default=None)
+        if types is not None and len(types) != len(tokens):
+            raise InvalidFileError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+        special = [i for i, t in enumerate(types or []) if t == TokenType.CONTROL]
+        eos = get_int(reader, "tokenizer.ggml.eos_token_id", path)
+        return cls(tokens, merges, special, eos, path)
+
+    @classmethod
+    def from_hf_dir(cls, folder: Path) -> "GPT2Tokenizer":
+        return cls(*hf_vocab(folder))
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of text with no special-token recognition (for user input)."""
+        if not text:
+            return []
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _segments(self, text: str) -> list[str | int]:
+        if self._special_re is None:
+            return [text]
+        out: list[str | int] = []
+        pos = 0
+        for m in self._special_re.finditer(text):
+            out += [text[pos:m.start()], self.special[m.group()]]
+            pos = m.end()
+        out.append(text[pos:])
+        return out
+
+    def _encode_segments(self, segments: list[str | int]) -> list[int]:
+        ids: list[int] = []
+        run = ""
+        for seg in segments + [-1]:
+            if isinstance(seg, str):
+                run += seg
+                continue
+            ids += self.encode_plain(run)
+            run = ""
+            if seg >= 0:
+                ids.append(seg)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of trusted text (a template), control tokens recognised, no BOS."""
+        return self._encode_segments(self._segments(text))
+
+    def encode_prompt(self, prefix: str, user_input: str, suffix: str) -> list[int]:
+        """Ids of prefix + input + suffix tokenized as one string, as the reference runtime does,
+        with control tokens recognised in the template parts only."""
+        return self._encode_segments(self._segments(prefix) + [user_input] + self._segments(suffix))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def decode(self, ids: list[int]) -> str:
+        """UTF-8 text of the ids, invalid sequences replaced, control tokens dropped."""
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def hf_vocab(folder: Path) -> tuple[list[str], list[str], list[int], int, Path]:
+    """(tokens, merges, special ids, eos id, source) of an HF GPT-2 tokenizer: `tokenizer.json`,
+    or `vocab.json` + `merges.txt`."""
+    tj = folder / "tokenizer.json"
+    try:
+        if tj.exists():
+            data = json.loads(tj.read_text(encoding="utf-8"))
+            vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+            merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+            added = {a["content"]: a["id"] for a in data.get("added_tokens", []) if a.get("special")}
+            source = tj
+        else:
+            source = folder / "vocab.json"
+            vocab = json.loads(source.read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [ln for ln in lines if ln and not ln.startswith("#version")]
+            added = {"<|endoftext|>": vocab["<|endoftext|>"]} if "<|endoftext|>" in vocab else {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidFileError(f"{folder}: no readable GPT-2 tokenizer (tokenizer.json, or vocab.json + merges.txt): {exc}") from exc
+    for content, idx in added.items():
+        vocab.setdefault(content, idx)
+    tokens = [""] * len(vocab)
+    for tok, idx in vocab.items():
+        if not isinstance(idx, int) or not 0 <= idx < len(tokens):
+            raise InvalidFileError(f"{source}: token {tok!r} has id {idx}, outside 0..{len(tokens) - 1}")
+        tokens[idx] = tok
+    eos = added.get("<|endoftext|>", len(tokens) - 1)
+    return tokens, merges, sorted(added.values()), eos, source

@@ -1,0 +1,27 @@
+"""llama.cpp (through llama-cpp-python) as an oracle: greedy decoding on a GGUF with an adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def llama_greedy(model_path, lora_path, prompt_ids: list[int], max_tokens: int, n_ctx: int, eos: int = 50256) -> list[int]:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (.ci/run)")
+    llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=n_ctx,
+                          n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2, verbose=False, seed=0, logits_all=True)
+    try:
+        llm.eval(prompt_ids)
+        out: list[int] = []
+        while len(out) < max_tokens and llm.n_tokens < n_ctx:
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token == eos:
+                break
+            out.append(token)
+            if len(out) < max_tokens and llm.n_tokens < n_ctx - 1:
+                llm.eval([token])
+            else:
+                break
+        return out
+    finally:
+        llm.close()

@@ -1,0 +1,185 @@
+"""Running programs: greedy output equals transformers+PEFT and llama.cpp; prefix caching; errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import paw_lite
+from paw_lite.errors import ContextOverflowError, IncompatibleModelError, ModelNotFoundError, PawError
+from paw_lite.lora import write_peft_dir, LoraAdapter
+from paw_lite.program import Program
+
+from conftest import make_program, random_lora
+from llama_oracle import llama_greedy
+
+INPUTS = ["disk usage at 99% on /var", "user logged in", "  leading spaces", "ünïcödé ✓", ""]
+
+
+@pytest.fixture(scope="module")
+def fn(tiny_program, tiny_gguf, tmp_path_factory):
+    f = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"))
+    yield f
+    f.close()
+
+
+def hf_greedy(model, prompt_ids, max_new):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=50256, pad_token_id=50256)
+    ids = out[0, len(prompt_ids):].tolist()
+    return ids[:ids.index(50256)] if 50256 in ids else ids
+
+
+def test_greedy_output_equals_transformers_peft(fn, tiny_hf, tiny_program, tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    prog = Program.load(tiny_program)
+    with prog.adapter_file(tmp_path) as p:
+        adapter = LoraAdapter.from_gguf(p, fn.config)
+    write_peft_dir(tmp_path / "peft", adapter)
+    hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_hf), tmp_path / "peft").eval()
+    n_distinct = set()
+    for text in INPUTS:
+        ids = fn.prompt_ids(text)
+        ours = fn.generate_ids(text)  # until EOS or the context end
+        assert ours == hf_greedy(hf, ids, fn.config.n_ctx - len(ids)), text
+        n_distinct.add(tuple(ours))
+    assert len(n_distinct) > 1, "outputs should depend on the input"
+
+
+def test_greedy_output_equals_llama_cpp(fn, tiny_gguf, tiny_program, tmp_path):
+    prog = Program.load(tiny_program)
+    adapter_path = tmp_path / "adapter.gguf"
+    adapter_path.write_bytes(prog.adapter_gguf)
+    for text in INPUTS[:3]:
+        ids = fn.prompt_ids(text)
+        ours = fn.generate_ids(text, max_tokens=20)
+        assert ours == llama_greedy(tiny_gguf, adapter_path, ids, 20, fn.config.n_ctx), text
+
+
+def test_call_returns_stripped_text_and_respects_max_tokens(fn):
+    full = fn.generate_ids(INPUTS[0])
+    assert fn(INPUTS[0]) == fn.tokenizer.decode(full).strip()
+    assert fn.generate_ids(INPUTS[0], max_tokens=3) == full[:3]
+    assert fn(INPUTS[0], max_tokens=0) == ""
+    with pytest.raises(ValueError):
+        fn(INPUTS[0], max_tokens=-1)
+
+
+def test_calls_are_independent_and_deterministic(fn):
+    first = [fn(t) for t in INPUTS]
+    assert [fn(t) for t in reversed(INPUTS)] == list(reversed(first))
+    assert fn.map(INPUTS) == first
+
+
+def test_context_overflow_is_a_clear_error(fn):
+    with pytest.raises(ContextOverflowError, match=r"prompt is \d+ tokens \(template \d+ \+ input \d+\); the interpreter's context holds 128"):
+        fn("word " * 200)
+
+
+def test_special_token_text_in_input_is_plain_text(fn):
+    ids = fn.prompt_ids("a <|endoftext|> b")
+    assert ids.count(50256) == 0
+
+
+def test_lone_surrogate_is_a_clear_error(fn):
+    with pytest.raises(PawError, match="not valid Unicode"):
+        fn("bad \ud800 text")
+
+
+def test_prefix_cache_file_is_reused_and_corruption_rebuilt(tiny_program, tiny_gguf, tmp_path, caplog):
+    cache = tmp_path / "c"
+    a = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=cache)
+    files = list((cache / "prefix").iterdir())
+    assert len(files) == 1
+    fresh_k = a._prefix_k.copy()
+    b = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=cache)
+    np.testing.assert_array_equal(b._prefix_k, fresh_k)  # a cached prefix equals a fresh one
+    assert b("user logged in") == a("user logged in")
+    raw = bytearray(files[0].read_bytes())
+    raw[-10] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="paw_lite"):
+        c = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=cache)
+    assert "checksum mismatch" in caplog.text
+    np.testing.assert_array_equal(c._prefix_k, fresh_k)
+    assert len(list((cache / "prefix").iterdir())) == 1  # rebuilt in place, no temp files left
+
+
+def test_cache_key_covers_base_adapter_and_prefix(tiny_program, tiny_gguf, tiny_hf, tmp_path):
+    other = make_program(tmp_path / "other.paw", random_lora(2, 64, 32, seed=7), 16.0)
+    keys = {
+        paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path / "c").prefix_cache_key,
+        paw_lite.function(other, base_model=tiny_gguf, cache_dir=tmp_path / "c").prefix_cache_key,
+        paw_lite.function(tiny_program, base_model=tiny_hf, cache_dir=tmp_path / "c").prefix_cache_key,
+    }
+    assert len(keys) == 3
+
+
+def test_hf_folder_and_gguf_give_the_same_output(fn, tiny_program, tiny_hf, tmp_path):
+    g = paw_lite.function(tiny_program, base_model=tiny_hf, cache_dir=tmp_path)
+    assert [g(t) for t in INPUTS] == [fn(t) for t in INPUTS]
+
+
+def test_shared_base_model_is_not_modified(tiny_program, tiny_gguf, tmp_path):
+    base = paw_lite.BaseModel.load(tiny_gguf)
+    before = base.weights["blk.1.ffn_up.weight"].copy()
+    paw_lite.function(tiny_program, base_model=base, cache_dir=tmp_path)
+    np.testing.assert_array_equal(base.weights["blk.1.ffn_up.weight"], before)
+
+
+def test_threads_get_the_same_results_as_sequential_calls(fn):
+    want = {t: fn(t) for t in INPUTS}
+    got: dict[int, str] = {}
+
+    def work(i):
+        got[i] = fn(INPUTS[i % len(INPUTS)])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got[i] == want[INPUTS[i % len(INPUTS)]] for i in range(8))
+
+
+def test_adapter_for_another_base_is_refused(tiny_gguf, tmp_path):
+    wide = make_program(tmp_path / "wide.paw", random_lora(2, 128, 32), 16.0)
+    with pytest.raises(IncompatibleModelError, match=r"wide\.paw: adapter\.gguf: blk\.0\.attn_\w+\.weight\.lora_a has shape \(32, 128\), expected \(32, 64\)"):
+        paw_lite.function(wide, base_model=tiny_gguf, cache_dir=tmp_path)
+    deep = make_program(tmp_path / "deep.paw", random_lora(3, 64, 32), 16.0)
+    with pytest.raises(IncompatibleModelError, match="targets layer 2; the base model has 2 layers"):
+        paw_lite.function(deep, base_model=tiny_gguf, cache_dir=tmp_path)
+
+
+def test_quantized_adapters_load(tiny_gguf, tiny_lora, tmp_path):
+    outs = {}
+    for kind in ("q4_0", "q8_0", "f16", "f32"):
+        prog = make_program(tmp_path / f"{kind}.paw", tiny_lora, 16.0, kind)
+        with paw_lite.function(prog, base_model=tiny_gguf, cache_dir=tmp_path) as f:
+            outs[kind] = f.generate_ids("user logged in", max_tokens=5)
+    assert outs["f16"] == outs["f32"]
+
+
+def test_missing_base_model_says_how_to_get_it(tiny_program, tmp_path, monkeypatch):
+    monkeypatch.setenv("PAW_LITE_MODELS", str(tmp_path / "models"))
+    with pytest.raises(ModelNotFoundError, match=r"gpt2-q8_0\.gguf is not in the models directory .*paw-lite models pull"):
+        paw_lite.function(tiny_program, cache_dir=tmp_path)
+    (tmp_path / "models").mkdir()
+    os.symlink(paw_lite.Program.load(tiny_program).source, tmp_path / "x")  # unrelated file
+    with pytest.raises(ModelNotFoundError, match="no such interpreter model"):
+        paw_lite.function(tiny_program, base_model=tmp_path / "nope.gguf", cache_dir=tmp_path)
+
+
+def test_models_directory_is_used(tiny_program, tiny_gguf, tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    os.symlink(tiny_gguf, tmp_path / "models" / "gpt2-q8_0.gguf")
+    monkeypatch.setenv("PAW_LITE_MODELS", str(tmp_path / "models"))
+    with paw_lite.function(tiny_program, cache_dir=tmp_path) as f:
+        assert f.config.n_layer == 2
