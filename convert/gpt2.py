@@ -1,20 +1,21 @@
 """GPT-2 interpreters to GGUF in the official `gpt2-q8_0.gguf` layout: Conv1D weights transposed,
-tied output, the position table as stored, the tokenizer inside."""
+tied output, the position table as stored, the tokenizer inside. Weights come from
+`model.safetensors` or, without it, `pytorch_model.bin` read by the torch-free safe reader."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType, quants
 
 from paw_lite.atomic import atomic_path
-from paw_lite.errors import InvalidFileError
+from paw_lite.errors import InvalidFileError, ModelNotFoundError
 from paw_lite.base_model import hf_gpt2_config, hf_gpt2_tensors
-from paw_lite.gpt2_layout import ARCH, GPT2Config
+from paw_lite.gpt2_layout import ARCH, GPT2Config, hf_to_gguf_name
 from paw_lite.tokenizer import hf_vocab
 
 GPT2_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -67,6 +68,38 @@ def write_gpt2_gguf(out: str | os.PathLike[str], config: GPT2Config, tensors: It
     return out
 
 
+def hf_gpt2_bin_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Like base_model.hf_gpt2_tensors, from a `pytorch_model.bin` (torch zip format, read without torch)."""
+    from .torch_checkpoint import load_state_dict
+
+    state = load_state_dict(path)
+    wte = next((k for k in state if k.removeprefix("transformer.") == "wte.weight"), None)
+    for key, arr in state.items():
+        mapped = hf_to_gguf_name(key)
+        if mapped is None:
+            continue
+        name, transpose = mapped
+        if name == "output.weight" and wte is not None and np.array_equal(arr, state[wte]):
+            continue  # tied (torch saves lm_head sharing the embedding's storage)
+        arr = arr.astype(np.float32)
+        yield name, (np.ascontiguousarray(arr.T) if transpose else arr)
+
+
+def _checked(tensors: Iterable[tuple[str, np.ndarray]], config: GPT2Config, source: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Refuse a tensor whose shape does not match config.json before it is written, and a missing one."""
+    expected = config.tensor_shapes()
+    expected["output.weight"] = (config.n_vocab, config.n_embd)  # optional: absent when tied
+    seen = set()
+    for name, arr in tensors:
+        if name not in expected or tuple(arr.shape) != expected[name]:
+            raise InvalidFileError(f"{source}: {name} has shape {tuple(arr.shape)}, expected {expected.get(name)} from config.json")
+        seen.add(name)
+        yield name, arr
+    missing = sorted(set(expected) - seen - {"output.weight"})
+    if missing:
+        raise InvalidFileError(f"{source}: missing tensors {missing[:5]}")
+
+
 def convert_hf_gpt2(folder: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str = "q8_0",
                     on_tensor: Callable[[str], None] | None = None) -> Path:
     folder = Path(folder)
@@ -75,5 +108,12 @@ def convert_hf_gpt2(folder: str | os.PathLike[str], out: str | os.PathLike[str],
     config = hf_gpt2_config(folder / "config.json")
     tokens, merges, special, eos, _ = hf_vocab(folder)
     name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or "gpt2"
-    return write_gpt2_gguf(out, config, hf_gpt2_tensors(folder), tokens, merges, special, eos, GPT2_TYPES[qtype],
+    if (folder / "model.safetensors").exists():
+        source, tensors = folder / "model.safetensors", hf_gpt2_tensors(folder)
+    elif (folder / "pytorch_model.bin").exists():
+        source = folder / "pytorch_model.bin"
+        tensors = hf_gpt2_bin_tensors(source)
+    else:
+        raise ModelNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    return write_gpt2_gguf(out, config, _checked(tensors, config, source), tokens, merges, special, eos, GPT2_TYPES[qtype],
                            name=str(name), on_tensor=on_tensor)

@@ -75,6 +75,11 @@ class SafetensorsFile:
     def dtype_name(self, name: str) -> str:
         return self._entries[name][4]
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """Absolute (start, end) file offsets of a tensor's bytes, for readers that stream without mapping."""
+        _, _, begin, end, _ = self._entries[name]
+        return self._data_start + begin, self._data_start + end
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor as stored (a read-only view of the file; bf16 as uint16)."""
         dtype, shape, begin, end, _ = self._entries[name]

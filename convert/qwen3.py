@@ -1,0 +1,304 @@
+"""Qwen3 causal LMs from HF folders to GGUF (arch `qwen3`), tensor by tensor, without torch.
+
+Handles the trained PAW compiler (its 64 added `<prefix_k>` tokens become CONTROL tokens) and the
+stock Qwen3-4B-Instruct-2507 pseudo compiler: sharded safetensors with an index, bf16/f16/f32
+weights, `config.json` in transformers 4 (`rope_theta`) or 5 (`rope_parameters`) style, tied or
+untied output. Types: f32, f16, bf16, q8_0 encoded in NumPy (gguf-py); q4_k_m, q5_k_m, q6_k by
+llama.cpp's quantizer from a lossless intermediate file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_ARCH, TensorNameMap
+
+from paw_lite.atomic import atomic_path
+from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+from paw_lite.safetensors_file import SafetensorsFile
+
+from .gguf_stream import TensorPlan, write_streamed
+from .hf_bpe import BPEVocab, read_bpe_vocab
+from .llama_quantize import K_QUANTS, llama_quantize
+
+ARCH = "qwen3"
+log = logging.getLogger(__name__)
+
+_T = GGMLQuantizationType
+# --type name -> (type of every matrix, GGUF file type)
+NUMPY_QTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f32": (_T.F32, LlamaFileType.ALL_F32),
+    "f16": (_T.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (_T.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (_T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+QWEN3_TYPES = (*NUMPY_QTYPES, *K_QUANTS)
+# Source dtype -> the lossless intermediate type llama.cpp's quantizer reads.
+_LOSSLESS = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+_ELEMENT = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+
+
+def read_rows(st: SafetensorsFile, key: str, r0: int, r1: int) -> np.ndarray:
+    """Rows r0..r1 of a tensor as stored (bf16 as uint16), read with a plain file read.
+
+    Not through the memory map: mapped pages stay in the process's RSS until unmapped, so a
+    streamed 8 GB model would still show 8 GB resident (measured: benchmarks/convert_rss.py)."""
+    shape = st.shape(key)
+    dtype = _ELEMENT[st.dtype_name(key)]
+    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else int(shape[0]) if shape else 1
+    if len(shape) <= 1:
+        r0, r1 = 0, 1
+    start, _ = st.byte_range(key)
+    count = (r1 - r0) * row
+    out = np.fromfile(st.path, dtype=dtype, count=count, offset=start + r0 * row * dtype.itemsize)
+    if out.size != count:
+        raise InvalidFileError(f"{st.path}: {key} is cut short ({out.size} of {count} values read; file changed or truncated?)")
+    return out.reshape((r1 - r0, *shape[1:]) if len(shape) > 1 else shape)
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    """Hyperparameters from config.json, in GGUF terms."""
+
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    eps: float
+    rope_theta: float
+    tied: bool
+
+    @classmethod
+    def from_hf(cls, path: Path) -> "Qwen3Config":
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(f"{path}: no config.json; pass an HF Qwen3 model folder") from exc
+        except (OSError, ValueError) as exc:
+            raise InvalidFileError(f"{path}: cannot read the model config: {exc}") from exc
+        if cfg.get("model_type") != "qwen3":
+            raise IncompatibleModelError(f"{path}: model_type is {cfg.get('model_type')!r}, expected 'qwen3'")
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias"):
+            raise IncompatibleModelError(f"{path}: hidden_act {cfg.get('hidden_act')!r} / attention_bias "
+                                         f"{cfg.get('attention_bias')!r}: Qwen3 uses silu and no attention bias")
+        # transformers 5 keeps rope settings in `rope_parameters`; older files use rope_theta/rope_scaling.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise IncompatibleModelError(f"{path}: rope type {rope_type!r} is not supported (only the default rotary embedding)")
+        if cfg.get("use_sliding_window"):
+            raise IncompatibleModelError(f"{path}: use_sliding_window is true; only full attention is supported")
+        try:
+            n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            out = cls(
+                n_vocab=int(cfg["vocab_size"]),
+                n_ctx=int(cfg["max_position_embeddings"]),
+                n_embd=n_embd,
+                n_ff=int(cfg["intermediate_size"]),
+                n_layer=int(cfg["num_hidden_layers"]),
+                n_head=n_head,
+                n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                tied=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidFileError(f"{path}: missing or malformed Qwen3 hyperparameter: {exc}") from exc
+        if min(out.n_vocab, out.n_ctx, out.n_embd, out.n_ff, out.n_layer, out.n_head, out.n_head_kv, out.head_dim) <= 0 \
+                or out.n_head % out.n_head_kv:
+            raise InvalidFileError(f"{path}: inconsistent hyperparameters {out}")
+        return out
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """GGUF name -> NumPy shape (rows, cols) of every tensor the file must hold."""
+        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.n_vocab, self.n_embd), "output_norm.weight": (self.n_embd,)}
+        if not self.tied:
+            shapes["output.weight"] = (self.n_vocab, self.n_embd)
+        for i in range(self.n_layer):
+            shapes.update({
+                f"blk.{i}.attn_norm.weight": (self.n_embd,), f"blk.{i}.attn_q.weight": (q, self.n_embd),
+                f"blk.{i}.attn_k.weight": (kv, self.n_embd), f"blk.{i}.attn_v.weight": (kv, self.n_embd),
+                f"blk.{i}.attn_output.weight": (self.n_embd, q), f"blk.{i}.attn_q_norm.weight": (self.head_dim,),
+                f"blk.{i}.attn_k_norm.weight": (self.head_dim,), f"blk.{i}.ffn_norm.weight": (self.n_embd,),
+                f"blk.{i}.ffn_gate.weight": (self.n_ff, self.n_embd), f"blk.{i}.ffn_up.weight": (self.n_ff, self.n_embd),
+                f"blk.{i}.ffn_down.weight": (self.n_embd, self.n_ff),
+            })
+        return shapes
+
+
+class Qwen3Source:
+    """The tensors of an HF Qwen3 folder under GGUF names, read lazily from memory-mapped shards."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ModelNotFoundError(f"{self.folder}: not a folder; pass an HF Qwen3 model folder (config.json, *.safetensors, tokenizer.json)")
+        self.config = Qwen3Config.from_hf(self.folder / "config.json")
+        self.files = self._open_shards()
+        self.tensors = self._map_names()  # GGUF name -> (HF name, file)
+
+    def _open_shards(self) -> dict[str, SafetensorsFile]:
+        """HF tensor name -> the shard holding it (from the index, or the single model.safetensors)."""
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+                raise InvalidFileError(f"{index}: no readable weight_map: {exc}") from exc
+        elif (self.folder / "model.safetensors").exists():
+            weight_map = None
+        else:
+            raise ModelNotFoundError(f"{self.folder}: no model.safetensors or model.safetensors.index.json "
+                                     "(pytorch .bin checkpoints of Qwen3 are not converted; use the safetensors release)")
+        shard_names = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        shards: dict[str, SafetensorsFile] = {}
+        for name in shard_names:
+            if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+                raise InvalidFileError(f"{index}: shard name {name!r} is not a plain file name in the model folder")
+            if not (self.folder / name).exists():
+                raise ModelNotFoundError(f"{self.folder / name}: shard listed in {index.name} is missing (incomplete download?)")
+            shards[name] = SafetensorsFile(self.folder / name)
+        out: dict[str, SafetensorsFile] = {}
+        for name, st in shards.items():
+            for key in st.keys():
+                if weight_map is not None and weight_map.get(key) != name:
+                    raise InvalidFileError(f"{st.path}: holds {key}, which the index places in {weight_map.get(key)!r}")
+                out[key] = st
+        missing = sorted(set(weight_map or {}) - set(out))
+        if missing:
+            raise InvalidFileError(f"{index}: lists {missing[:3]} but no shard holds them")
+        return out
+
+    def _map_names(self) -> dict[str, tuple[str, SafetensorsFile]]:
+        cfg = self.config
+        names = TensorNameMap(MODEL_ARCH.QWEN3, cfg.n_layer)
+        expected = cfg.tensor_shapes()
+        mapped: dict[str, tuple[str, SafetensorsFile]] = {}
+        lm_head: str | None = None
+        for key, st in self.files.items():
+            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise InvalidFileError(f"{st.path}: tensor {key!r} has no Qwen3 GGUF name (not a Qwen3 checkpoint?)")
+            if gguf_name == "output.weight" and cfg.tied:
+                lm_head = key
+                continue
+            if gguf_name not in expected:
+                raise InvalidFileError(f"{st.path}: tensor {key!r} ({gguf_name}) is not expected for {cfg.n_layer} layers")
+            if gguf_name in mapped:
+                raise InvalidFileError(f"{st.path}: {gguf_name} appears twice ({mapped[gguf_name][0]}, {key})")
+            if st.shape(key) != expected[gguf_name]:
+                raise InvalidFileError(f"{st.path}: {key} has shape {st.shape(key)}, expected {expected[gguf_name]} from config.json")
+            if st.dtype_name(key) not in _LOSSLESS:
+                raise InvalidFileError(f"{st.path}: {key} has dtype {st.dtype_name(key)}; expected BF16, F16 or F32")
+            mapped[gguf_name] = (key, st)
+        missing = [n for n in expected if n not in mapped]
+        if missing:
+            hint = " (config.json says tie_word_embeddings is false but there is no lm_head.weight)" if "output.weight" in missing else ""
+            raise InvalidFileError(f"{self.folder}: missing tensors {missing[:5]}{hint}")
+        if lm_head is not None:
+            self._check_tied(lm_head)
+        return {n: mapped[n] for n in expected}  # GGUF order: embedding, norms, then block by block
+
+    def _check_tied(self, lm_head: str) -> None:
+        """A tied model may still store lm_head; it must then equal the embedding (transformers ignores it)."""
+        emb_key, emb = next((k, st) for k, st in self.files.items() if k.endswith("embed_tokens.weight"))
+        head = self.files[lm_head]
+        rows, step = head.shape(lm_head)[0], 4096
+        same = head.shape(lm_head) == emb.shape(emb_key) and head.dtype_name(lm_head) == emb.dtype_name(emb_key) and all(
+            np.array_equal(read_rows(head, lm_head, r, min(rows, r + step)), read_rows(emb, emb_key, r, min(rows, r + step)))
+            for r in range(0, rows, step))
+        if not same:
+            raise InvalidFileError(f"{head.path}: config.json says tie_word_embeddings but {lm_head} differs from {emb_key}")
+        log.info("%s: lm_head.weight equals the embedding (tied): not written", head.path)
+
+    def dtype_names(self) -> set[str]:
+        return {st.dtype_name(key) for key, st in self.tensors.values()}
+
+    def plans(self, matrix_type: GGMLQuantizationType) -> list[TensorPlan]:
+        """One plan per tensor: norms stay F32 (as llama.cpp writes them), matrices take `matrix_type`."""
+        out = []
+        for gguf_name, (key, st) in self.tensors.items():
+            shape = st.shape(key)
+            qtype = matrix_type if len(shape) == 2 else GGMLQuantizationType.F32
+
+            def rows(r0: int, r1: int, key: str = key, st: SafetensorsFile = st) -> tuple[np.ndarray, str]:
+                return read_rows(st, key, r0, r1), st.dtype_name(key)
+
+            out.append(TensorPlan(gguf_name, shape, qtype, rows))
+        return out
+
+
+def _add_metadata(w: GGUFWriter, cfg: Qwen3Config, vocab: BPEVocab, name: str, file_type: LlamaFileType) -> None:
+    w.add_name(name)
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.n_ctx)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.n_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_head_kv)
+    # Needed whenever head_dim != n_embd / n_head (Qwen3-4B: 128 vs 80); written always.
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_file_type(int(file_type))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.token_types)
+    w.add_token_merges(vocab.merges)
+    if vocab.bos_id is not None:
+        w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    if vocab.pad_id is not None:
+        w.add_pad_token_id(vocab.pad_id)
+    w.add_add_bos_token(vocab.add_bos)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+
+
+def _write_gguf(source: Qwen3Source, out: Path, qtype: str, on_tensor: Callable[[str], None] | None) -> None:
+    matrix_type, file_type = NUMPY_QTYPES[qtype]
+    vocab = read_bpe_vocab(source.folder, source.config.n_vocab)
+    with atomic_path(out) as tmp:
+        w = GGUFWriter(tmp, ARCH)
+        _add_metadata(w, source.config, vocab, source.folder.name, file_type)
+        write_streamed(w, source.plans(matrix_type), on_tensor)
+        w.close()
+
+
+def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str = "q8_0",
+                  on_tensor: Callable[[str], None] | None = None) -> Path:
+    """Convert an HF Qwen3 folder to a GGUF file of type `qtype` (one of QWEN3_TYPES); returns `out`.
+
+    `on_tensor(name)` is called after each tensor is written. K-quants first write a lossless
+    intermediate GGUF (the source dtype) beside `out`, then run llama.cpp's quantizer on it."""
+    out = Path(out)
+    qtype = qtype.lower()
+    if qtype not in QWEN3_TYPES:
+        raise InvalidFileError(f"--type {qtype!r}: Qwen3 converts to one of {', '.join(QWEN3_TYPES)}")
+    source = Qwen3Source(src_dir)
+    if qtype in NUMPY_QTYPES:
+        _write_gguf(source, out, qtype, on_tensor)
+        return out
+    dtypes = source.dtype_names()
+    base = _LOSSLESS[dtypes.pop()] if len(dtypes) == 1 else "f32"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_dir:
+        intermediate = Path(tmp_dir) / f"intermediate-{base}.gguf"
+        _write_gguf(source, intermediate, base, on_tensor)
+        llama_quantize(intermediate, out, qtype)
+    return out

@@ -1,0 +1,79 @@
+"""`paw-lite models pull|import|list|verify`: the models directory ($PAW_LITE_MODELS)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import emit
+
+_ROLE_CHOICES = ("interpreter", "compiler", "mapper", "compiler_meta", "pseudo_compiler")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="get, import, list and verify the model files")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    pull = actions.add_parser("pull", help="download the published models and convert them (needs a network)")
+    imp = actions.add_parser("import", help="import model files brought in by hand (converting what needs it)")
+    imp.add_argument("src", help="folder with gpt2-q8_0.gguf, the paw-4b-gpt2 download, a Qwen3 folder or GGUF")
+    for sp in (pull, imp):
+        sp.add_argument("--quant", default="q4_k_m", choices=["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+                        help="type of the pseudo compiler (Qwen3-4B-Instruct-2507) when converted; default q4_k_m")
+        sp.add_argument("--compiler-quant", default="q8_0", choices=["f16", "bf16", "q8_0", "q6_k"],
+                        help="type of the trained compiler; default q8_0 (its hidden states feed the mapper)")
+        sp.add_argument("--only", nargs="+", choices=_ROLE_CHOICES, default=list(_ROLE_CHOICES), metavar="ROLE",
+                        help=f"only these files ({', '.join(_ROLE_CHOICES)})")
+    lst = actions.add_parser("list", help="what is in the models directory and which commands each file serves")
+    ver = actions.add_parser("verify", help="like list, and check sha256 and structure of every file")
+    for sp in (pull, imp, lst, ver):
+        sp.add_argument("--models", help="models directory (default $PAW_LITE_MODELS or the user cache)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(func=run)
+
+
+def _progress():
+    from tqdm import tqdm
+
+    bar = tqdm(unit="tensor", file=sys.stderr, leave=False, disable=None)
+
+    def on_tensor(name: str) -> None:
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(1)
+
+    return bar, on_tensor
+
+
+def _fetch(args: argparse.Namespace, directory) -> int:
+    from ..models_dir import ImportOptions, import_dir, pull
+
+    options = ImportOptions(quant=args.quant, compiler_quant=args.compiler_quant, roles=tuple(args.only))
+    bar, on_tensor = _progress()
+    try:
+        done = pull(directory, options, on_tensor=on_tensor) if args.action == "pull" else \
+            import_dir(args.src, directory, options, on_tensor=on_tensor)
+    finally:
+        bar.close()
+    lines = [f"{d['name']:<40} {d['bytes']:>15,} bytes  {d['how']}" for d in done]
+    emit(args, {"models_dir": str(directory), "written": done}, "\n".join([f"models directory {directory}", *lines]))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models_dir import models_directory, summarize, survey
+
+    directory = models_directory(args.models)
+    if args.action in ("pull", "import"):
+        return _fetch(args, directory)
+    statuses = survey(directory, verify=args.action == "verify")
+    rows = summarize(statuses)
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"models directory {directory}"]
+    for r in rows:
+        size = f"{r['bytes']:>15,}" if r["bytes"] is not None else " " * 15
+        lines.append(f"{r['status']:<8} {r['name']:<{width}} {size}  {r['role']}: {', '.join(r['serves'])}")
+        if r["detail"]:
+            lines.append(f"         {r['detail']}")
+    bad = [r for r in rows if r["status"] == "bad"]
+    emit(args, {"models_dir": str(directory), "files": rows, "ok": not bad}, "\n".join(lines))
+    return 1 if bad else 0

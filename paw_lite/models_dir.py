@@ -1,0 +1,354 @@
+"""The models directory: what should be there (models/manifest.json), what is there, whether it is
+intact, and how files get there (`pull` from the hub, `import` from a folder brought in by hand).
+
+Files used as published are pinned by size and sha256 in the manifest. Files paw_lite converts are
+checked structurally (verify_gguf, the mapper's key/shape check) and against the sha256 recorded in
+`installed.json` when they were written, so later corruption is caught too."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from . import paths
+from .atomic import atomic_path
+from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, require
+
+log = logging.getLogger(__name__)
+
+# models/ is installed as the package paw_lite.models (pyproject package-dir), so this works from an
+# installed wheel as well as from the source tree.
+MANIFEST_PATH = Path(str(importlib.resources.files("paw_lite.models").joinpath("manifest.json")))
+INSTALLED = "installed.json"
+ROLES = ("interpreter", "compiler", "mapper", "compiler_meta", "pseudo_compiler")
+QUANT_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    name: str  # may hold {quant}
+    role: str
+    serves: tuple[str, ...]
+    source: dict[str, Any]
+    bytes: int | None = None
+    sha256: str | None = None
+    default_quant: str | None = None
+
+    def file_name(self, quant: str | None = None) -> str:
+        return self.name.format(quant=quant or self.default_quant) if "{quant}" in self.name else self.name
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.name.replace("{quant}", "*"))
+
+
+def load_manifest(path: Path | None = None) -> dict[str, ManifestEntry]:
+    """role -> entry."""
+    path = path or MANIFEST_PATH
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = [ManifestEntry(name=e["name"], role=e["role"], serves=tuple(e["serves"]), source=e["source"],
+                                 bytes=e.get("bytes"), sha256=e.get("sha256"), default_quant=e.get("default_quant"))
+                   for e in data["files"]]
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"{path}: the models manifest is missing (reinstall paw-lite from its source tree)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidFileError(f"{path}: malformed models manifest: {exc}") from exc
+    return {e.role: e for e in entries}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_installed(directory: Path) -> dict[str, dict[str, Any]]:
+    path = directory / INSTALLED
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError) as exc:
+        raise InvalidFileError(f"{path}: unreadable record of installed models ({exc}); delete it and re-import") from exc
+
+
+def _record(directory: Path, name: str, role: str, source: str, how: str) -> dict[str, Any]:
+    path = directory / name
+    info = {"role": role, "bytes": path.stat().st_size, "sha256": sha256_of(path), "source": source, "how": how}
+    records = read_installed(directory)
+    records[name] = info
+    with atomic_path(directory / INSTALLED) as tmp:
+        tmp.write_text(json.dumps(records, indent=2, sort_keys=True), encoding="utf-8")
+    return {"name": name, **info}
+
+
+# --- checking -------------------------------------------------------------------------------------
+
+def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
+    """Structural check of one file for its role; raises with the problem."""
+    if role in ("interpreter", "compiler", "pseudo_compiler"):
+        from .convert.verify import verify_gguf
+
+        return verify_gguf(path, role)
+    if role == "compiler_meta":
+        from .compiler.config import CompilerMeta
+
+        meta = CompilerMeta.load(path)
+        return {"lora_rank": meta.lora_rank, "lora_num_bases": meta.lora_num_bases, "prefix_steps": meta.prefix_steps}
+    if role == "mapper":
+        from .compiler.mapper import Mapper
+
+        shape = installed_mapper_shape(directory)
+        Mapper.check(path, shape)
+        return {"hidden": shape.hidden, "rank": shape.rank, "n_bases": shape.n_bases, "interpreter_layers": shape.interpreter.n_layer}
+    raise ValueError(f"unknown role {role!r}")
+
+
+def installed_mapper_shape(directory: Path, meta_path: Path | None = None):
+    """The mapper shape the files in `directory` call for: rank and bases from the compiler meta, the
+    hidden width from the compiler GGUF, the module widths from the interpreter; the published
+    figures (PAW-FACTS §1) for whichever is not there yet."""
+    from .compiler.config import CompilerMeta
+    from .convert.gguf_meta import read_gguf_meta
+    from .convert.mapper import QWEN3_4B_HIDDEN, mapper_shape
+    from .convert.verify import gpt2_config
+
+    manifest = load_manifest()
+    meta_path = meta_path or directory / manifest["compiler_meta"].file_name()
+    meta = CompilerMeta.load(meta_path) if meta_path.exists() else None
+    compilers = _present(directory, manifest["compiler"])
+    hidden = read_gguf_meta(compilers[0]).fields.get("qwen3.embedding_length", QWEN3_4B_HIDDEN) if compilers else QWEN3_4B_HIDDEN
+    interp_path = directory / manifest["interpreter"].file_name()
+    interpreter = gpt2_config(read_gguf_meta(interp_path), interp_path) if interp_path.exists() else None
+    return mapper_shape(meta, interpreter, int(hidden))
+
+
+@dataclass
+class FileStatus:
+    role: str
+    name: str
+    serves: tuple[str, ...]
+    status: str  # ok | missing | bad | present (listed, not verified)
+    bytes: int | None = None
+    sha256: str | None = None
+    detail: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _present(directory: Path, entry: ManifestEntry) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and entry.matches(p.name))
+
+
+def survey(directory: Path, *, verify: bool) -> list[FileStatus]:
+    """Every manifest role with the files present for it; with verify, hashes and structural checks."""
+    manifest = load_manifest()
+    records = read_installed(directory)
+    out = []
+    for role, entry in manifest.items():
+        files = _present(directory, entry)
+        if not files:
+            out.append(FileStatus(role, entry.file_name(), entry.serves, "missing",
+                                  detail=f"from {entry.source['repo']} ({entry.source['how']})"))
+            continue
+        for path in files:
+            st = FileStatus(role, path.name, entry.serves, "present", bytes=path.stat().st_size)
+            if verify:
+                _verify_one(st, path, entry, records.get(path.name), directory)
+            out.append(st)
+    return out
+
+
+def _verify_one(st: FileStatus, path: Path, entry: ManifestEntry, record: dict | None, directory: Path) -> None:
+    st.sha256 = sha256_of(path)
+    if entry.sha256 and (st.sha256 != entry.sha256 or st.bytes != entry.bytes):
+        st.status, st.detail = "bad", (f"sha256 {st.sha256[:12]}…/{st.bytes:,} bytes, expected the published "
+                                       f"{entry.sha256[:12]}…/{entry.bytes:,}: re-download with `paw-lite models pull`")
+        return
+    if record and record.get("sha256") != st.sha256:
+        st.status, st.detail = "bad", "changed since paw-lite wrote it (sha256 differs from installed.json): pull or import again"
+        return
+    try:
+        st.info = check_file(path, entry.role, directory)
+    except PawError as exc:
+        st.status, st.detail = "bad", str(exc)
+        return
+    st.status = "ok"
+    st.detail = "published sha256 matches" if entry.sha256 else ("sha256 as converted" if record else "structure checked; no recorded sha256")
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+def qwen3_folder_role(folder: Path) -> str:
+    """'compiler' for the trained compiler (its tokenizer adds <prefix_1>..), else 'pseudo_compiler'."""
+    tj = folder / "tokenizer.json"
+    try:
+        added = json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", [])
+    except (OSError, ValueError) as exc:
+        raise InvalidFileError(f"{tj}: cannot read: {exc}") from exc
+    return "compiler" if any(a.get("content") == "<prefix_1>" for a in added) else "pseudo_compiler"
+
+
+def _gguf_role(path: Path) -> tuple[str, str | None]:
+    """(role, quant name) of a GGUF from its header."""
+    from gguf import LlamaFileType
+
+    from .convert.gguf_meta import read_gguf_meta
+
+    meta = read_gguf_meta(path)
+    arch = meta.fields.get("general.architecture")
+    ftype = meta.fields.get("general.file_type")
+    try:
+        quant = LlamaFileType(ftype).name.lower().replace("mostly_", "").replace("all_", "") if ftype is not None else None
+    except ValueError:
+        quant = None
+    if arch == "gpt2":
+        return "interpreter", quant
+    if arch == "qwen3":
+        tokens = meta.fields.get("tokenizer.ggml.tokens") or []
+        return ("compiler" if "<prefix_1>" in tokens else "pseudo_compiler"), quant
+    raise IncompatibleModelError(f"{path}: architecture {arch!r} is neither the GPT-2 interpreter nor a Qwen3 compiler")
+
+
+def _is_qwen3_folder(p: Path) -> bool:
+    try:
+        return p.is_dir() and json.loads((p / "config.json").read_text(encoding="utf-8")).get("model_type") == "qwen3"
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    quant: str = "q4_k_m"  # pseudo compiler
+    compiler_quant: str = "q8_0"
+    roles: tuple[str, ...] = ROLES
+
+
+def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOptions = ImportOptions(),
+               on_tensor: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Bring files from `src` (downloads copied by hand, or a hub snapshot) into the models directory:
+    published GGUFs are verified and copied, HF folders and lora_mapper.pt are converted."""
+    from .convert.mapper import convert_mapper
+    from .convert.qwen3 import convert_qwen3
+
+    src = Path(src).expanduser()
+    if not src.is_dir():
+        raise ModelNotFoundError(f"{src}: not a folder; pass the folder holding the downloaded model files")
+    manifest = load_manifest()
+    directory.mkdir(parents=True, exist_ok=True)
+    done: list[dict[str, Any]] = []
+    candidates = [src, *sorted(src.iterdir())]
+
+    def wanted(role: str) -> bool:
+        return role in options.roles
+
+    meta_src = next((p for p in candidates if p.is_file() and p.name in ("meta.json", manifest["compiler_meta"].file_name())), None)
+    # Models first: the mapper is checked against the compiler's width and the interpreter's modules.
+    for p in candidates:
+        if p.is_file() and p.suffix == ".gguf":
+            role, quant = _gguf_role(p)
+            if not wanted(role):
+                continue
+            entry = manifest[role]
+            name = entry.file_name(quant if "{quant}" in entry.name else None)
+            check_file(p, role, directory)
+            if entry.sha256 and sha256_of(p) != entry.sha256:
+                raise IncompatibleModelError(f"{p}: not the published {entry.name} (sha256 differs from the manifest); "
+                                             "use your own interpreter with --base-model PATH instead")
+            with atomic_path(directory / name) as tmp:
+                shutil.copyfile(p, tmp)
+            done.append(_record(directory, name, role, str(p), "copied"))
+        elif _is_qwen3_folder(p):
+            role = qwen3_folder_role(p)
+            if not wanted(role):
+                continue
+            quant = options.compiler_quant if role == "compiler" else options.quant
+            name = manifest[role].file_name(quant)
+            convert_qwen3(p, directory / name, quant, on_tensor)
+            check_file(directory / name, role, directory)
+            done.append(_record(directory, name, role, str(p), f"paw-lite convert qwen3 --type {quant}"))
+    if meta_src is not None and wanted("compiler_meta"):
+        check_file(meta_src, "compiler_meta", directory)
+        name = manifest["compiler_meta"].file_name()
+        with atomic_path(directory / name) as tmp:
+            shutil.copyfile(meta_src, tmp)
+        done.append(_record(directory, name, "compiler_meta", str(meta_src), "copied"))
+    mapper_src = src / "lora_mapper.pt"
+    if mapper_src.is_file() and wanted("mapper"):
+        name = manifest["mapper"].file_name()
+        convert_mapper(mapper_src, directory / name, installed_mapper_shape(directory, meta_src), on_tensor)
+        done.append(_record(directory, name, "mapper", str(mapper_src), "paw-lite convert mapper"))
+    if not done:
+        raise ModelNotFoundError(
+            f"{src}: nothing to import. Expected any of: gpt2-q8_0.gguf; a Qwen3 GGUF; the paw-4b-gpt2 download "
+            "(compiler/ folder, lora_mapper.pt, meta.json); a Qwen3-4B-Instruct-2507 HF folder")
+    return done
+
+
+# --- pull -----------------------------------------------------------------------------------------
+
+_OFFLINE_HINT = (
+    "Without a network: on a machine with one, download programasweights/GPT2-GGUF-Q8_0 (gpt2-q8_0.gguf), "
+    "programasweights/paw-4b-gpt2 (compiler/, lora_mapper.pt, meta.json) and Qwen/Qwen3-4B-Instruct-2507 "
+    "(or a GGUF of it), copy them into one folder here and run `paw-lite models import DIR`")
+
+
+def _check_online(hub: Any, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after minutes of retries, when the hub cannot be reached."""
+    if getattr(hub.constants, "HF_HUB_OFFLINE", False):
+        raise ModelNotFoundError(f"HF_HUB_OFFLINE is set: `paw-lite models pull` needs the hub. {_OFFLINE_HINT}")
+    url = urlparse(hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot reach {hub.constants.ENDPOINT} ({exc.strerror or exc}). {_OFFLINE_HINT}") from exc
+
+
+def pull(directory: Path, options: ImportOptions = ImportOptions(), *, hub: Any = None,
+         on_tensor: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Download the published repos (resumable: the hub cache lives in `<models>/.hub-cache`) and import them.
+    `hub` is the huggingface_hub module (tests pass a stand-in)."""
+    if hub is None:
+        hub = require("huggingface_hub", "pull")
+        require("huggingface_hub.constants", "pull")  # a lazy submodule: import it so hub.constants exists
+    manifest = load_manifest()
+    _check_online(hub)
+    cache = directory / ".hub-cache"
+    by_repo: dict[str, list[str]] = {}
+    for role in options.roles:
+        src = manifest[role].source
+        by_repo.setdefault(src["repo"], []).extend(src["files"])
+    done: list[dict[str, Any]] = []
+    for repo, patterns in by_repo.items():
+        try:
+            snap = Path(hub.snapshot_download(repo, allow_patterns=sorted(set(patterns)), cache_dir=str(cache)))
+        except Exception as exc:  # the hub raises many types (HTTP, connection, auth): report one line
+            raise ModelNotFoundError(f"{repo}: download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                                     f"{_OFFLINE_HINT}") from exc
+        roles = tuple(r for r in options.roles if manifest[r].source["repo"] == repo)
+        done += import_dir(snap, directory, ImportOptions(options.quant, options.compiler_quant, roles), on_tensor)
+    return done
+
+
+def models_directory(override: str | os.PathLike[str] | None = None) -> Path:
+    return Path(override).expanduser() if override else paths.models_dir()
+
+
+def summarize(statuses: Iterable[FileStatus]) -> list[dict[str, Any]]:
+    return [{"role": s.role, "name": s.name, "serves": list(s.serves), "status": s.status, "bytes": s.bytes,
+             "sha256": s.sha256, "detail": s.detail, **({"info": s.info} if s.info else {})} for s in statuses]

@@ -1,0 +1,339 @@
+"""HF Qwen3 -> GGUF: every type loads in llama.cpp, final hidden states match transformers, the
+tokenizer matches HF token for token, metadata is complete, and bad inputs fail cleanly.
+
+Oracle: transformers (fp32) on the same HF folder built by tests/qwen_fixtures.py. llama.cpp runs
+with embeddings on, pooling NONE, an F32 KV cache and flash attention off, so the only differences
+left are the weight type and llama.cpp's own arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+from qwen_fixtures import (CHAT_TEMPLATE, ENDOFTEXT_ID, FIRST_PREFIX_ID, IM_END_ID, IM_START_ID, N_VOCAB, PREFIX_TOKENS,
+                           make_tiny_qwen3, reference_cases, sample_ids)
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install")
+pytestmark = pytest.mark.llama
+
+# Max abs difference of the final hidden states (after the last RMSNorm) from transformers fp32, on
+# the bf16 fixture below (4 layers, width 256, random weights, 32 tokens; the reference values have
+# std 1.0 and max |x| 4.8). Measured (this machine, llama.cpp 0c1e57098), then given ~1.5x headroom:
+#   f32 7.9e-6 | f16 4.4e-3 | bf16 3.4e-2 | q8_0 0.20 | q6_k 0.50 | q5_k_m 0.84 | q4_k_m 1.84
+# f16/bf16 hold the bf16 weights exactly: their error is llama.cpp rounding activations to f16/bf16.
+TOLERANCE = {"f32": 1e-4, "f16": 7e-3, "bf16": 5e-2, "q8_0": 0.3, "q6_k": 0.75, "q5_k_m": 1.25, "q4_k_m": 2.75}
+# Mean abs difference (a steadier figure than the max), measured then with headroom.
+MEAN_TOLERANCE = {"f32": 1e-5, "f16": 1.2e-3, "bf16": 1e-2, "q8_0": 0.05, "q6_k": 0.13, "q5_k_m": 0.2, "q4_k_m": 0.4}
+
+
+@pytest.fixture(scope="module")
+def qwen_bf16(tmp_path_factory, vocab_dir) -> Path:
+    """bf16, tied output, sharded with an index, template in chat_template.jinja (like the real one)."""
+    return make_tiny_qwen3(tmp_path_factory.mktemp("qwen_bf16"), vocab_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen_f32_untied(tmp_path_factory, vocab_dir) -> Path:
+    """f32, untied output, one safetensors file, template inside tokenizer_config.json."""
+    return make_tiny_qwen3(tmp_path_factory.mktemp("qwen_f32"), vocab_dir, n_layer=2, seed=1, dtype="float32",
+                           tie_word_embeddings=False, template_in_jinja_file=False, max_shard_size="10GB")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, qwen_bf16):
+    """type -> GGUF of the bf16 fixture, converted on first use."""
+    from paw_lite.convert.qwen3 import convert_qwen3
+
+    out_dir = tmp_path_factory.mktemp("qwen_gguf")
+    cache: dict[str, Path] = {}
+
+    def get(qtype: str) -> Path:
+        if qtype not in cache:
+            cache[qtype] = convert_qwen3(qwen_bf16, out_dir / f"tiny-{qtype}.gguf", qtype)
+        return cache[qtype]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def prompt_ids() -> list[int]:
+    return [int(t) for t in sample_ids(26, seed=3)] + [IM_START_ID, IM_END_ID, FIRST_PREFIX_ID, N_VOCAB - 1, ENDOFTEXT_ID, 1000]
+
+
+def hf_hidden(folder: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
+
+
+def llama_hidden(path: Path, ids: list[int]) -> np.ndarray:
+    """Final-layer hidden states of every position through llama.cpp's low-level API."""
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    assert model, f"llama.cpp could not load {path}"
+    n = len(ids)
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = max(64, n)
+    cp.n_threads = cp.n_threads_batch = 2
+    cp.embeddings = True
+    cp.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+    cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32
+    cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    try:
+        tokens = (llama_cpp.llama_token * n)(*ids)
+        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, n)) == 0
+        d = llama_cpp.llama_model_n_embd(model)
+        return np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(ctx, i), shape=(d,)).copy() for i in range(n)])
+    finally:
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+
+
+@pytest.fixture(scope="module")
+def reference(qwen_bf16, prompt_ids) -> np.ndarray:
+    return hf_hidden(qwen_bf16, prompt_ids)
+
+
+@pytest.mark.parametrize("qtype", list(TOLERANCE))
+def test_hidden_states_match_transformers(converted, reference, prompt_ids, qtype):
+    got = llama_hidden(converted(qtype), prompt_ids)
+    diff = np.abs(got - reference)
+    print(f"{qtype}: max abs {diff.max():.3g}, mean abs {diff.mean():.3g}")
+    assert diff.max() <= TOLERANCE[qtype] and diff.mean() <= MEAN_TOLERANCE[qtype], (diff.max(), diff.mean())
+
+
+def test_untied_f32_source_matches_transformers(tmp_path, qwen_f32_untied, prompt_ids):
+    from paw_lite.convert.qwen3 import convert_qwen3
+    from paw_lite.convert.verify import verify_gguf
+
+    out = convert_qwen3(qwen_f32_untied, tmp_path / "untied.gguf", "f32")
+    info = verify_gguf(out, "compiler")
+    assert not info["tied_output"]
+    got, ref = llama_hidden(out, prompt_ids), hf_hidden(qwen_f32_untied, prompt_ids)
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_file_types_and_tensor_types(converted):
+    from paw_lite.convert.gguf_meta import read_gguf_meta
+
+    expect = {"f32": {"F32"}, "f16": {"F16", "F32"}, "bf16": {"BF16", "F32"}, "q8_0": {"Q8_0", "F32"},
+              "q4_k_m": {"Q4_K", "Q6_K", "F32"}, "q5_k_m": {"Q5_K", "Q6_K", "F32"}, "q6_k": {"Q6_K", "F32"}}
+    file_types = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+    for qtype, kinds in expect.items():
+        meta = read_gguf_meta(converted(qtype))
+        assert {t.qtype.name for t in meta.tensors.values()} == kinds, qtype
+        assert meta.fields["general.file_type"] == file_types[qtype]
+        # norms stay F32 whatever the type
+        assert all(t.qtype.name == "F32" for n, t in meta.tensors.items() if "norm" in n)
+
+
+def test_bf16_weights_are_bit_identical(converted, qwen_bf16):
+    from paw_lite.convert.gguf_meta import read_gguf_meta
+    from paw_lite.safetensors_file import SafetensorsFile
+
+    meta = read_gguf_meta(converted("bf16"))
+    entry = meta.tensors["blk.1.ffn_down.weight"]
+    got = np.memmap(meta.path, dtype="<u2", mode="r", offset=entry.offset, shape=entry.shape)
+    index = json.loads((qwen_bf16 / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert np.array_equal(got, SafetensorsFile(qwen_bf16 / index[key]).raw(key))
+
+
+def test_metadata(converted, qwen_bf16):
+    from gguf import TokenType
+
+    from paw_lite.convert.gguf_meta import read_gguf_meta
+
+    f = read_gguf_meta(converted("q8_0")).fields
+    cfg = json.loads((qwen_bf16 / "config.json").read_text())
+    assert f["general.architecture"] == "qwen3"
+    assert f["qwen3.block_count"] == cfg["num_hidden_layers"] == 4
+    assert f["qwen3.embedding_length"] == 256 and f["qwen3.feed_forward_length"] == 512
+    assert f["qwen3.attention.head_count"] == 4 and f["qwen3.attention.head_count_kv"] == 2
+    assert f["qwen3.attention.key_length"] == f["qwen3.attention.value_length"] == 128  # != 256 / 4
+    assert f["qwen3.context_length"] == 2048
+    assert f["qwen3.rope.freq_base"] == 5000000.0  # from transformers-5 rope_parameters
+    assert abs(f["qwen3.attention.layer_norm_rms_epsilon"] - 1e-6) < 1e-12
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "qwen2"
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == N_VOCAB
+    assert tokens[FIRST_PREFIX_ID:] == PREFIX_TOKENS
+    assert all(types[i] == TokenType.CONTROL for i in range(FIRST_PREFIX_ID, N_VOCAB))
+    assert all(types[i] == TokenType.CONTROL for i in (ENDOFTEXT_ID, IM_START_ID, IM_END_ID))
+    assert types[tokens.index("<think>")] == TokenType.USER_DEFINED  # added but not special in Qwen3
+    assert types[1000] == TokenType.NORMAL
+    assert len(f["tokenizer.ggml.merges"]) == 151387
+    assert f["tokenizer.ggml.eos_token_id"] == IM_END_ID and f["tokenizer.ggml.padding_token_id"] == ENDOFTEXT_ID
+    assert f["tokenizer.ggml.bos_token_id"] == ENDOFTEXT_ID and f["tokenizer.ggml.add_bos_token"] is False
+    assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+
+def test_chat_template_from_tokenizer_config(qwen_f32_untied, tmp_path):
+    from paw_lite.convert.hf_bpe import read_bpe_vocab
+
+    assert not (qwen_f32_untied / "chat_template.jinja").exists()
+    assert read_bpe_vocab(qwen_f32_untied, N_VOCAB).chat_template == CHAT_TEMPLATE
+
+
+def test_tokenization_matches_hf(converted, qwen_bf16, vocab_dir):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(qwen_bf16)
+    llm = llama_cpp.Llama(str(converted("q4_k_m")), vocab_only=True, verbose=False)
+    cases = reference_cases(vocab_dir)
+    assert len(cases) > 40
+    for text, ids in cases:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        assert hf.encode(text, add_special_tokens=False) == ids, text
+    # The compiler's encoder input: chat markup, a pseudo-program, <|im_end|>, the 64 prefix tokens.
+    text = (hf.apply_chat_template([{"role": "user", "content": "Sort words: <prefix_7> ünïcode 123"}], tokenize=False,
+                                   add_generation_prompt=True)
+            + "[PSEUDO_PROGRAM]\nTask: sort\n[END_PSEUDO_PROGRAM]<|im_end|>" + "".join(PREFIX_TOKENS) + "<think>ok</think>")
+    want = hf.encode(text, add_special_tokens=False)
+    assert list(range(FIRST_PREFIX_ID, N_VOCAB)) == want[want.index(FIRST_PREFIX_ID):want.index(FIRST_PREFIX_ID) + 64]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == want
+    # as CONTROL tokens they are plain text when special tokens are not parsed
+    assert FIRST_PREFIX_ID not in llm.tokenize(b"<prefix_1>", add_bos=False, special=False)
+
+
+def test_legacy_rope_theta_config(tmp_path, qwen_bf16):
+    """transformers-4 style: rope_theta at top level, no rope_parameters."""
+    from paw_lite.convert.qwen3 import Qwen3Config
+
+    cfg = json.loads((qwen_bf16 / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg["rope_theta"], cfg["rope_scaling"] = 1234567.0, None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Qwen3Config.from_hf(tmp_path / "config.json").rope_theta == 1234567.0
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _expect_failure(folder: Path, out: Path, exc: type, match: str, qtype: str = "f16") -> None:
+    from paw_lite.convert.qwen3 import convert_qwen3
+
+    with pytest.raises(exc, match=match):
+        convert_qwen3(folder, out, qtype)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temporary files left behind"
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, qwen_bf16):
+    out = tmp_path / "out" / "x.gguf"
+    out.parent.mkdir()
+    _expect_failure(tmp_path / "nope", out, ModelNotFoundError, "not a folder")
+
+    d = _copy(qwen_bf16, tmp_path / "rope")
+    _edit_json(d / "config.json", rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
+    _expect_failure(d, out, IncompatibleModelError, "rope type 'yarn'")
+
+    _edit_json(d / "config.json", rope_parameters={"rope_type": "default", "rope_theta": 1e6}, model_type="llama")
+    _expect_failure(d, out, IncompatibleModelError, "model_type is 'llama'")
+
+    _edit_json(d / "config.json", model_type="qwen3", intermediate_size=768)
+    _expect_failure(d, out, InvalidFileError, r"mlp\.\w+_proj\.weight has shape \(\d+, \d+\), expected .* from config.json")
+
+    _edit_json(d / "config.json", intermediate_size=512, tie_word_embeddings=False)
+    _expect_failure(d, out, InvalidFileError, "no lm_head.weight")
+
+    _edit_json(d / "config.json", tie_word_embeddings=True)
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    _expect_failure(d, out, ModelNotFoundError, "missing .incomplete download")
+
+    _expect_failure(qwen_bf16, out, InvalidFileError, "Qwen3 converts to one of", qtype="q4_0")
+
+
+def test_truncated_shard_and_tokenizer_refused(tmp_path, qwen_bf16):
+    out = tmp_path / "x.gguf"
+    d = _copy(qwen_bf16, tmp_path / "trunc")
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    _expect_failure(d, out, InvalidFileError, "inconsistent with the file")
+
+    d = _copy(qwen_bf16, tmp_path / "tok")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\w+|\s+"
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    _expect_failure(d, out, IncompatibleModelError, "pre-tokenizer is not Qwen2's")
+
+
+def test_tied_lm_head_must_equal_embedding(tmp_path, qwen_f32_untied):
+    """A folder saying tie_word_embeddings with a different lm_head would silently change the model."""
+    d = _copy(qwen_f32_untied, tmp_path / "tied")
+    _edit_json(d / "config.json", tie_word_embeddings=True)
+    _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, "differs from model.embed_tokens.weight")
+
+
+def test_nan_and_f16_overflow_refused(tmp_path, qwen_f32_untied):
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy(qwen_f32_untied, tmp_path / "nan")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = 1e6
+    save_file(tensors, d / "model.safetensors")
+    _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, "exceed the float16 range", qtype="f16")
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = np.nan
+    save_file(tensors, d / "model.safetensors")
+    _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, "NaN or Inf", qtype="q8_0")
+
+
+def test_verify_refuses_stock_qwen_as_trained_compiler(tmp_path, qwen_f32_untied):
+    """Without the <prefix_k> tokens a Qwen3 GGUF serves as the pseudo compiler only."""
+    from paw_lite.convert.qwen3 import convert_qwen3
+    from paw_lite.convert.verify import verify_gguf
+
+    d = _copy(qwen_f32_untied, tmp_path / "stock")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if not a["content"].startswith("<prefix_")]
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.pop("extra_special_tokens", None)
+    tc.pop("additional_special_tokens", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    out = convert_qwen3(d, tmp_path / "stock.gguf", "q8_0")
+    info = verify_gguf(out, "pseudo_compiler")
+    assert info["chat_template"] and info["n_vocab"] == N_VOCAB  # the 64 rows become [PAD] tokens
+    with pytest.raises(IncompatibleModelError, match="missing .'<prefix_1>'"):
+        verify_gguf(out, "compiler")
+
+
+def test_cli(tmp_path, qwen_bf16):
+    import subprocess
+    import sys
+
+    out = tmp_path / "compiler.gguf"
+    r = subprocess.run([sys.executable, "-m", "paw_lite", "convert", "qwen3", str(qwen_bf16), "-o", str(out), "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    # the trained compiler (it has the <prefix_k> tokens) defaults to Q8_0, and is verified as such
+    assert info["type"] == "q8_0" and info["role"] == "compiler" and info["prefix_ids"] == [FIRST_PREFIX_ID, N_VOCAB - 1]
+    assert info["n_files"] == 2 and info["bytes"] == out.stat().st_size and info["tensor_types"] == {"Q8_0": 29, "F32": 17}
+
+    bad = _copy(qwen_bf16, tmp_path / "bad")
+    _edit_json(bad / "config.json", num_hidden_layers=5)
+    out2 = tmp_path / "bad.gguf"
+    r = subprocess.run([sys.executable, "-m", "paw_lite", "convert", "qwen3", str(bad), "-o", str(out2), "--type", "q4_k_m"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing tensors" in r.stderr
+    assert not out2.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".bad.gguf")] == []

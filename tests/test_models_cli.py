@@ -1,0 +1,207 @@
+"""`paw-lite models import|pull|list|verify` and `paw-lite doctor` on tiny stand-ins of the published
+files (no network here: `pull` runs against a stand-in hub serving local folders)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compiler_fixtures import random_mapper_state, write_compiler_meta
+from paw_lite import models_dir
+from paw_lite.cli import main
+from paw_lite.errors import IncompatibleModelError
+from paw_lite.gpt2_layout import GPT2Config
+from qwen_fixtures import make_tiny_qwen3
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+RANK, BASES = 8, 4
+TINY_GPT2 = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)  # = tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory, vocab_dir, tiny_gguf) -> dict[str, Path]:
+    """Folders laid out like the three published repos."""
+    root = tmp_path_factory.mktemp("downloads")
+    gpt2 = root / "GPT2-GGUF-Q8_0"
+    gpt2.mkdir()
+    shutil.copy(tiny_gguf, gpt2 / "gpt2-q8_0.gguf")
+    paw = root / "paw-4b-gpt2"
+    make_tiny_qwen3(paw / "compiler", vocab_dir, n_layer=2)
+    write_compiler_meta(paw / "meta.json", rank=RANK, n_bases=BASES)
+    state = random_mapper_state(256, TINY_GPT2, RANK, BASES, seed=0)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, paw / "lora_mapper.pt")
+    stock = root / "Qwen3-4B-Instruct-2507"
+    shutil.copytree(paw / "compiler", stock)
+    tj = json.loads((stock / "tokenizer.json").read_text())
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if not a["content"].startswith("<prefix_")]
+    (stock / "tokenizer.json").write_text(json.dumps(tj))
+    return {"programasweights/GPT2-GGUF-Q8_0": gpt2, "programasweights/paw-4b-gpt2": paw, "Qwen/Qwen3-4B-Instruct-2507": stock}
+
+
+@pytest.fixture
+def manifest(tmp_path, monkeypatch, tiny_gguf) -> Path:
+    """The real manifest with the interpreter pinned to the tiny stand-in's size and hash."""
+    data = json.loads(models_dir.MANIFEST_PATH.read_text())
+    entry = next(e for e in data["files"] if e["role"] == "interpreter")
+    entry["bytes"], entry["sha256"] = tiny_gguf.stat().st_size, models_dir.sha256_of(tiny_gguf)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(models_dir, "MANIFEST_PATH", path)
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, dict]:
+    rc = main([*args, "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    return rc, json.loads(out[-1]) if out else {}
+
+
+def by_role(listing: dict) -> dict[str, dict]:
+    return {f["role"]: f for f in listing["files"]}
+
+
+def test_manifest_names_match_the_compiler():
+    from paw_lite.compiler.config import DEFAULT_FILES
+
+    manifest = models_dir.load_manifest()
+    assert {role: e.file_name() for role, e in manifest.items()} == DEFAULT_FILES
+    assert manifest["interpreter"].bytes == 139_804_832
+    assert manifest["interpreter"].sha256 == "0aa260efb2cce9def922e0546b88ad731cf1a68554db73fa2d4a0949cfa958c5"
+
+
+def test_import_list_verify(tmp_path, capsys, manifest, downloads):
+    md = tmp_path / "models"
+    rc, listing = cli(capsys, "models", "list", "--models", str(md))
+    assert rc == 0 and {f["status"] for f in listing["files"]} == {"missing"}
+
+    src = tmp_path / "by-hand"  # everything copied into one folder, as a user would
+    src.mkdir()
+    shutil.copy(downloads["programasweights/GPT2-GGUF-Q8_0"] / "gpt2-q8_0.gguf", src)
+    for item in downloads["programasweights/paw-4b-gpt2"].iterdir():
+        (shutil.copytree if item.is_dir() else shutil.copy)(item, src / item.name)
+    rc, done = cli(capsys, "models", "import", str(src), "--models", str(md))
+    assert rc == 0
+    assert sorted(d["name"] for d in done["written"]) == ["gpt2-q8_0.gguf", "paw-4b-gpt2-compiler-q8_0.gguf",
+                                                          "paw-4b-gpt2-mapper.safetensors", "paw-4b-gpt2-meta.json"]
+
+    rc, listing = cli(capsys, "models", "verify", "--models", str(md))
+    files = by_role(listing)
+    assert rc == 0 and listing["ok"]
+    assert [files[r]["status"] for r in ("interpreter", "compiler", "mapper", "compiler_meta", "pseudo_compiler")] == \
+        ["ok", "ok", "ok", "ok", "missing"]
+    assert files["interpreter"]["detail"] == "published sha256 matches"
+    assert files["compiler"]["info"]["prefix_ids"] == [151669, 151732]
+    assert files["mapper"]["info"] == {"hidden": 256, "rank": RANK, "n_bases": BASES, "interpreter_layers": 2}
+    assert "compile" in files["compiler"]["serves"] and "run" in files["interpreter"]["serves"]
+
+    # a flipped byte in a converted file is caught by the hash recorded at conversion
+    compiler = md / "paw-4b-gpt2-compiler-q8_0.gguf"
+    data = bytearray(compiler.read_bytes())
+    data[-100] ^= 0xFF
+    compiler.write_bytes(bytes(data))
+    rc, listing = cli(capsys, "models", "verify", "--models", str(md))
+    assert rc == 1 and not listing["ok"] and "changed since paw-lite wrote it" in by_role(listing)["compiler"]["detail"]
+
+
+def test_import_refuses_an_unofficial_interpreter(tmp_path, downloads):
+    """With the real manifest, the tiny GPT-2 is not the published gpt2-q8_0.gguf."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(downloads["programasweights/GPT2-GGUF-Q8_0"] / "gpt2-q8_0.gguf", src)
+    with pytest.raises(IncompatibleModelError, match="not the published gpt2-q8_0.gguf"):
+        models_dir.import_dir(src, tmp_path / "models")
+    assert not (tmp_path / "models" / "gpt2-q8_0.gguf").exists()
+
+
+class StandInHub:
+    """huggingface_hub's two entry points used by pull, serving local folders; the endpoint is a
+    listening local socket so the reachability check passes."""
+
+    def __init__(self, repos: dict[str, Path]):
+        self.repos = repos
+        self.calls: list[tuple[str, list[str]]] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self.constants = type("C", (), {"HF_HUB_OFFLINE": False, "ENDPOINT": f"http://127.0.0.1:{self._sock.getsockname()[1]}"})
+
+    def snapshot_download(self, repo: str, allow_patterns: list[str], cache_dir: str) -> str:
+        self.calls.append((repo, allow_patterns))
+        return str(self.repos[repo])
+
+
+def test_pull_downloads_and_converts(tmp_path, manifest, downloads):
+    hub = StandInHub(downloads)
+    md = tmp_path / "models"
+    done = models_dir.pull(md, models_dir.ImportOptions(quant="q8_0"), hub=hub)
+    assert sorted(repo for repo, _ in hub.calls) == sorted(downloads)
+    assert dict(hub.calls)["programasweights/paw-4b-gpt2"] == ["compiler/*", "lora_mapper.pt", "meta.json"]
+    names = sorted(d["name"] for d in done)
+    assert names == ["gpt2-q8_0.gguf", "paw-4b-gpt2-compiler-q8_0.gguf", "paw-4b-gpt2-mapper.safetensors",
+                     "paw-4b-gpt2-meta.json", "qwen3-4b-instruct-2507-q8_0.gguf"]
+    statuses = {s.role: s for s in models_dir.survey(md, verify=True)}
+    assert all(s.status == "ok" for s in statuses.values()), {r: s.detail for r, s in statuses.items()}
+    assert "prefix_ids" not in statuses["pseudo_compiler"].info  # the stock model: no <prefix_k>
+
+
+def _pull_cli(tmp_path, **env) -> tuple[subprocess.CompletedProcess, float]:
+    import os
+
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "paw_lite", "models", "pull", "--models", str(tmp_path / "m")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    return r, time.perf_counter() - start
+
+
+def test_pull_offline_fails_fast_with_the_import_hint(tmp_path):
+    r, _ = _pull_cli(tmp_path, HF_HUB_OFFLINE="1")
+    assert r.returncode == 2 and "paw-lite models import DIR" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r, seconds = _pull_cli(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert r.returncode == 2 and "cannot reach" in r.stderr and "paw-lite models import DIR" in r.stderr
+    assert seconds < 30
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_doctor(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    rc, report = cli(capsys, "doctor", "--models", str(tmp_path / "models"))
+    checks = {c["check"]: c for c in report["checks"]}
+    assert rc == 0 and report["ok"], report
+    assert checks["llama.cpp runs a Q8_0 model"]["status"] == "ok"
+    assert checks["cache directory writable"]["status"] == "ok"
+    assert checks["models directory"]["status"] == "warn" and "models import DIR" in checks["models directory"]["fix"]
+
+    # a native build that crashes on this CPU (as -march=native does with AMX on Q8_0) is reported, not fatal
+    from paw_lite.cli import doctor
+
+    monkeypatch.setattr(doctor, "_CHILD", "import os; os.abort()")
+    rc, report = cli(capsys, "doctor", "--models", str(tmp_path / "models"))
+    llama = {c["check"]: c for c in report["checks"]}["llama.cpp runs a Q8_0 model"]
+    assert rc == 1 and llama["status"] == "fail" and "signal 6" in llama["detail"] and "GGML_NATIVE=OFF" in llama["fix"]
+
+    monkeypatch.setattr(doctor, "_CHILD", "import json, sys; print(json.dumps([[0.0] * 259] * 12))")
+    rc, report = cli(capsys, "doctor", "--models", str(tmp_path / "models"))
+    llama = {c["check"]: c for c in report["checks"]}["llama.cpp runs a Q8_0 model"]
+    assert rc == 1 and "differ from paw_lite's NumPy interpreter" in llama["detail"]
+
+
+def test_doctor_reports_a_corrupt_model(tmp_path, capsys, monkeypatch, manifest, downloads):
+    md = tmp_path / "models"
+    models_dir.import_dir(downloads["programasweights/GPT2-GGUF-Q8_0"], md)
+    (md / "gpt2-q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    rc, report = cli(capsys, "doctor", "--models", str(md))
+    bad = {c["check"]: c for c in report["checks"]}["model gpt2-q8_0.gguf"]
+    assert rc == 1 and bad["status"] == "fail" and "expected the published" in bad["detail"] and "pull" in bad["fix"]
