@@ -1,15 +1,27 @@
-"""Batch runs over an input file: one input per line, or JSONL with a `text` field. Results are JSONL,
-flushed as they are made, so an interrupted run keeps what it finished and a rerun resumes."""
+"""Batch runs over an input file: one input per line, or JSONL with a `text` field.
+
+Results are JSONL, one record per input line (`index` is the 0-based line number), appended and
+synced to disk as they are made. An interrupted run therefore keeps what it finished, and a rerun
+with the same output file skips those lines: nothing is redone or written twice. The output file
+is locked while a run writes it, and a rerun checks that its records were made from the same
+input lines, so results from another input file are never silently mixed in."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import InvalidFileError, PawError
+
+log = logging.getLogger("paw_lite")
+
+INPUT_FORMATS = ("auto", "lines", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -19,8 +31,20 @@ class BatchItem:
     error: str | None = None
 
 
-def read_inputs(path: Path) -> list[BatchItem]:
-    """Every line of the input file; a line that is not UTF-8 (or not valid JSONL) becomes an error item."""
+@dataclass(frozen=True)
+class Done:
+    """What an existing output file says about one input line."""
+
+    input: str | None
+    failed: bool
+
+
+def read_inputs(path: Path, input_format: str = "auto") -> list[BatchItem]:
+    """Every line of the input file; a line that is not UTF-8 (or not valid JSONL) becomes an error
+    item, so one bad line costs only itself. Lines end at b"\\n" only: other Unicode line breaks stay
+    inside the text, so indices match what `wc -l` and editors count."""
+    if input_format not in INPUT_FORMATS:
+        raise PawError(f"input format {input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -29,7 +53,11 @@ def read_inputs(path: Path) -> list[BatchItem]:
     if lines and lines[-1] == b"":
         lines.pop()
     lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
-    jsonl = path.suffix == ".jsonl" or next((ln.lstrip().startswith(b"{") for ln in lines if ln.strip()), False)
+    jsonl = input_format == "jsonl"
+    if input_format == "auto":
+        jsonl = path.suffix == ".jsonl" or next((ln.lstrip().startswith(b"{") for ln in lines if ln.strip()), False)
+        if jsonl and path.suffix != ".jsonl":
+            log.info("reading %s as JSONL (its first line starts with '{'); pass --input-format lines to read it as text", path)
     items = []
     for i, line in enumerate(lines):
         try:
@@ -43,29 +71,101 @@ def read_inputs(path: Path) -> list[BatchItem]:
                 text = record["text"]
                 if not isinstance(text, str):
                     raise TypeError("text is not a string")
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 items.append(BatchItem(i, None, f"line {i + 1} is not a JSON object with a string 'text' field ({exc})"))
                 continue
         items.append(BatchItem(i, text))
     return items
 
 
-def completed_indices(output: Path) -> set[int]:
-    """Indices already in an output file; a torn last line (an interrupted write) is cut off."""
-    if not output.exists():
-        return set()
-    raw = output.read_bytes()
-    keep = raw.rfind(b"\n") + 1
-    if keep != len(raw):
-        with open(output, "r+b") as f:
-            f.truncate(keep)
-    done = set()
-    for line in raw[:keep].splitlines():
+def encode_record(record: dict) -> bytes:
+    """One JSONL line in UTF-8. Text that cannot be UTF-8 (a lone surrogate from a JSONL escape)
+    is written with JSON escapes instead, which read back as the same string."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
+
+
+class ResultsFile:
+    """An append-only JSONL results file, locked against a second writer while open.
+
+    On opening, a torn last line (a write cut by a kill) is cut off and the records already there
+    are read into `done`."""
+
+    def __init__(self, path: Path):
+        self.path = path
         try:
-            done.add(int(json.loads(line)["index"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidFileError(f"{output}: existing line {line[:60]!r} is not a paw-lite result; move the file away to start over") from exc
-    return done
+            self._f: BinaryIO = open(path, "a+b")
+        except OSError as exc:
+            raise InvalidFileError(f"{path}: cannot open the output file: {exc.strerror}") from exc
+        try:
+            _lock(self._f, path)
+            self.done = self._read_done()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _read_done(self) -> dict[int, Done]:
+        self._f.seek(0)
+        raw = self._f.read()
+        keep = raw.rfind(b"\n") + 1
+        if keep != len(raw):
+            log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path, len(raw) - keep)
+            self._f.truncate(keep)
+        done: dict[int, Done] = {}
+        for n, line in enumerate(raw[:keep].splitlines(), 1):
+            try:
+                record = json.loads(line)
+                index = record["index"]
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    raise TypeError(f"index {index!r}")
+                done.setdefault(index, Done(record.get("input"), "error" in record))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+                raise InvalidFileError(f"{self.path}: line {n} ({line[:60]!r}) is not a paw-lite result ({exc}); "
+                                       f"move the file away or pick another --output to start over") from exc
+        return done
+
+    def write(self, record: dict) -> None:
+        self._f.write(encode_record(record))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()  # closing releases the lock
+
+
+def _lock(f: BinaryIO, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; one writer per output file is up to the user
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PawError(f"{path}: another paw-lite run is writing this output file; wait for it or pick another --output") from None
+
+
+def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path, input_path: Path) -> None:
+    """Refuse to resume when the output's records were made from different input lines."""
+    for index, record in done.items():
+        if index >= len(items):
+            raise InvalidFileError(f"{output}: holds a result for line {index + 1}, but {input_path} has {len(items)} lines: "
+                                   f"it was made from another input file; move it away or pick another --output")
+        if record.input != items[index].text:
+            raise InvalidFileError(f"{output}: the result for line {index + 1} is for input {record.input!r:.60}, but {input_path} "
+                                   f"line {index + 1} now reads {items[index].text!r:.60}; move the output away or pick another --output")
+
+
+def stdout_writer() -> Callable[[dict], None]:
+    """JSONL records to stdout, as UTF-8 whatever the locale says."""
+    out = sys.stdout.buffer
+
+    def write(record: dict) -> None:
+        out.write(encode_record(record))
+        out.flush()
+
+    return write
 
 
 def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], write: Callable[[dict], None],
@@ -75,12 +175,12 @@ def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], wr
     for start in range(0, len(items), chunk):
         group = items[start:start + chunk]
         good = [it for it in group if it.error is None]
+        errors: dict[int, str] = {}
         try:
-            outputs = dict(zip((it.index for it in good), call([it.text for it in good]))) if good else {}
-            errors: dict[int, str] = {}
+            outputs = dict(zip((it.index for it in good), call([it.text for it in good]), strict=True)) if good else {}
         except PawError:
             # one bad input must not cost the others: retry the chunk one input at a time
-            outputs, errors = {}, {}
+            outputs = {}
             for it in good:
                 try:
                     outputs[it.index] = call([it.text])[0]
@@ -99,24 +199,5 @@ def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], wr
     return ok, failed
 
 
-def jsonl_writer(path: Path | None) -> tuple[Callable[[dict], None], Callable[[], None]]:
-    """(write, close) appending JSON lines to path (or stdout), flushed and synced per line."""
-    import sys
-
-    f = open(path, "a", encoding="utf-8") if path else sys.stdout
-
-    def write(record: dict) -> None:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        if path:
-            os.fsync(f.fileno())
-
-    def close() -> None:
-        if path:
-            f.close()
-
-    return write, close
-
-
-def pending(items: list[BatchItem], done: set[int]) -> Iterator[BatchItem]:
+def pending(items: list[BatchItem], done: dict[int, Done] | set[int]) -> Iterator[BatchItem]:
     return (it for it in items if it.index not in done)

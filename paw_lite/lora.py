@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from .atomic import atomic_path
 from .errors import IncompatibleModelError, InvalidFileError
-from .gguf_file import ADAPTER_TYPES, get_float, get_str, numpy_shape, open_gguf, tensor_to_f32
+from .gguf_file import ADAPTER_LIMITS, ADAPTER_TYPES, get_float, get_str, numpy_shape, open_gguf, tensor_to_f32
 from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
 from .safetensors_file import SafetensorsFile
 
@@ -43,7 +43,7 @@ class LoraAdapter:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], config: GPT2Config) -> "LoraAdapter":
         path = Path(path)
-        reader = open_gguf(path)
+        reader = open_gguf(path, ADAPTER_LIMITS)
         for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", ARCH)):
             got = get_str(reader, key, path)
             if got != want:
@@ -111,7 +111,7 @@ class LoraAdapter:
 
 def describe_adapter_gguf(path: Path) -> dict:
     """Rank, alpha, tensor types and count of an adapter.gguf, without a base model."""
-    reader = open_gguf(path)
+    reader = open_gguf(path, ADAPTER_LIMITS)
     alpha = get_float(reader, "adapter.lora.alpha", path)
     ranks = {numpy_shape(t)[-1] for t in reader.tensors if t.name.endswith(".lora_b")}
     types = Counter(t.tensor_type.name for t in reader.tensors)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path
+from .atomic import TMP_SUFFIX, atomic_path, remove_stale_temporaries
 from .errors import IncompatibleModelError, InvalidFileError, PawError
 
 PLACEHOLDER = "{INPUT_PLACEHOLDER}"
@@ -35,8 +37,18 @@ MAX_EXPANDED_BYTES = 512 * 1024 * 1024
 MIN_ADAPTER_BYTES = 1024
 # paw_lite's own, tighter per-member limits: text members are small in every real program.
 MAX_MEMBER_BYTES = {META: 1024 * 1024, TEMPLATE: 1024 * 1024, PSEUDO_PROGRAM: 1024 * 1024, ADAPTER: MAX_ARCHIVE_BYTES}
-MAX_COMPRESSION_RATIO = 1000
+# Compression above 100:1 is refused for members over 1 MiB: real adapters hold near-random
+# quantized numbers (~1.1:1); a higher ratio is a zip bomb, or a degenerate all-zero adapter.
+MAX_COMPRESSION_RATIO = 100
+# STORED and DEFLATED are what ZIP writers (and the browser SDK's reader) use; the others only add
+# decompressor code that a hostile file could reach.
+COMPRESSION_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 SUPPORTED_INTERPRETERS = ("gpt2",)
+# meta.json fields paw_lite reads, with the JSON types they must have (null counts as absent).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (int,), "program_id": (str,), "spec": (str,), "interpreter": (str,), "runtime_id": (str,),
+    "compiler_snapshot": (str,), "lora_rank": (int,), "lora_alpha": (int, float), "prefix_steps": (int,),
+}
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,7 @@ class Program:
             raise InvalidFileError(f"{source}: {ADAPTER} does not start with the GGUF magic")
         if len(adapter) < MIN_ADAPTER_BYTES:
             raise InvalidFileError(f"{source}: {ADAPTER} is {len(adapter)} bytes, the minimum is {MIN_ADAPTER_BYTES}")
-        try:
-            meta = json.loads(_text(members, META, source))
-        except ValueError as exc:
-            raise InvalidFileError(f"{source}: {META} is not valid JSON: {exc}") from exc
-        if not isinstance(meta, dict):
-            raise InvalidFileError(f"{source}: {META} must hold a JSON object")
+        meta = _parse_meta(_text(members, META, source), source)
         interpreter = meta.get("interpreter", "gpt2")
         if interpreter not in SUPPORTED_INTERPRETERS:
             raise IncompatibleModelError(f"{source}: {META} says interpreter {interpreter!r}; paw_lite runs {', '.join(SUPPORTED_INTERPRETERS)} programs")
@@ -105,10 +112,12 @@ class Program:
 
     @contextlib.contextmanager
     def adapter_file(self, scratch_dir: Path) -> Iterator[Path]:
-        """The adapter as a private temporary file (gguf-py reads from paths), removed afterwards.
+        """The adapter as a private temporary file (gguf-py reads from paths) inside scratch_dir,
+        removed afterwards; leftovers of killed processes there are cleared after an hour.
         Errors raised inside name the program's member instead of the temporary path."""
         scratch_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp:
+        remove_stale_temporaries(scratch_dir)
+        with tempfile.TemporaryDirectory(prefix=".adapter.", suffix=TMP_SUFFIX, dir=scratch_dir) as tmp:
             path = Path(tmp) / ADAPTER
             path.write_bytes(self.adapter_gguf)
             try:
@@ -145,6 +154,36 @@ def content_program_id(adapter_gguf: bytes, template: str, pseudo_program: str |
     return h.hexdigest()[:20]
 
 
+def _parse_meta(text: str, source: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise InvalidFileError(f"{source}: {META} is not valid JSON: {exc}") from exc
+    except RecursionError:  # a few kilobytes of "[[[[..." exhaust the parser's stack
+        raise InvalidFileError(f"{source}: {META} nests too deeply to be a program's metadata") from None
+    if not isinstance(meta, dict):
+        raise InvalidFileError(f"{source}: {META} must hold a JSON object")
+    for key, types in _META_TYPES.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join("an integer" if t is int else "a number" if t is float else "a string" for t in types)
+            raise InvalidFileError(f"{source}: {META} field {key!r} is {value!r:.80}, expected {expected}")
+    for key in ("lora_rank", "lora_alpha"):
+        value = meta.get(key)
+        if value is not None and not (value > 0 and _fits_float(value)):
+            raise InvalidFileError(f"{source}: {META} field {key!r} is {value!r:.80}, expected a positive number")
+    return meta
+
+
+def _fits_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
 def _text(members: dict[str, bytes], name: str, source: str) -> str:
     try:
         return members[name].decode("utf-8")
@@ -152,13 +191,23 @@ def _text(members: dict[str, bytes], name: str, source: str) -> str:
         raise InvalidFileError(f"{source}: {name} is not valid UTF-8 (byte {exc.start})") from exc
 
 
+# What zipfile raises on malformed archives: a name that is not UTF-8 is a ValueError, a bad
+# deflate stream a zlib.error, a short read an EOFError, a bad seek an OSError, an encrypted member
+# a RuntimeError, a member that "needs zip version 25.5" (found by tests/test_fuzz_readers.py) a
+# NotImplementedError.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, struct.error, OverflowError,
+               NotImplementedError, RuntimeError)
+
+
 def _read_bundle(path: Path) -> dict[str, bytes]:
-    size = path.stat().st_size
-    if size > MAX_ARCHIVE_BYTES:
-        raise InvalidFileError(f"{path}: bundle is {size} bytes, more than the {MAX_ARCHIVE_BYTES}-byte limit")
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise InvalidFileError(f"{path}: not a regular file")
+    if st.st_size > MAX_ARCHIVE_BYTES:
+        raise InvalidFileError(f"{path}: bundle is {st.st_size} bytes, more than the {MAX_ARCHIVE_BYTES}-byte limit")
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except _ZIP_ERRORS as exc:
         raise InvalidFileError(f"{path}: not a valid .paw bundle (ZIP): {exc}") from exc
     with zf:
         infos = zf.infolist()
@@ -188,11 +237,15 @@ def _check_member(path: Path, info: zipfile.ZipInfo, seen: set[str]) -> None:
     seen.add(name)
     if info.flag_bits & 0x1:
         raise InvalidFileError(f"{path}: member {name!r} is encrypted")
+    if info.compress_type not in COMPRESSION_METHODS:
+        raise InvalidFileError(f"{path}: member {name} uses ZIP compression method {info.compress_type}; "
+                               f"a .paw bundle uses {' or '.join(COMPRESSION_METHODS.values())}")
     limit = MAX_MEMBER_BYTES[name]
     if info.file_size > limit:
         raise InvalidFileError(f"{path}: member {name} declares {info.file_size} bytes, more than its {limit}-byte limit")
     if info.file_size > 1024 * 1024 and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
-        raise InvalidFileError(f"{path}: member {name} expands {info.file_size // max(info.compress_size, 1)}:1, a zip bomb")
+        raise InvalidFileError(f"{path}: member {name} would expand {info.file_size // max(info.compress_size, 1)}:1 "
+                               f"(more than {MAX_COMPRESSION_RATIO}:1): refused as a zip bomb")
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
@@ -200,7 +253,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> byte
     try:
         with zf.open(info) as f:
             data = f.read(info.file_size + 1)
-    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+    except _ZIP_ERRORS as exc:
         raise InvalidFileError(f"{path}: member {info.filename} cannot be read: {exc}") from exc
     if len(data) != info.file_size:
         raise InvalidFileError(f"{path}: member {info.filename} holds {len(data)} bytes but declares {info.file_size}")
@@ -211,14 +264,19 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
     members = {}
     for name in MEMBERS:
         p = folder / name
-        if p.is_symlink():
-            raise InvalidFileError(f"{folder}: {name} is a link; links are not allowed")
-        if not p.exists():
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
             continue
-        if not p.is_file():
+        if stat.S_ISLNK(st.st_mode):
+            raise InvalidFileError(f"{folder}: {name} is a link; links are not allowed")
+        if not stat.S_ISREG(st.st_mode):
             raise InvalidFileError(f"{folder}: {name} is not a regular file")
-        size = p.stat().st_size
-        if size > MAX_MEMBER_BYTES[name]:
-            raise InvalidFileError(f"{folder}: {name} is {size} bytes, more than its {MAX_MEMBER_BYTES[name]}-byte limit")
-        members[name] = p.read_bytes()
+        limit = MAX_MEMBER_BYTES[name]
+        if st.st_size > limit:
+            raise InvalidFileError(f"{folder}: {name} is {st.st_size} bytes, more than its {limit}-byte limit")
+        with open(p, "rb") as f:
+            members[name] = f.read(limit + 1)  # bounded even if the file grows after the check
+        if len(members[name]) > limit:
+            raise InvalidFileError(f"{folder}: {name} grew past its {limit}-byte limit while being read")
     return members

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, help="JSONL results (default: stdout); an existing file is resumed")
     p.add_argument("--base-model", help="interpreter GGUF or HF GPT-2 folder (default: the models directory)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after N output tokens (default: EOS or context end)")
+    p.add_argument("--input-format", choices=batch.INPUT_FORMATS, default="auto",
+                   help="how to read --input-file: text lines, JSONL, or auto (JSONL for .jsonl files or when the first line starts with '{')")
     p.add_argument("--batch-size", type=int, default=16, help="inputs evaluated together in batch mode")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
@@ -44,24 +46,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_file(args: argparse.Namespace, fn) -> int:
+    """Results go to --output (appended, synced per line; a rerun resumes) or to stdout."""
     from tqdm import tqdm
 
-    items = batch.read_inputs(args.input_file)
-    done = batch.completed_indices(args.output) if args.output else set()
-    todo = list(batch.pending(items, done))
-    write, close = batch.jsonl_writer(args.output)
-    bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
+    if args.output and args.output.resolve() == args.input_file.resolve():
+        raise PawError(f"--output {args.output} is the input file; results need a file of their own")
+    items = batch.read_inputs(args.input_file, args.input_format)
+    results = batch.ResultsFile(args.output) if args.output else None
     try:
-        ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size),
-                                     write, chunk=max(1, args.batch_size), on_progress=bar.update)
+        done = results.done if results else {}
+        if results:
+            batch.check_resumable(items, done, args.output, args.input_file)
+        todo = list(batch.pending(items, done))
+        write = results.write if results else batch.stdout_writer()
+        bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
+        try:
+            ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size),
+                                         write, chunk=max(1, args.batch_size), on_progress=bar.update)
+        finally:
+            bar.close()
     finally:
-        bar.close()
-        close()
-    summary = {"inputs": len(items), "already_done": len(done), "ok": ok, "failed": failed,
+        if results:
+            results.close()
+    failed_before = sum(d.failed for d in done.values())
+    summary = {"inputs": len(items), "already_done": len(done), "ok": ok, "failed": failed, "failed_before": failed_before,
                "output": str(args.output) if args.output else None}
-    text = f"{ok} done, {failed} failed" + (f", {len(done)} already in {args.output}" if done else "")
+    text = f"{ok} done, {failed} failed" + (f"; {len(done)} already in {args.output} ({failed_before} of them failed)" if done else "")
     if args.output:
         emit(args, summary, text)
     else:
         print(text, file=sys.stderr)  # stdout carries the results
-    return 1 if failed else 0
+    return 1 if failed or failed_before else 0

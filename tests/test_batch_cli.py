@@ -1,0 +1,194 @@
+"""`paw-lite run PROGRAM --input-file FILE --output OUT` through the real command in a subprocess:
+junk lines are reported and cost nothing else, an interrupted run (SIGKILL) keeps what it wrote,
+and a rerun resumes without redoing or duplicating anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import paw_lite
+from paw_lite.batch import ResultsFile
+
+MAX_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def fn(tiny_program, tiny_gguf, tmp_path_factory):
+    f = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"))
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def cli(tiny_program, tiny_gguf, tmp_path):
+    env = {**os.environ, "PAW_LITE_CACHE": str(tmp_path / "cache"), "PYTHONIOENCODING": "ascii", "LC_ALL": "C"}
+
+    def command(*args: str | Path) -> list[str]:
+        return [sys.executable, "-m", "paw_lite", "run", str(tiny_program), "--base-model", str(tiny_gguf),
+                "--max-tokens", str(MAX_TOKENS), *map(str, args)]
+
+    def run(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(command(*args), env=env, capture_output=True, timeout=timeout)
+
+    run.command, run.env = command, env
+    return run
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+JUNK_LINES = [
+    b"disk usage at 99% on /var",
+    b"\xff\xfe\x00 binary \x80\x81 junk",  # not UTF-8
+    b"",  # empty
+    b"   \t ",  # whitespace only
+    b"nul \x00 and escape \x1b[2J and bell \x07",  # valid UTF-8 control characters
+    b"<|endoftext|> typed as text",
+    "ünïcödé ✓ \U0001F600".encode(),
+    b"word " * 400,  # longer than the context
+    b"crlf line\r",  # a CRLF ending: the \r is not part of the input
+    b"\xc3",  # a cut UTF-8 sequence
+    b"last line, no newline",
+]
+
+
+def test_junk_lines_are_reported_and_every_other_result_is_kept(cli, fn, tmp_path):
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inp.write_bytes(b"\n".join(JUNK_LINES))
+    proc = cli("--input-file", inp, "--output", out, "--json", "--batch-size", "4")
+    assert proc.returncode == 1, proc.stderr  # 1: some lines failed, the rest are done
+    summary = json.loads(proc.stdout)
+    assert summary == {"inputs": 11, "already_done": 0, "ok": 8, "failed": 3, "failed_before": 0, "output": str(out)}
+    recs = records(out)
+    assert [r["index"] for r in recs] == list(range(len(JUNK_LINES)))
+    errors = {r["index"]: r["error"] for r in recs if "error" in r}
+    assert set(errors) == {1, 7, 9}
+    assert errors[1] == "line 2 is not valid UTF-8 (byte 0)" and errors[9] == "line 10 is not valid UTF-8 (byte 0)"
+    assert "context holds 128" in errors[7]
+    good = [(i, line.decode().removesuffix("\r")) for i, line in enumerate(JUNK_LINES) if i not in errors]
+    assert [(r["input"], r["output"]) for r in recs if "output" in r] == [(t, fn(t, max_tokens=MAX_TOKENS)) for _, t in good]
+
+
+def test_jsonl_junk_and_lone_surrogates(cli, fn, tmp_path):
+    """JSONL lines that are not JSON, lack a string text, or carry a lone surrogate escape: each is
+    an error record, the others run. (A lone surrogate used to crash the whole batch on writing.)"""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join([
+        json.dumps({"text": "user logged in"}), "{not json", json.dumps({"txt": "x"}), json.dumps({"text": 5}),
+        '{"text": "bad \\ud800 surrogate"}', json.dumps({"text": "kernel panic", "id": 7}), "[" * 100_000,
+    ]) + "\n", encoding="utf-8")
+    proc = cli("--input-file", inp, "--output", out)
+    assert proc.returncode == 1, proc.stderr
+    recs = records(out)
+    assert [r["index"] for r in recs] == list(range(7))
+    assert [("output" in r) for r in recs] == [True, False, False, False, False, True, False]
+    assert recs[4]["input"] == "bad \ud800 surrogate" and "not valid Unicode" in recs[4]["error"]
+    assert recs[0]["output"] == fn("user logged in", max_tokens=MAX_TOKENS)
+    assert recs[5]["output"] == fn("kernel panic", max_tokens=MAX_TOKENS)
+
+
+def test_results_go_to_stdout_as_utf8_whatever_the_locale(cli, fn, tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("ünïcödé ✓\nuser logged in\n", encoding="utf-8")
+    proc = cli("--input-file", inp)  # the fixture runs with LC_ALL=C and PYTHONIOENCODING=ascii
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    assert [r["input"] for r in recs] == ["ünïcödé ✓", "user logged in"]
+    assert [r["output"] for r in recs] == [fn(r["input"], max_tokens=MAX_TOKENS) for r in recs]
+
+
+N_LINES = 80
+
+
+def test_sigkill_half_way_then_resume(cli, fn, tmp_path):
+    """Kill the batch half-way with SIGKILL; what it wrote is intact; simulate a torn last line; a
+    rerun resumes: the old lines stay byte for byte, every input appears exactly once, and the
+    results equal an uninterrupted run."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    texts = [f"event {i}: {'disk full' if i % 3 else 'user logged in'} on host{i % 7}" for i in range(N_LINES)]
+    inp.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    proc = subprocess.Popen(cli.command("--input-file", inp, "--output", out, "--batch-size", "1"), env=cli.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 5):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    written = out.read_bytes()
+    done = written.count(b"\n")
+    assert 5 <= done < N_LINES, done  # killed half-way, not after the end
+    complete = written[:written.rfind(b"\n") + 1]
+    for line in complete.splitlines():
+        json.loads(line)  # every finished line is a whole record
+    out.write_bytes(complete + b'{"index": 999, "inp')  # a write cut by the kill
+    rerun = cli("--input-file", inp, "--output", out, "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["already_done"] == done and summary["ok"] == N_LINES - done and summary["failed"] == 0
+    assert b"dropping an unfinished last line" in rerun.stderr
+    after = out.read_bytes()
+    assert after.startswith(complete)  # nothing before the kill was rewritten
+    recs = records(out)
+    assert sorted(r["index"] for r in recs) == list(range(N_LINES))  # each input exactly once
+    assert [r["output"] for r in sorted(recs, key=lambda r: r["index"])] == fn.map(texts, max_tokens=MAX_TOKENS)
+    again = cli("--input-file", inp, "--output", out, "--json")  # a third run has nothing to do
+    assert again.returncode == 0 and json.loads(again.stdout)["already_done"] == N_LINES
+    assert out.read_bytes() == after
+
+
+def test_resuming_with_another_input_file_is_refused(cli, tmp_path):
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inp.write_text("alpha\nbeta\n", encoding="utf-8")
+    assert cli("--input-file", inp, "--output", out).returncode == 0
+    before = out.read_bytes()
+    inp.write_text("alpha\ngamma\ndelta\n", encoding="utf-8")
+    proc = cli("--input-file", inp, "--output", out)
+    assert proc.returncode == 2
+    assert b"the result for line 2 is for input 'beta'" in proc.stderr and b"now reads 'gamma'" in proc.stderr
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a results file\n", b"line 1 (b'not a results file') is not a paw-lite result"),
+    (b'{"index": -1, "output": "x"}\n', b"is not a paw-lite result"),
+])
+def test_an_output_file_that_is_not_ours_is_refused(cli, tmp_path, content, message):
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inp.write_text("alpha\n", encoding="utf-8")
+    out.write_bytes(content)
+    proc = cli("--input-file", inp, "--output", out)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert out.read_bytes() == content
+
+
+def test_output_must_not_be_the_input(cli, tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("alpha\n", encoding="utf-8")
+    proc = cli("--input-file", inp, "--output", inp)
+    assert proc.returncode == 2 and b"is the input file" in proc.stderr
+    assert inp.read_text(encoding="utf-8") == "alpha\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the output lock uses flock")
+def test_a_second_run_on_the_same_output_is_refused(cli, tmp_path):
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inp.write_text("alpha\n", encoding="utf-8")
+    holder = ResultsFile(out)  # stands for a first run still writing
+    try:
+        proc = cli("--input-file", inp, "--output", out)
+    finally:
+        holder.close()
+    assert proc.returncode == 2 and b"another paw-lite run is writing this output file" in proc.stderr, proc.stderr
+    assert out.read_bytes() == b""
