@@ -1,0 +1,83 @@
+"""`paw-lite compile SPEC -o OUT.paw`: a spec to a program, on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..compiler.bundle import ADAPTER_TYPES
+from ..errors import InvalidFileError
+from . import emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="compile a spec into a .paw program (needs the compile extra and the compiler models)")
+    p.add_argument("spec", help="what the function should do, in words (or @FILE to read it from a file)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.paw", help="the program to write")
+    p.add_argument("--pseudo-program", type=Path, metavar="FILE", help="use this pseudo-program instead of generating one")
+    p.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files (default: the models directory)")
+    p.add_argument("--compiler", type=Path, metavar="GGUF", help="the trained compiler")
+    p.add_argument("--mapper", type=Path, metavar="SAFETENSORS", help="the mapper weights")
+    p.add_argument("--compiler-meta", type=Path, metavar="JSON", help="the compiler's meta.json")
+    p.add_argument("--pseudo-compiler", type=Path, metavar="GGUF", help="the model that writes pseudo-programs")
+    p.add_argument("--interpreter", type=Path, metavar="GGUF", help="the GPT-2 interpreter the program is for")
+    p.add_argument("--adapter-type", choices=ADAPTER_TYPES, default="q4_0", help="adapter.gguf tensor type (default q4_0)")
+    p.add_argument("--peft", type=Path, metavar="DIR", help="also write the program's LoRA in PEFT form to DIR")
+    p.add_argument("--run", metavar="TEXT", help="run the new program on TEXT and print its output")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="pseudo-program length limit in tokens (default 512)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
+    p.add_argument("--pseudo-tokenizer", type=Path, metavar="DIR", help="HF tokenizer folder of the pseudo compiler (default: the GGUF's)")
+    p.add_argument("--compiler-tokenizer", type=Path, metavar="DIR", help="HF tokenizer folder of the compiler (default: the GGUF's)")
+    p.add_argument("--json", action="store_true", help="print the result, phase timings and peak memory as JSON")
+    p.set_defaults(func=run)
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidFileError(f"{path}: cannot read the {what}: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compiler import compile_report
+    from ..runtime import function
+
+    spec = _read_text(Path(args.spec[1:]), "spec") if args.spec.startswith("@") else args.spec
+    pseudo = _read_text(args.pseudo_program, "pseudo-program") if args.pseudo_program else None
+
+    def progress(message: str) -> None:
+        print(f"paw-lite: {message}", file=sys.stderr)
+
+    bar = None
+    if not args.json and pseudo is None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.max_new_tokens, desc="pseudo-program tokens", unit="tok", file=sys.stderr, disable=None, leave=False)
+    try:
+        result = compile_report(
+            spec, args.output, pseudo_program=pseudo, models=args.models, compiler=args.compiler, mapper=args.mapper,
+            compiler_meta=args.compiler_meta, pseudo_compiler=args.pseudo_compiler, interpreter=args.interpreter,
+            adapter_type=args.adapter_type, peft=args.peft, progress=None if args.json else progress,
+            on_token=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
+            max_new_tokens=args.max_new_tokens, n_threads=args.threads,
+            pseudo_tokenizer=args.pseudo_tokenizer, compiler_tokenizer=args.compiler_tokenizer)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = result.summary()
+    lines = [f"wrote {result.path} (program {result.program.program_id}, {len(result.program.adapter_gguf):,}-byte adapter)",
+             *(f"  {p['name']:<15} {p['seconds']:7.1f} s   peak RSS {p['peak_rss_mb']} MB" for p in result.phases),
+             f"  {'total':<15} {result.seconds:7.1f} s   peak RSS {result.peak_rss_mb} MB"]
+    if args.peft:
+        lines.append(f"PEFT adapter in {args.peft}")
+    if args.run is not None:
+        t0 = time.perf_counter()
+        with function(result.program, base_model=result.files.interpreter) as fn:
+            output = fn(args.run)
+        summary["run"] = {"input": args.run, "output": output, "seconds": round(time.perf_counter() - t0, 3)}
+        lines += [f"input:  {args.run}", f"output: {output}"]
+    emit(args, summary, "\n".join(lines))
+    return 0

@@ -1,0 +1,121 @@
+"""The compiler's inputs: its `meta.json` and where the model files are (PAW-FACTS §1)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .. import paths
+from ..errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+
+log = logging.getLogger("paw_lite.compiler")
+
+MAX_META_BYTES = 1024 * 1024
+
+# File names in the models directory, as `paw-lite models pull` writes them (models/manifest.json):
+# {quant} is the default type, or any other one present when the default is not.
+FILE_NAMES = {
+    "compiler": ("paw-4b-gpt2-compiler-{quant}.gguf", "q8_0"),
+    "mapper": ("paw-4b-gpt2-mapper.safetensors", None),
+    "compiler_meta": ("paw-4b-gpt2-meta.json", None),
+    "pseudo_compiler": ("qwen3-4b-instruct-2507-{quant}.gguf", "q4_k_m"),
+    "interpreter": (f"{paths.DEFAULT_RUNTIME_ID}.gguf", None),
+}
+DEFAULT_FILES = {role: name.format(quant=quant) if quant else name for role, (name, quant) in FILE_NAMES.items()}
+
+
+def _find(directory: Path, role: str) -> Path:
+    """The role's file in the models directory: the default name, else the one other quantization present."""
+    default = directory / DEFAULT_FILES[role]
+    name, quant = FILE_NAMES[role]
+    if default.exists() or not quant:
+        return default
+    others = sorted(directory.glob(name.replace("{quant}", "*"))) if directory.is_dir() else []
+    if len(others) > 1:
+        raise ModelNotFoundError(f"{directory}: several {role.replace('_', ' ')} files ({', '.join(p.name for p in others)}) and "
+                                 f"not the default {default.name}; name one with --{role.replace('_', '-')}")
+    if others:
+        log.info("using %s (the default %s is not there)", others[0], default.name)
+    return others[0] if others else default
+
+
+@dataclass(frozen=True)
+class CompilerMeta:
+    """`paw-4b-gpt2/meta.json`: the numbers the mapper and the bundle need."""
+
+    lora_rank: int
+    lora_alpha: float
+    lora_num_bases: int
+    prefix_steps: int
+    prompt_style: str
+    interpreter_model: str | None
+    snapshot: str | None
+    source: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "CompilerMeta":
+        path = Path(path)
+        try:
+            if path.stat().st_size > MAX_META_BYTES:
+                raise InvalidFileError(f"{path}: {path.stat().st_size} bytes is too large for a compiler meta.json")
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(f"{path}: no such compiler meta.json") from exc
+        except (OSError, ValueError) as exc:
+            raise InvalidFileError(f"{path}: cannot read the compiler meta.json: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidFileError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> "CompilerMeta":
+        def number(key: str, kind: type) -> Any:
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+                raise InvalidFileError(f"{source}: {key} is {value!r}, expected a positive {kind.__name__}")
+            return kind(value)
+
+        style = data.get("compiler_prompt_style", "minimal")
+        if style != "minimal":
+            raise IncompatibleModelError(f"{source}: compiler_prompt_style is {style!r}; paw_lite ships the 'minimal' prompt only")
+        snapshot = data.get("compiler_snapshot")
+        return cls(lora_rank=number("lora_rank", int), lora_alpha=number("lora_alpha", float),
+                   lora_num_bases=number("lora_num_bases", int), prefix_steps=number("prefix_steps", int),
+                   prompt_style=style, interpreter_model=data.get("interpreter_model"),
+                   snapshot=snapshot if isinstance(snapshot, str) else None, source=source)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The five files a compile reads. Any left as None is looked up in the models directory."""
+
+    compiler: Path | None = None
+    mapper: Path | None = None
+    compiler_meta: Path | None = None
+    pseudo_compiler: Path | None = None
+    interpreter: Path | None = None
+
+    def resolved(self, models_dir: str | os.PathLike[str] | None, *, need_pseudo_compiler: bool) -> "ModelFiles":
+        """Every needed file as an existing path; the error lists all that are missing at once."""
+        directory = Path(models_dir).expanduser() if models_dir is not None else paths.models_dir()
+        out: dict[str, Path | None] = {}
+        missing = []
+        for f in fields(self):
+            given = getattr(self, f.name)
+            if f.name == "pseudo_compiler" and not need_pseudo_compiler and given is None:
+                out[f.name] = None
+                continue
+            path = Path(given).expanduser() if given is not None else _find(directory, f.name)
+            if not path.exists():
+                missing.append(f"{f.name.replace('_', '-')} ({path})")
+            out[f.name] = path
+        if missing:
+            raise ModelNotFoundError(
+                f"the compiler needs files that are not there: {'; '.join(missing)}. Get them with `paw-lite models pull` "
+                f"(or `paw-lite models import DIR`), pass --models DIR for the folder that holds them, or name each one "
+                f"(--compiler, --mapper, --compiler-meta, --pseudo-compiler, --interpreter)")
+        return ModelFiles(**out)

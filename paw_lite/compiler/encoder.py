@@ -1,0 +1,104 @@
+"""The encoder pass (PAW-FACTS §2.2-2.3): the trained compiler reads spec + pseudo-program + the
+prefix tokens; the hidden states of depth-matched layers at the prefix positions feed the mapper."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InvalidFileError
+from .llama import ContextSettings, LayerCapture, LlamaModel
+from .prompts import minimal_prompt, render_chat
+
+log = logging.getLogger("paw_lite.compiler")
+
+EOS_TEXT = "<|im_end|>"  # the trained compiler's end-of-turn token closes the pseudo-program (§2.2)
+
+
+class TextModel(Protocol):
+    """What the compiler needs of a tokenizer: `LlamaModel` (the GGUF's vocabulary) or `HFTokenizer`."""
+
+    path: object
+
+    def chat_template(self) -> str | None: ...
+    def special_token_texts(self) -> dict[str, str]: ...
+    def tokenize(self, text: str, *, special: bool) -> list[int]: ...
+    def single_token(self, text: str) -> int: ...
+    def detokenize(self, ids: list[int]) -> str: ...
+
+
+def prefix_token_texts(n: int) -> list[str]:
+    return [f"<prefix_{k}>" for k in range(1, n + 1)]
+
+
+def chat_prompt(text: TextModel, user_message: str) -> str:
+    """One user message through the model's own chat template, with the generation prompt."""
+    template = text.chat_template()
+    if not template:
+        raise InvalidFileError(f"{text.path}: holds no chat template (tokenizer.chat_template); the compiler prompts need the model's own")
+    return render_chat(template, [{"role": "user", "content": user_message}], add_generation_prompt=True,
+                       special_tokens=text.special_token_texts(), source=str(text.path))
+
+
+def encoder_token_ids(text: TextModel, spec: str, pseudo_program: str, prefix_steps: int) -> list[int]:
+    """chat(minimal(spec)) + tokens(pseudo_program) + [<|im_end|>] + [<prefix_1> .. <prefix_P>]."""
+    eos = text.single_token(EOS_TEXT)
+    declared = text.special_token_texts().get("eos_token")
+    if declared is not None and declared != EOS_TEXT:
+        log.warning("%s declares eos %r; the encoder sequence uses %s as the published compiler does", text.path, declared, EOS_TEXT)
+    prefix = [text.single_token(t) for t in prefix_token_texts(prefix_steps)]
+    return (text.tokenize(chat_prompt(text, minimal_prompt(spec)), special=True)
+            + text.tokenize(pseudo_program, special=True) + [eos] + prefix)
+
+
+def depth_layers(n_compiler_layers: int, n_interpreter_layers: int) -> list[int]:
+    """Compiler layer read for each interpreter layer l: t(l) = int((l+1) * Lc / Li) - 1, clamped
+    (Lc = 36, Li = 12 gives 2, 5, 8, ..., 35)."""
+    return [min(max((l + 1) * n_compiler_layers // n_interpreter_layers - 1, 0), n_compiler_layers - 1)
+            for l in range(n_interpreter_layers)]
+
+
+def hidden_states(model: LlamaModel, ids: list[int], layers: list[int], n_last: int, *,
+                  n_ubatch: int = 512, n_threads: int | None = None) -> np.ndarray:
+    """(len(layers), n_last, n_embd) float32: the output of decoder block t at the last n_last
+    positions for each t in layers (transformers' `hidden_states[t + 1]`); the last block is read
+    after the final norm (`hidden_states[-1]`), from llama.cpp's embeddings.
+
+    The positions before the last n_last are evaluated without any output; the last n_last are
+    evaluated with embeddings on and the layer callback active, in chunks of n_ubatch, each chunk
+    one graph whose rows are the chunk's positions in order."""
+    n = len(ids)
+    if not 0 < n_last <= n:
+        raise ValueError(f"cannot read the last {n_last} positions of {n} tokens")
+    final = model.n_layer - 1
+    bad = [t for t in layers if not 0 <= t <= final]
+    if bad:
+        raise ValueError(f"layers {bad} are outside 0..{final}")
+    inner = sorted({t for t in layers if t != final})
+    capture = LayerCapture(inner, model.n_embd)
+    rows = {t: np.empty((n_last, model.n_embd), dtype=np.float32) for t in set(layers)}
+    n_ubatch = min(n_ubatch, n)
+    settings = ContextSettings(n_ctx=n, n_ubatch=n_ubatch, n_threads=n_threads, embeddings=True,
+                               f32_kv_cache=True, flash_attn=False)
+    start = n - n_last
+    with model.context(settings, capture) as ctx:
+        ctx.set_embeddings(False)  # the positions before the prefix need no output at all
+        for s in range(0, start, n_ubatch):
+            ctx.decode(ids[s:min(s + n_ubatch, start)], outputs="none")
+        ctx.set_embeddings(True)
+        capture.active = True
+        for s in range(start, n, n_ubatch):
+            chunk = ids[s:min(s + n_ubatch, n)]
+            ctx.decode(chunk, outputs="all")
+            got = capture.take()
+            at = slice(s - start, s - start + len(chunk))
+            for t in inner:
+                if t not in got or got[t].shape[0] != len(chunk):
+                    shape = None if t not in got else got[t].shape
+                    raise InvalidFileError(f"{model.path}: llama.cpp gave layer output l_out-{t} with shape {shape} for a chunk of {len(chunk)} tokens")
+                rows[t][at] = got[t]
+            if final in rows:
+                rows[final][at] = np.stack([ctx.embeddings(i) for i in range(len(chunk))])
+    return np.stack([rows[t] for t in layers])
