@@ -6,13 +6,16 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
-from .gguf_file import WEIGHT_TYPES, get_field, get_float, get_int, get_str, numpy_shape, open_gguf, tensor_to_f32
+from .gguf_fast import TensorInfo, dequantize, iter_tensors, read_index
+from .gguf_file import WEIGHT_TYPES, get_field, get_float, get_int, get_str, numpy_shape
 from .gpt2_layout import ARCH, GPT2Config, hf_to_gguf_name
 from .safetensors_file import SafetensorsFile
 from .tokenizer import GPT2Tokenizer
@@ -61,15 +64,35 @@ def _check_shapes(weights: dict[str, np.ndarray], config: GPT2Config, source: Pa
             raise InvalidFileError(f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
 
 
-def _load_gguf(path: Path) -> BaseModel:
-    reader = open_gguf(path)
+def read_header(path: str | os.PathLike[str]) -> tuple[GPT2Config, GPT2Tokenizer]:
+    """Config and tokenizer of an interpreter (GGUF file or HF folder), checked, without loading its weights."""
+    path = Path(path)
+    if path.is_dir():
+        config = hf_gpt2_config(path / "config.json")
+        return config, GPT2Tokenizer.from_hf_dir(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 folder)")
+    _, config, tokenizer = _gguf_header(path)
+    return config, tokenizer
+
+
+def _gguf_header(path: Path):
+    reader, config = _gguf_config(path)
+    return reader, config, _gguf_tokenizer(reader, config, path)
+
+
+def _gguf_config(path: Path):
+    """The index and the checked hyperparameters and tensor shapes of an interpreter GGUF."""
+    reader = read_index(path)  # gguf-py's GGUFReader takes ~2 s over a 50k-token vocabulary; this ~0.1 s
     arch = get_str(reader, "general.architecture", path)
     if arch != ARCH:
         raise IncompatibleModelError(f"{path}: architecture is {arch!r}; the interpreter runs GPT-2 ('gpt2') models")
     n_embd = get_int(reader, f"{arch}.embedding_length", path)
-    tokenizer = GPT2Tokenizer.from_gguf(reader, path)
+    tokens = get_field(reader, "tokenizer.ggml.tokens", path)
+    if not isinstance(tokens, list):
+        raise InvalidFileError(f"{path}: tokenizer.ggml.tokens is not a list of strings")
     config = GPT2Config(
-        n_vocab=tokenizer.n_vocab,
+        n_vocab=len(tokens),
         n_ctx=get_int(reader, f"{arch}.context_length", path),
         n_embd=n_embd,
         n_head=get_int(reader, f"{arch}.attention.head_count", path),
@@ -80,8 +103,47 @@ def _load_gguf(path: Path) -> BaseModel:
     infos = {t.name: t for t in reader.tensors}
     # Check every shape from the header before dequantizing anything.
     _check_shapes({n: _ShapeOnly(numpy_shape(t)) for n, t in infos.items()}, config, path)
-    weights = {name: tensor_to_f32(t, path, WEIGHT_TYPES) for name, t in infos.items()}
-    return BaseModel(config, weights, tokenizer, path, file_sha256(path))
+    return reader, config
+
+
+def _gguf_tokenizer(reader, config: GPT2Config, path: Path) -> GPT2Tokenizer:
+    tokenizer = GPT2Tokenizer.from_gguf(reader, path)
+    assert tokenizer.n_vocab == config.n_vocab  # both are the length of tokenizer.ggml.tokens
+    return tokenizer
+
+
+def _load_gguf(path: Path) -> BaseModel:
+    index, config = _gguf_config(path)
+    # Three jobs at once: NumPy dequantizes and hashlib hashes with the GIL released, while the
+    # tokenizer is built in Python here. The fingerprint is the sha256 of the whole file: on two
+    # cores it costs no wall time (a second read comes from the page cache), so nothing weaker is used.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        digest = pool.submit(file_sha256, path)
+        tensors = pool.submit(_read_tensors, index, path)
+        tokenizer = _gguf_tokenizer(index, config, path)
+        weights, fingerprint = tensors.result(), digest.result()
+    return BaseModel(config, weights, tokenizer, path, fingerprint)
+
+
+def _read_tensors(index, path: Path) -> dict[str, np.ndarray]:
+    """float32 tensors by name, read in file order."""
+    return {info.name: _tensor_f32(info, raw, path) for info, raw in iter_tensors(index)}
+
+
+def _tensor_f32(info: TensorInfo, raw: bytes, path: Path) -> np.ndarray:
+    if info.tensor_type not in WEIGHT_TYPES:
+        names = ", ".join(sorted(t.name for t in WEIGHT_TYPES))
+        raise InvalidFileError(f"{path}: tensor {info.name} has type {info.tensor_type.name}; supported here: {names}")
+    out = dequantize(raw, info.tensor_type, numpy_shape(info))
+    # Q8_0 values are int8 times a float16 scale: finite exactly when every scale is.
+    finite = _q8_0_scales(raw) if info.tensor_type == GGMLQuantizationType.Q8_0 else out
+    if not np.isfinite(finite).all():
+        raise InvalidFileError(f"{path}: tensor {info.name} holds NaN or Inf values")
+    return out
+
+
+def _q8_0_scales(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, np.uint8).reshape(-1, 34)[:, :2].copy().view("<f2")
 
 
 class _ShapeOnly:

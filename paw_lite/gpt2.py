@@ -1,6 +1,8 @@
-"""The GPT-2 forward pass in NumPy, fp32, with a preallocated KV cache.
+"""The GPT-2 forward pass in NumPy, fp32, with a preallocated KV cache: the plain reference.
 
-Weights use GGUF names; matrices keep the Linear layout (d_out, d_in), so a layer is `x @ w.T + b`."""
+Weights use GGUF names; matrices keep the Linear layout (d_out, d_in), so a layer is `x @ w.T + b`.
+The runtime runs `engine.py` (the same math with weights laid out for speed, a shared prefix and
+batches); tests hold the two together."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import numpy as np
 
 from .gpt2_layout import GPT2Config
 
-_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
-_GELU_C = np.float32(0.044715)
+SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+GELU_C = np.float32(0.044715)
 
 
 class KVCache:
@@ -31,7 +33,7 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.nd
 
 def gelu(x: np.ndarray) -> np.ndarray:
     """GPT-2's tanh approximation ("gelu_new")."""
-    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)))
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x)))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

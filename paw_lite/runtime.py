@@ -13,12 +13,14 @@ import numpy as np
 
 from . import paths, prefix_cache
 from .base_model import BaseModel
+from .engine import Engine, Sequence, Weights
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
-from .gpt2 import KVCache, forward
 from .lora import LoraAdapter
 from .program import ADAPTER, Program
 
-PREFILL_CHUNK = 512  # bounds the attention score buffer to (heads, 512, n_ctx)
+# fn.map's default: each sequence in a batch holds its own keys and values (74 KB per token on
+# GPT-2 124M: 32 x 50 tokens = 118 MB) besides the model's 500 MB.
+DEFAULT_BATCH_SIZE = 32
 
 
 def load_adapter(program: Program, base: BaseModel, scratch_dir: Path) -> LoraAdapter:
@@ -35,7 +37,7 @@ def load_adapter(program: Program, base: BaseModel, scratch_dir: Path) -> LoraAd
 class PawFunction:
     """A program bound to an interpreter: call it on text, or map it over many texts.
 
-    Calls are serialised by a lock: one function owns one KV cache. Use one function per thread
+    Calls are serialised by a lock: one function owns one engine. Use one function per thread
     for parallel work."""
 
     def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool):
@@ -44,21 +46,20 @@ class PawFunction:
         self.tokenizer = base.tokenizer
         scratch = cache_dir if cache_dir is not None else Path(tempfile.gettempdir()) / "paw_lite"
         adapter = load_adapter(program, base, scratch / "tmp")
-        # A base loaded for this function alone is merged in place (its arrays are private copies
-        # of the file's data); a shared base stays untouched.
-        self._weights = adapter.merged_into(base.weights, inplace=owns_base)
+        # The LoRA is merged while the weights are laid out for the engine. A base loaded for this
+        # function alone is consumed tensor by tensor (never held twice); a shared base stays untouched.
+        weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
+        self._engine: Engine | None = Engine(weights, self.config)
         self._prefix_ids = self.tokenizer.encode(program.prefix)
         self._suffix_ids = self.tokenizer.encode(program.suffix)
         if len(self._prefix_ids) + len(self._suffix_ids) >= self.config.n_ctx:
             raise ContextOverflowError(
                 f"{program.source}: the template alone is {len(self._prefix_ids) + len(self._suffix_ids)} tokens; "
                 f"the interpreter's context holds {self.config.n_ctx}")
-        self._cache = KVCache(self.config)
         self._lock = threading.Lock()
         adapter_sha = hashlib.sha256(program.adapter_gguf).hexdigest()
         self.prefix_cache_key = prefix_cache.cache_key(base.fingerprint, adapter_sha, self._prefix_ids)
-        self._prefix_k, self._prefix_v = self._load_or_build_prefix(cache_dir)
-        self._valid = 0  # positions of self._cache that currently hold the prefix's keys and values
+        self._engine.set_prefix(*self._load_or_build_prefix(cache_dir))
 
     # -- public -------------------------------------------------------------------------------
 
@@ -75,17 +76,35 @@ class PawFunction:
 
     def generate_ids(self, text: str, max_tokens: int | None = None) -> list[int]:
         """The greedy output token ids for one input (EOS not included)."""
-        ids = self.prompt_ids(text)
+        seq = self._sequence(self.prompt_ids(text), max_tokens)
+        if seq is None:
+            return []
         with self._lock:
-            return self._generate(ids, max_tokens)
+            return self._live_engine().generate([seq], self.tokenizer.eos_id)[0]
 
-    def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = 16) -> list[str]:
-        """Outputs for many inputs, identical to calling the function on each."""
-        return [self(t, max_tokens) for t in texts]
+    def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+        """Outputs for many inputs, the same as calling the function on each: up to batch_size
+        inputs are evaluated together against the shared prefix, each stopping at its own EOS."""
+        return [self.tokenizer.decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size)]
+
+    def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[int]]:
+        """The greedy output token ids of many inputs (see `map`)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        seqs = [self._sequence(self.prompt_ids(t), max_tokens) for t in texts]  # every input checked first
+        outs: list[list[int]] = [[] for _ in seqs]
+        # Similar lengths batched together waste less attention padding; the order does not change results.
+        todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
+        with self._lock:
+            engine = self._live_engine()
+            for start in range(0, len(todo), batch_size):
+                group = todo[start:start + batch_size]
+                for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id)):
+                    outs[i] = ids
+        return outs
 
     def close(self) -> None:
-        self._weights = {}
-        self._cache = None  # type: ignore[assignment]
+        self._engine = None
 
     def __enter__(self) -> "PawFunction":
         return self
@@ -111,13 +130,37 @@ class PawFunction:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _prefill(self, ids: list[int], n_past: int) -> np.ndarray:
-        logits = None
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK]
-            logits = forward(chunk, self._weights, self.config, self._cache, n_past + start)
-        assert logits is not None
-        return logits
+    @property
+    def _prefix_k(self) -> np.ndarray:
+        return self._live_engine().prefix_k
+
+    @property
+    def _prefix_v(self) -> np.ndarray:
+        return self._live_engine().prefix_v
+
+    def _live_engine(self) -> Engine:
+        if self._engine is None:
+            raise PawError(f"{self.program.source}: this function was closed")
+        return self._engine
+
+    def _sequence(self, ids: list[int], max_tokens: int | None) -> Sequence | None:
+        """What the engine evaluates for a prompt: the tokens after the part it shares with the
+        cached prefix, and how many tokens it may generate (None when that is zero)."""
+        if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 0):
+            raise ValueError(f"max_tokens must be >= 0 or None, not {max_tokens}")
+        room = self.config.n_ctx - len(ids)
+        limit = room if max_tokens is None else min(max_tokens, room)
+        if limit <= 0:
+            return None
+        # All the prefix is shared unless the input merges with the prefix's last token in BPE;
+        # at least one token is evaluated, for the logits of the first output.
+        shared = 0
+        for a, b in zip(ids, self._prefix_ids):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, len(ids) - 1)
+        return Sequence(ids[shared:], shared, limit)
 
     def _load_or_build_prefix(self, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
         n = len(self._prefix_ids)
@@ -127,54 +170,13 @@ class PawFunction:
             cached = prefix_cache.load(path, self.prefix_cache_key, shape)
             if cached is not None:
                 return cached
-        if n:
-            self._prefill(self._prefix_ids, 0)
-        k, v = self._cache.k[:, :, :n].copy(), self._cache.v[:, :, :n].copy()
+        k, v = self._live_engine().eval_prefix(self._prefix_ids)
         if path is not None:
             try:
                 prefix_cache.save(path, self.prefix_cache_key, k, v)
             except OSError as exc:
                 prefix_cache.log.warning("cannot write prefix cache %s (%s); continuing without it", path, exc)
         return k, v
-
-    def _restore_prefix(self, n: int) -> None:
-        if self._valid < n:
-            self._cache.k[:, :, self._valid:n] = self._prefix_k[:, :, self._valid:n]
-            self._cache.v[:, :, self._valid:n] = self._prefix_v[:, :, self._valid:n]
-            self._valid = n
-
-    def _generate(self, ids: list[int], max_tokens: int | None) -> list[int]:
-        if max_tokens is not None and max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0 or None, not {max_tokens}")
-        n_ctx = self.config.n_ctx
-        room = n_ctx - len(ids)
-        limit = room if max_tokens is None else min(max_tokens, room)
-        if limit == 0:
-            return []
-        # Reuse the cached prefix for the tokens the prompt shares with it (all of them, unless
-        # the input merges with the prefix's last token in BPE); at least one token is evaluated.
-        shared = 0
-        for a, b in zip(ids, self._prefix_ids):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, len(ids) - 1)
-        self._restore_prefix(shared)
-        self._valid = shared
-        logits = self._prefill(ids[shared:], shared)
-        out: list[int] = []
-        pos = len(ids)
-        eos = self.tokenizer.eos_id
-        while True:
-            token = int(np.argmax(logits))
-            if token == eos:
-                break
-            out.append(token)
-            if len(out) >= limit:
-                break
-            logits = forward([token], self._weights, self.config, self._cache, pos)
-            pos += 1
-        return out
 
 
 def function(program: str | os.PathLike[str] | Program, base_model: str | os.PathLike[str] | BaseModel | None = None,

@@ -4,65 +4,24 @@ deterministic random GPT-2 models built with transformers (the oracle)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_CACHE = Path(os.environ.get("PAW_LITE_TEST_CACHE", ROOT / ".test-cache"))
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-_VOCAB_MEMBERS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-gpt-2.gguf.inp", "ggml-vocab-gpt-2.gguf.out",
-                  "ggml-vocab-qwen2.gguf", "ggml-vocab-qwen2.gguf.inp", "ggml-vocab-qwen2.gguf.out")
-
-
-def _sdist() -> Path:
-    """The llama-cpp-python sdist: $PAW_LITE_LLAMA_SDIST, else the test cache (downloaded once with pip)."""
-    env = os.environ.get("PAW_LITE_LLAMA_SDIST")
-    if env:
-        return Path(env)
-    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    path = TEST_CACHE / name
-    if not path.exists():
-        TEST_CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(TEST_CACHE),
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], check=True)
-    return path
+from vocab_source import gpt2_vocab as _read_gpt2_vocab, vocab_dir as _vocab_dir
 
 
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     """llama.cpp's real GPT-2 and Qwen2 vocabularies with their reference tokenization cases."""
-    out = TEST_CACHE / "vocab"
-    if all((out / m).exists() for m in _VOCAB_MEMBERS):
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(_sdist()) as tf:
-        for member in tf.getmembers():
-            base = member.name.rsplit("/", 1)[-1]
-            if base in _VOCAB_MEMBERS and "/vendor/llama.cpp/models/" in member.name:
-                data = tf.extractfile(member).read()
-                (out / base).write_bytes(data)
-    missing = [m for m in _VOCAB_MEMBERS if not (out / m).exists()]
-    assert not missing, f"sdist lacks {missing}"
-    return out
+    return _vocab_dir()
 
 
 @pytest.fixture(scope="session")
 def gpt2_vocab(vocab_dir):
     """(tokens, merges, special ids, eos) of the real GPT-2 vocabulary."""
-    from gguf import GGUFReader, TokenType
-
-    r = GGUFReader(vocab_dir / "ggml-vocab-gpt-2.gguf")
-    tokens = r.fields["tokenizer.ggml.tokens"].contents()
-    merges = r.fields["tokenizer.ggml.merges"].contents()
-    types = r.fields["tokenizer.ggml.token_type"].contents()
-    special = [i for i, t in enumerate(types) if t == TokenType.CONTROL]
-    return tokens, merges, special, int(r.fields["tokenizer.ggml.eos_token_id"].contents())
+    return _read_gpt2_vocab(vocab_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,484 @@
+"""paw_lite's NumPy interpreter against llama.cpp (llama-cpp-python), on the same two files, in one run.
+
+    python benchmarks/interpreter_bench.py [--json] [--repeats N] [--calls N] [--quick]
+    paw-lite bench [--json] ...                      (the same, from a source checkout)
+
+The files are generated once into benchmarks/.cache/interpreter (not committed): a full-size random GPT-2 in
+the official layout (12 layers, 768 wide, 2048 positions, the real GPT-2 vocabulary, Q8_0 weights
+as `gpt2-q8_0.gguf`), a rank-64 Q4_0 `adapter.gguf` covering all 48 modules, and a program whose
+prefix is 250 tokens. Speed does not depend on weight values; the EOS row of the embedding is
+zero, so EOS never wins the argmax and every call makes exactly the tokens asked for (checked).
+
+Each repeat runs each engine in a fresh process (alternating which goes first) that measures:
+cold start (load base + adapter + evaluate the prefix), prefix evaluation, one call (cached
+prefix, 30 input tokens + the template suffix, 8 output tokens), decode and prefill rates,
+throughput over many calls (paw_lite `fn.map`, llama.cpp one call after another) and peak RSS.
+Rows report medians; the ratio column is paw_lite / llama.cpp."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = ROOT / "benchmarks" / ".cache" / "interpreter"
+FORMAT = 1  # bump to regenerate the cached files
+
+PREFIX_TOKENS = 250
+INPUT_TOKENS = 30
+OUTPUT_TOKENS = 8
+DECODE_TOKENS = 64
+PREFILL_TOKENS = 512
+AGREE_INPUTS, AGREE_TOKENS = 20, 16
+EOS = 50256
+N_THREADS = 2
+ENGINES = ("paw_lite", "llama.cpp")
+
+# Random sentences are drawn from these; each is one GPT-2 token with its leading space (checked).
+_WORDS = ("the of and to in is was for on that with as at by from it an be this are or his which had not "
+          "but were all have one they their has been more when who will would there time can if out no "
+          "other so about what up its new some into only also first after two than then over most many "
+          "these world may such her him years used city well any made where each year between both under "
+          "while during part state through school group water name few home long found since high small "
+          "disk error user login file server network memory timeout warning failed request service "
+          "update system process kernel power restart queue cache backup access denied alert quiet").split()
+
+
+@dataclass(frozen=True)
+class Workload:
+    base: Path
+    adapter: Path
+    program: Path
+    prefix_ids: list[int]
+    calls: list[dict]  # {"text", "ids"}: prompts of PREFIX + INPUT_TOKENS + suffix tokens
+    long_call: dict  # a prompt with PREFILL_TOKENS input tokens
+
+    @classmethod
+    def load(cls, cache: Path) -> "Workload":
+        meta = json.loads((cache / "workload.json").read_text())
+        return cls(cache / meta["base"], cache / meta["adapter"], cache / meta["program"], meta["prefix_ids"],
+                   meta["calls"], meta["long_call"])
+
+
+# -- generating the files ---------------------------------------------------------------------
+
+def ensure_workload(cache: Path, n_calls: int, log=print) -> Workload:
+    stamp = cache / "workload.json"
+    if stamp.exists():
+        meta = json.loads(stamp.read_text())
+        if meta.get("format") == FORMAT and len(meta["calls"]) >= n_calls:
+            return Workload.load(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from vocab_source import gpt2_vocab, vocab_dir
+
+    from paw_lite.gpt2_layout import GPT2Config
+    from paw_lite.tokenizer import GPT2Tokenizer
+
+    tokens, merges, special, eos = gpt2_vocab(vocab_dir())
+    assert eos == EOS
+    tok = GPT2Tokenizer(tokens, merges, special, eos, "ggml-vocab-gpt-2.gguf")
+    config = GPT2Config(n_vocab=len(tokens), n_ctx=2048, n_embd=768, n_head=12, n_layer=12, n_ff=3072, eps=1e-5)
+    base, adapter, program = cache / "gpt2-random-q8_0.gguf", cache / "adapter-r64-q4_0.gguf", cache / "bench.paw"
+    log(f"bench: writing {base.name} (full-size random GPT-2, Q8_0) ...")
+    _write_base(base, config, tokens, merges, special, eos)
+    log(f"bench: writing {adapter.name} and {program.name} ...")
+    _write_adapter(adapter, config)
+    template, prefix_ids = _template(tok)
+    _write_program(program, adapter, template)
+    prefix, suffix = template.split("{INPUT_PLACEHOLDER}")
+    rng = np.random.default_rng(1)
+    calls = [_prompt(tok, prefix, suffix, prefix_ids, _sentence(tok, rng, INPUT_TOKENS)) for _ in range(max(n_calls, 256))]
+    long_call = _prompt(tok, prefix, suffix, prefix_ids, _sentence(tok, rng, PREFILL_TOKENS))
+    meta = {"format": FORMAT, "base": base.name, "adapter": adapter.name, "program": program.name,
+            "prefix_ids": prefix_ids, "calls": calls, "long_call": long_call}
+    stamp.write_text(json.dumps(meta))
+    return Workload.load(cache)
+
+
+def _write_base(path: Path, config, tokens, merges, special, eos) -> None:
+    from paw_lite.convert.gpt2 import write_gpt2_gguf
+
+    rng = np.random.default_rng(0)
+
+    def tensors():
+        for name, shape in config.tensor_shapes().items():
+            if name.endswith("norm.weight"):
+                arr = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            elif name.endswith(".bias"):
+                arr = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+            elif name == "position_embd.weight":
+                arr = 0.01 * rng.standard_normal(shape, dtype=np.float32)
+            else:
+                arr = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+            if name == "token_embd.weight":
+                arr[eos] = 0.0  # tied head: EOS scores 0, far below the maximum of 50k random logits
+            yield name, arr
+
+    write_gpt2_gguf(path, config, tensors(), tokens, merges, special, eos)
+
+
+def _write_adapter(path: Path, config) -> None:
+    from paw_lite.gpt2_layout import LORA_MODULES
+    from paw_lite.lora import write_adapter_gguf
+
+    rng = np.random.default_rng(2)
+    tensors = {}
+    for i in range(config.n_layer):
+        for module in LORA_MODULES:
+            d_in, d_out = config.module_dims(module)
+            tensors[f"blk.{i}.{module}.weight.lora_a"] = 0.05 * rng.standard_normal((64, d_in), dtype=np.float32)
+            tensors[f"blk.{i}.{module}.weight.lora_b"] = 0.05 * rng.standard_normal((d_out, 64), dtype=np.float32)
+    write_adapter_gguf(path, tensors, 16.0, "q4_0")
+
+
+def _template(tok) -> tuple[str, list[int]]:
+    """A pseudo-program template whose prefix (the text before the input) is PREFIX_TOKENS tokens."""
+    head = "[PSEUDO_PROGRAM]\nTask: classify each log line as ALERT or QUIET."
+    tail = "\n\nExamples:\nInput: disk usage at 99% on /var\nOutput: ALERT\n[END_PSEUDO_PROGRAM]\n\n[INPUT]\n"
+    words: list[str] = []
+    i = 0
+    while True:
+        prefix = head + "".join(words) + tail
+        n = len(tok.encode(prefix))
+        if n == PREFIX_TOKENS:
+            return prefix + "{INPUT_PLACEHOLDER}\n[END_INPUT]", tok.encode(prefix)
+        if n > PREFIX_TOKENS:
+            words.pop()
+        else:
+            words.append(" " + _WORDS[i % len(_WORDS)])
+        i += 1
+
+
+def _sentence(tok, rng, n_tokens: int) -> str:
+    words = [w for w in _WORDS if len(tok.encode(" " + w)) == 1]
+    return "".join(" " + words[int(rng.integers(len(words)))] for _ in range(n_tokens)).lstrip()
+
+
+def _prompt(tok, prefix: str, suffix: str, prefix_ids: list[int], text: str) -> dict:
+    ids = tok.encode_prompt(prefix, text, suffix)
+    assert ids[:len(prefix_ids)] == prefix_ids, "the input must not merge with the prefix"
+    return {"text": text, "ids": ids}
+
+
+def _write_program(path: Path, adapter: Path, template: str) -> None:
+    from paw_lite.program import Program
+
+    meta = {"version": 4, "program_id": "0" * 20, "spec": "benchmark program (random weights)", "interpreter": "gpt2",
+            "runtime_id": "gpt2-q8_0", "lora_rank": 64, "lora_alpha": 16.0, "pseudo_program_strategy": "provided"}
+    Program(meta=meta, template=template, adapter_gguf=adapter.read_bytes(),
+            pseudo_program=template.split("\n\n[INPUT]")[0]).save(path)
+
+
+# -- the measuring processes ------------------------------------------------------------------
+
+def _median_time(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:
+    import paw_lite
+
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        fn = paw_lite.function(w.program, base_model=w.base, cache_dir=Path(tmp))
+        res["cold_start_s"] = time.perf_counter() - t
+        calls = w.calls
+        assert fn.prompt_ids(calls[0]["text"]) == calls[0]["ids"]
+
+        def one_call(i=[0]):
+            out = fn.generate_ids(calls[i[0] % len(calls)]["text"], max_tokens=OUTPUT_TOKENS)
+            assert len(out) == OUTPUT_TOKENS, out
+            i[0] += 1
+
+        res["one_call_s"] = _median_time(one_call, inner)
+        res["peak_rss_one_program_mb"] = _peak_rss_mb()
+        res["prefix_eval_s"] = _median_time(lambda: fn._engine.eval_prefix(fn._prefix_ids), inner)
+        text = calls[0]["text"]
+        t_long = _median_time(lambda: fn.generate_ids(text, max_tokens=DECODE_TOKENS + 1), max(3, inner // 3))
+        t_short = _median_time(lambda: fn.generate_ids(text, max_tokens=1), inner)
+        res["decode_tok_s"] = DECODE_TOKENS / (t_long - t_short)
+        n_long = len(w.long_call["ids"]) - len(w.prefix_ids)
+        res["prefill_tok_s"] = n_long / _median_time(lambda: fn.generate_ids(w.long_call["text"], max_tokens=1), max(3, inner // 3))
+        texts = [c["text"] for c in calls[:n_calls]]
+        t = time.perf_counter()
+        outs = fn.map_ids(texts, max_tokens=OUTPUT_TOKENS, batch_size=batch_size)
+        res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
+        assert all(len(o) == OUTPUT_TOKENS for o in outs)
+        res["peak_rss_run_mb"] = _peak_rss_mb()
+        if agree:
+            res["agree_ids"] = [fn.generate_ids(c["text"], max_tokens=AGREE_TOKENS) for c in calls[:AGREE_INPUTS]]
+            one_by_one = [fn.generate_ids(t, max_tokens=OUTPUT_TOKENS) for t in texts[:32]]
+            res["map_equals_calls"] = [a == b for a, b in zip(outs[:32], one_by_one)]
+        fn.close()
+        del fn
+        t = time.perf_counter()  # again, now with the prefix KV cache file on disk
+        fn = paw_lite.function(w.program, base_model=w.base, cache_dir=Path(tmp))
+        res["cold_start_cached_prefix_s"] = time.perf_counter() - t
+        fn.close()
+    return res
+
+
+class _Llama:
+    """llama-cpp-python used as well as it allows for this job: mmap'd model, the adapter attached
+    with llama_adapter_lora_init (lora_path= would turn mmap off), the prefix evaluated once and
+    each call rewinding to it (Llama.eval drops the KV cells past n_tokens), logits read in place."""
+
+    def __init__(self, w: Workload):
+        import ctypes
+
+        import llama_cpp
+
+        self.lc = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(w.base), n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=N_THREADS,
+                                   n_threads_batch=N_THREADS, verbose=False, seed=0)
+        self.adapter = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(w.adapter).encode())
+        if not self.adapter:
+            raise RuntimeError(f"llama.cpp rejected {w.adapter}")
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)):
+            raise RuntimeError("llama_set_adapters_lora failed")
+        self.n_vocab = self.llm.n_vocab()
+        self.prefix = w.prefix_ids
+
+    def eval_prefix(self) -> None:
+        self.llm.n_tokens = 0
+        self.llm.eval(self.prefix)
+
+    def argmax(self) -> int:
+        logits = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
+
+    def call(self, ids: list[int], max_tokens: int) -> list[int]:
+        P = len(self.prefix)
+        self.llm.n_tokens = P
+        self.llm.eval(ids[P:])
+        out: list[int] = []
+        while True:
+            token = self.argmax()
+            if token == EOS:
+                return out
+            out.append(token)
+            if len(out) >= max_tokens:
+                return out
+            self.llm.eval([token])
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def llama_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:
+    res: dict = {}
+    t = time.perf_counter()
+    eng = _Llama(w)
+    eng.eval_prefix()
+    res["cold_start_s"] = time.perf_counter() - t
+    calls = w.calls
+
+    def one_call(i=[0]):
+        out = eng.call(calls[i[0] % len(calls)]["ids"], OUTPUT_TOKENS)
+        assert len(out) == OUTPUT_TOKENS, out
+        i[0] += 1
+
+    res["one_call_s"] = _median_time(one_call, inner)
+    res["peak_rss_one_program_mb"] = _peak_rss_mb()
+    res["prefix_eval_s"] = _median_time(eng.eval_prefix, inner)
+    eng.eval_prefix()
+    decode = []
+    for _ in range(max(3, inner // 3)):
+        out = eng.call(calls[0]["ids"], 1)
+        t = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            eng.llm.eval([out[-1]])
+            out.append(eng.argmax())
+        decode.append(time.perf_counter() - t)
+    res["decode_tok_s"] = DECODE_TOKENS / statistics.median(decode)
+    n_long = len(w.long_call["ids"]) - len(w.prefix_ids)
+    res["prefill_tok_s"] = n_long / _median_time(lambda: eng.call(w.long_call["ids"], 1), max(3, inner // 3))
+    t = time.perf_counter()
+    outs = [eng.call(c["ids"], OUTPUT_TOKENS) for c in calls[:n_calls]]
+    res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
+    assert all(len(o) == OUTPUT_TOKENS for o in outs)
+    res["peak_rss_run_mb"] = _peak_rss_mb()
+    if agree:
+        res["agree_ids"] = [eng.call(c["ids"], AGREE_TOKENS) for c in calls[:AGREE_INPUTS]]
+    eng.close()
+    return res
+
+
+WORKERS = {"paw_lite": paw_worker, "llama.cpp": llama_worker}
+
+
+# -- orchestration and report -----------------------------------------------------------------
+
+# (key, label, unit, lower is better)
+ROWS = [
+    ("cold_start_s", "cold start (load base + adapter + 250-token prefix)", "s", True),
+    ("prefix_eval_s", f"prefix evaluation ({PREFIX_TOKENS} tokens)", "s", True),
+    ("one_call_s", f"one call ({INPUT_TOKENS}-token input + suffix, {OUTPUT_TOKENS} output tokens)", "s", True),
+    ("decode_tok_s", f"decode, one sequence ({DECODE_TOKENS} tokens)", "tok/s", False),
+    ("prefill_tok_s", f"prefill ({PREFILL_TOKENS}-token input after the prefix)", "tok/s", False),
+    ("throughput_calls_s", "throughput (paw_lite fn.map; llama.cpp calls in sequence)", "calls/s", False),
+    ("peak_rss_one_program_mb", "peak RSS, one loaded program + calls", "MB", True),
+    ("peak_rss_run_mb", "peak RSS, whole run (incl. throughput)", "MB", True),
+    ("cold_start_cached_prefix_s", "cold start, prefix KV cache on disk (paw_lite only)", "s", True),
+]
+
+
+def _run_worker(engine: str, cache: Path, opts: argparse.Namespace, agree: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--cache", str(cache),
+           "--inner", str(opts.inner), "--calls", str(opts.calls), "--batch-size", str(opts.batch_size)]
+    if agree:
+        cmd.append("--agree")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _agreement(paw: list[list[int]], llama: list[list[int]]) -> dict:
+    same = sum(a == b for a, b in zip(paw, llama))
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(paw, llama)]
+    tokens = sum(x == y for a, b in zip(paw, llama) for x, y in zip(a, b))
+    return {"inputs": len(paw), "tokens_each": AGREE_TOKENS, "identical_sequences": same,
+            "matching_tokens": tokens, "total_tokens": sum(len(a) for a in paw),
+            "mean_tokens_before_first_difference": statistics.mean(prefix)}
+
+
+def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: int = 256, batch_size: int = 64,
+        log=print) -> dict:
+    opts = argparse.Namespace(inner=inner, calls=calls, batch_size=batch_size)
+    ensure_workload(cache, calls, log)
+    load_before = os.getloadavg()
+    samples: dict[str, list[dict]] = {e: [] for e in ENGINES}
+    t0 = time.time()
+    for rep in range(repeats):
+        for engine in (ENGINES if rep % 2 == 0 else ENGINES[::-1]):
+            log(f"bench: repeat {rep + 1}/{repeats}: {engine} ...")
+            samples[engine].append(_run_worker(engine, cache, opts, agree=rep == 0))
+    rows = []
+    for key, label, unit, lower in ROWS:
+        vals = {e: [s[key] for s in samples[e] if key in s] for e in ENGINES}
+        med = {e: (statistics.median(v) if v else None) for e, v in vals.items()}
+        p, l = med["paw_lite"], med["llama.cpp"]
+        rows.append({"key": key, "label": label, "unit": unit, "lower_is_better": lower, "paw_lite": p, "llama_cpp": l,
+                     "ratio": (p / l) if p is not None and l else None, "samples": vals})
+    import llama_cpp
+
+    result = {
+        "rows": rows,
+        "agreement": _agreement(samples["paw_lite"][0]["agree_ids"], samples["llama.cpp"][0]["agree_ids"]),
+        "map_equals_one_by_one": f"{sum(samples['paw_lite'][0]['map_equals_calls'])}/{len(samples['paw_lite'][0]['map_equals_calls'])}",
+        "conditions": {
+            "repeats": repeats, "inner": inner, "calls": calls, "batch_size": batch_size, "llama_n_threads": N_THREADS,
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__, "llama_cpp_python": llama_cpp.__version__,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "wall_s": time.time() - t0,
+        },
+    }
+    return result
+
+
+TARGETS = [  # (row key, comparison, bound) from the performance issue
+    ("one_call_s", "ratio <=", 1.0),
+    ("throughput_calls_s", "ratio >=", 5.0),
+    ("cold_start_s", "ratio <=", 3.0),
+    ("peak_rss_one_program_mb", "paw_lite <=", 800.0),
+]
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "s":
+        return f"{v * 1000:.0f} ms" if v < 10 else f"{v:.1f} s"
+    return f"{v:.1f} {unit}" if v < 100 else f"{v:.0f} {unit}"
+
+
+def format_table(result: dict) -> str:
+    lines = ["| measure | paw_lite | llama.cpp | paw_lite / llama.cpp |", "| --- | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['label']} | {_fmt(r['paw_lite'], r['unit'])} | {_fmt(r['llama_cpp'], r['unit'])} | {ratio} |")
+    a = result["agreement"]
+    c = result["conditions"]
+    lines += ["", f"Greedy agreement with llama.cpp ({a['inputs']} inputs x {a['tokens_each']} tokens): "
+                  f"{a['identical_sequences']}/{a['inputs']} identical sequences, {a['matching_tokens']}/{a['total_tokens']} "
+                  f"tokens equal position by position, {a['mean_tokens_before_first_difference']:.1f} tokens before the first "
+                  f"difference on average.",
+              f"fn.map equals one call at a time on the benchmark model: {result['map_equals_one_by_one']} inputs.",
+              f"Medians of {c['repeats']} fresh processes per engine (alternating) x {c['inner']} timed runs; throughput over "
+              f"{c['calls']} calls (fn.map batch_size {c['batch_size']}); llama.cpp n_threads {c['llama_n_threads']}; "
+              f"{c['cpus']} CPUs, load average {c['loadavg_before'][0]:.2f} before, {c['loadavg_after'][0]:.2f} after; "
+              f"numpy {c['numpy']}, llama-cpp-python {c['llama_cpp_python']}."]
+    rows = {r["key"]: r for r in result["rows"]}
+    for key, how, bound in TARGETS:
+        r = rows[key]
+        value = r["ratio"] if how.startswith("ratio") else r["paw_lite"]
+        ok = value is not None and (value <= bound if how.endswith("<=") else value >= bound)
+        lines.append(f"target {key}: {how} {bound:g}: {'met' if ok else 'NOT met'} ({value:.2f})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from paw_lite.cli.bench import add_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return parser
+
+
+def main_from_args(args: argparse.Namespace) -> dict:
+    args.cache = args.cache or DEFAULT_CACHE
+    if args.quick:
+        args.repeats, args.inner, args.calls = 1, 3, 32
+    log = (lambda msg: print(msg, file=sys.stderr))
+    result = run(args.cache, args.repeats, args.inner, args.calls, args.batch_size, log)
+    out = args.output or args.cache / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _worker_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", choices=ENGINES, required=True)
+    p.add_argument("--cache", type=Path, required=True)
+    p.add_argument("--inner", type=int, required=True)
+    p.add_argument("--calls", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--agree", action="store_true")
+    a = p.parse_args(argv)
+    res = WORKERS[a.worker](Workload.load(a.cache), a.inner, a.calls, a.batch_size, a.agree)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        _worker_main(sys.argv[1:])
+    else:
+        args = build_parser().parse_args()
+        result = main_from_args(args)
+        print(json.dumps(result, indent=2) if args.json else format_table(result))

@@ -1,0 +1,68 @@
+"""`paw-lite bench [--json]`: the NumPy interpreter against llama.cpp, side by side.
+
+The benchmark lives in `benchmarks/interpreter_bench.py` of a source checkout (it builds its
+random models from the real GPT-2 vocabulary in the llama-cpp-python sdist, a development
+dependency); this command runs it and prints its table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from ..errors import PawError, require
+from . import emit
+
+BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "interpreter_bench.py"
+
+
+def _bench_module() -> ModuleType:
+    if not BENCH_SCRIPT.exists():
+        raise PawError(f"{BENCH_SCRIPT}: not found; `paw-lite bench` runs from a source checkout of paw-lite "
+                       f"(pip install -e .), where benchmarks/interpreter_bench.py lives")
+    spec = importlib.util.spec_from_file_location("paw_lite_interpreter_bench", BENCH_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time the NumPy interpreter against llama.cpp on the same files",
+                       description="Cold start, prefix, one call, decode, prefill, throughput and peak RSS of "
+                                   "paw_lite and llama.cpp (llama-cpp-python) on a full-size random GPT-2 "
+                                   "with a rank-64 adapter; medians of fresh processes, ratio per row.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options, shared with `python benchmarks/interpreter_bench.py`."""
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per engine (default 3)")
+    p.add_argument("--inner", type=int, default=7, help="timed runs per measure in each process (default 7)")
+    p.add_argument("--calls", type=int, default=256, help="calls in the throughput measure (default 256)")
+    p.add_argument("--batch-size", type=int, default=64, help="paw_lite fn.map batch size (default 64)")
+    p.add_argument("--quick", action="store_true", help="1 repeat, 3 timed runs, 32 calls: checks the setup")
+    p.add_argument("--cache", type=Path, default=None, help="where the generated files live (default benchmarks/.cache/interpreter)")
+    p.add_argument("--output", type=Path, help="also write the JSON result here (default <cache>/results.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    require("llama_cpp", "compile")
+    for name in ("repeats", "inner", "calls", "batch_size"):
+        if getattr(args, name) < 1:
+            raise PawError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    bench = _bench_module()
+    if args.cache is None:
+        args.cache = bench.DEFAULT_CACHE
+    try:
+        result = bench.main_from_args(args)
+    except RuntimeError as exc:  # a worker process failed: its stderr is in the message
+        raise PawError(f"benchmark failed: {exc}") from None
+    emit(args, result, bench.format_table(result))
+    print(f"(JSON written to {args.output or args.cache / 'results.json'})", file=sys.stderr)
+    return 0

@@ -1,0 +1,546 @@
+"""The fast GPT-2 path the runtime uses: weights laid out once for the matmuls they feed, a program's
+prefix evaluated once and shared by every call, and ragged batches of sequences evaluated together.
+
+`gpt2.py` holds the plain reference forward pass; tests hold this module to it. Every op is
+float32. One sequence attends over one contiguous cache (the prefix copied in front), as the
+reference does; a batch keeps one copy of the prefix and attends over it and each sequence's own
+keys as two blocks under one softmax. The matmul shapes differ from the reference, so logits
+agree to ~1e-6, not bit for bit (tests/test_batch_map.py states the measured figures).
+
+Memory-wise a call is bound by streaming the float32 weights (~500 MB for GPT-2 124M) once per
+generated token; many sequences share that stream in `generate`, which is where NumPy wins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gpt2 import GELU_C, SQRT_2_OVER_PI
+from .gpt2_layout import LORA_MODULES, GPT2Config
+
+# Tokens evaluated in one prefill step across all sequences: bounds the activation buffers
+# (MAX_ROWS x n_ff floats) while keeping the matmuls large enough to run at full speed.
+MAX_ROWS = 1024
+# Query tokens of one sequence per step: bounds the attention score buffer (heads x CHUNK x context).
+PREFILL_CHUNK = 512
+_KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One block. Matrices are (d_in, d_out) C-contiguous, so every projection is `x @ w`."""
+
+    attn_norm_w: np.ndarray
+    attn_norm_b: np.ndarray
+    attn_qkv: np.ndarray  # (d, 3d)
+    attn_qkv_b: np.ndarray
+    attn_output: np.ndarray  # (d, d)
+    attn_output_b: np.ndarray
+    ffn_norm_w: np.ndarray
+    ffn_norm_b: np.ndarray
+    ffn_up: np.ndarray  # (d, n_ff)
+    ffn_up_b: np.ndarray
+    ffn_down: np.ndarray  # (n_ff, d)
+    ffn_down_b: np.ndarray
+
+
+@dataclass(frozen=True)
+class Weights:
+    # (n_vocab, d): logits are `h @ head.T`. Kept untransposed: a transposed copy would make the
+    # logits matmul ~10% faster but cost 154 MB more at load, the largest transient of a cold start.
+    head: np.ndarray
+    token_embd: np.ndarray | None  # (n_vocab, d), only when the head is not tied to the embedding
+    position_embd: np.ndarray  # (n_ctx, d)
+    output_norm_w: np.ndarray
+    output_norm_b: np.ndarray
+    layers: tuple[Layer, ...]
+
+    @classmethod
+    def from_gguf_names(cls, weights: dict[str, np.ndarray], config: GPT2Config,
+                        lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, lora_scale: float = 1.0,
+                        consume: bool = False) -> "Weights":
+        """Lay out GGUF-named Linear-layout weights (W is (d_out, d_in)) with the LoRA pairs merged:
+        (W + scale * B @ A).T, each element the same float32 sum the reference merge computes.
+        With consume, entries are popped from `weights` as they are laid out, so the float32 model
+        is never held twice."""
+        get = weights.pop if consume else weights.__getitem__
+        lora = lora or {}
+        unknown = set(lora) - {f"blk.{i}.{m}" for i in range(config.n_layer) for m in LORA_MODULES}
+        assert not unknown, f"LoRA targets outside the model: {sorted(unknown)}"  # validated on load
+        scale = np.float32(lora_scale)
+
+        # alpha / r is a power of two for PAW programs (16 / 64): scaling B before the product then
+        # gives the same bits as scaling B @ A after it, and saves a pass over every matrix.
+        scale_first = float(np.frexp(scale)[0]) == 0.5
+
+        def matrix(name: str) -> np.ndarray:
+            w = get(f"{name}.weight")
+            pair = lora.get(name)
+            if pair is None:
+                return transposed(w)
+            a, b = pair
+            delta = (scale * b) @ a if scale_first else scale * (b @ a)  # (d_out, r) @ (r, d_in), as lora.py
+            if consume:  # this function's own copy: add in place, as lora.py's in-place merge does
+                w += delta
+                return transposed(w)
+            return transposed(w, delta)
+
+        layers = []
+        for i in range(config.n_layer):
+            p = f"blk.{i}."
+            layers.append(Layer(
+                get(p + "attn_norm.weight"), get(p + "attn_norm.bias"),
+                matrix(p + "attn_qkv"), get(p + "attn_qkv.bias"),
+                matrix(p + "attn_output"), get(p + "attn_output.bias"),
+                get(p + "ffn_norm.weight"), get(p + "ffn_norm.bias"),
+                matrix(p + "ffn_up"), get(p + "ffn_up.bias"),
+                matrix(p + "ffn_down"), get(p + "ffn_down.bias"),
+            ))
+        untied = "output.weight" in weights
+        head = get("output.weight") if untied else get("token_embd.weight")
+        return cls(head, get("token_embd.weight") if untied else None, get("position_embd.weight"),
+                   get("output_norm.weight"), get("output_norm.bias"), tuple(layers))
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, d) embedding rows of the tokens."""
+        return (self.head if self.token_embd is None else self.token_embd)[tokens]
+
+
+_TRANSPOSE_ROWS = 64  # a (64, d) row block and its transpose stay in L2 while they are copied
+
+
+def transposed(w: np.ndarray, delta: np.ndarray | None = None) -> np.ndarray:
+    """(w + delta).T as a C-contiguous array. A plain `ascontiguousarray(w.T)` strides through
+    memory and takes ~5x longer than copying row blocks that fit in cache."""
+    rows, cols = w.shape
+    out = np.empty((cols, rows), np.float32)
+    for r in range(0, rows, _TRANSPOSE_ROWS):
+        block = w[r:r + _TRANSPOSE_ROWS]
+        if delta is not None:
+            block = block + delta[r:r + _TRANSPOSE_ROWS]
+        out[:, r:r + _TRANSPOSE_ROWS] = block.T
+    return out
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One prompt to continue: `ids` are its tokens after the first `start` tokens of the shared
+    prefix (the prompt is prefix[:start] + ids), `limit` the most tokens to generate (>= 1)."""
+
+    ids: list[int]
+    start: int
+    limit: int
+
+
+class _Batch:
+    """Keys and values of the sequences' own tokens, one slot each, and the shared prefix they
+    attend to. Slot b holds own indices from base[b]; own index t sits at position start[b] + t
+    and also sees the first visible[b] prefix tokens."""
+
+    def __init__(self, k: np.ndarray, v: np.ndarray, start: np.ndarray, base: np.ndarray,
+                 prefix_k: np.ndarray, prefix_v: np.ndarray, visible: np.ndarray):
+        self.k, self.v = k, v  # (n_layer, n_head, B, cap, head_dim)
+        self.start, self.base, self.visible = start, base, visible
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v  # (n_layer, n_head, P, head_dim)
+
+    @classmethod
+    def split(cls, config: GPT2Config, seqs: list[Sequence], prefix_k: np.ndarray, prefix_v: np.ndarray) -> "_Batch":
+        """Own buffers per sequence; the prefix is shared, read in place."""
+        # Room for the prompts and a first stretch of output; grown on demand, so a batch run
+        # "until EOS or the context end" does not reserve the whole context for every sequence.
+        need = max(len(s.ids) + s.limit - 1 for s in seqs)  # the last generated token is never evaluated
+        cap = min(need, max(len(s.ids) for s in seqs) + _KV_GROWTH)
+        shape = (config.n_layer, config.n_head, len(seqs), cap, config.head_dim)
+        # zeros, not empty: masked keys still meet a zero probability, and 0 * garbage may be NaN
+        start = np.array([s.start for s in seqs], np.int64)
+        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), start, np.zeros(len(seqs), np.int64),
+                   prefix_k, prefix_v, start)
+
+    def reserve(self, n_positions: int) -> None:
+        """Make room for own indices up to n_positions - 1 (doubling, so growth copies rarely)."""
+        cap = self.k.shape[3]
+        if n_positions <= cap:
+            return
+        shape = list(self.k.shape)
+        shape[3] = max(n_positions, 2 * cap)
+        for name in ("k", "v"):
+            grown = np.zeros(shape, np.float32)
+            grown[:, :, :, :cap] = getattr(self, name)
+            setattr(self, name, grown)
+
+    def keep(self, slots: np.ndarray) -> None:
+        """Drop every slot not in `slots` (a copy; done only when enough sequences have finished)."""
+        self.k, self.v = self.k[:, :, slots], self.v[:, :, slots]
+        self.start, self.base, self.visible = self.start[slots], self.base[slots], self.visible[slots]
+
+
+class _Solo:
+    """The batch of one: the prefix copied in front of the call's own keys, so each layer attends
+    over one contiguous block (one matmul, one softmax), as llama.cpp's KV cache does. Kept across
+    calls; only the positions a call overwrote are restored from the prefix. It grows by doubling
+    to what calls use (NumPy backs big arrays with 2 MB huge pages, so a buffer for the whole
+    context would be resident in full, 150 MB, however little of it a call touches)."""
+
+    def __init__(self, config: GPT2Config):
+        self.config = config
+        self.k = self.v = np.zeros((config.n_layer, config.n_head, 1, 0, config.head_dim), np.float32)
+        self.valid = 0  # leading positions that hold the prefix
+
+    def batch_for(self, seq: Sequence, prefix_k: np.ndarray, prefix_v: np.ndarray) -> _Batch:
+        need = seq.start + len(seq.ids) + seq.limit - 1  # the last generated token is never evaluated
+        cap = self.k.shape[3]
+        if need > cap:
+            shape = list(self.k.shape)
+            shape[3] = min(max(need, 2 * cap), self.config.n_ctx)
+            self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            self.valid = 0
+        if self.valid < seq.start:
+            self.k[:, :, 0, self.valid:seq.start] = prefix_k[:, :, self.valid:seq.start]
+            self.v[:, :, 0, self.valid:seq.start] = prefix_v[:, :, self.valid:seq.start]
+        self.valid = seq.start  # the call writes from here on
+        empty = prefix_k[:, :, :0]
+        zero = np.zeros(1, np.int64)
+        return _Batch(self.k, self.v, zero, np.array([seq.start]), empty, empty, zero)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Which tokens one evaluation step holds. Segment s continues slot `slot[s]` with `count[s]`
+    tokens from its own index `first[s]`; the packed rows are the segments one after another."""
+
+    slot: np.ndarray  # (S,)
+    first: np.ndarray  # (S,)
+    count: np.ndarray  # (S,)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(segment, offset in segment) of each packed row."""
+        if len(self.count) == 1:
+            return np.zeros(int(self.count[0]), np.int64), np.arange(int(self.count[0]))
+        seg = np.repeat(np.arange(len(self.count)), self.count)
+        offset = np.arange(len(seg)) - np.repeat(np.cumsum(self.count) - self.count, self.count)
+        return seg, offset
+
+
+class Engine:
+    """Evaluates a GPT-2 over one shared prefix plus, per sequence, its own tokens."""
+
+    def __init__(self, weights: Weights, config: GPT2Config):
+        self.w = weights
+        self.config = config
+        empty = np.zeros((config.n_layer, config.n_head, 0, config.head_dim), np.float32)
+        self.prefix_k, self.prefix_v = empty, empty
+        self._scale = np.float32(1.0 / np.sqrt(config.head_dim))
+        self._ws: _Workspace | None = None
+        self._solo: _Solo | None = None
+
+    # -- prefix -------------------------------------------------------------------------------
+
+    def set_prefix(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Keys and values of the shared prefix: (n_layer, n_head, P, head_dim) each."""
+        self.prefix_k, self.prefix_v = k, v
+        self._solo = None
+
+    def eval_prefix(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluate a prefix from scratch (no logits needed) and return its keys and values."""
+        empty = self.prefix_k[:, :, :0]
+        if not ids:
+            return empty.copy(), empty.copy()
+        batch = _Batch.split(self.config, [Sequence(ids, 0, 1)], empty, empty)
+        for first in range(0, len(ids), PREFILL_CHUNK):
+            n = min(PREFILL_CHUNK, len(ids) - first)
+            self._step(batch, _Step(np.array([0]), np.array([first]), np.array([n])), np.asarray(ids[first:first + n]),
+                       want_logits=False)
+        return batch.k[:, :, 0].copy(), batch.v[:, :, 0].copy()
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(self, seqs: list[Sequence], eos: int) -> list[list[int]]:
+        """Greedy continuations of every sequence, each stopping at EOS or its limit."""
+        if not seqs:
+            return []
+        batch = self._batch(seqs)
+        outs: list[list[int]] = [[] for _ in seqs]
+        nxt = np.argmax(self._prefill(batch, seqs), axis=1)  # first generated token of each sequence
+        slots = np.arange(len(seqs))  # batch slot of each live sequence
+        live = np.arange(len(seqs))  # its index in seqs
+        pos = batch.base + np.array([len(s.ids) for s in seqs])  # own index the next token goes to
+        while True:
+            done = np.zeros(len(live), bool)
+            for j, i in enumerate(live):
+                token = int(nxt[j])
+                if token == eos:
+                    done[j] = True
+                    continue
+                outs[i].append(token)
+                done[j] = len(outs[i]) >= seqs[i].limit
+            if done.all():
+                return outs
+            if done.any():
+                keep = ~done
+                live, slots, nxt, pos = live[keep], slots[keep], nxt[keep], pos[keep]
+                if len(slots) <= 0.75 * batch.k.shape[2]:  # compact once a quarter of the slots is dead
+                    batch.keep(slots)
+                    slots = np.arange(len(slots))
+            batch.reserve(int(pos.max()) + 1)
+            step = _Step(slots, pos, np.ones(len(slots), np.int64))
+            nxt = np.argmax(self._step(batch, step, nxt, want_logits=True), axis=1)
+            pos = pos + 1
+
+    def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
+        """Logits after the last token of each sequence (n_seqs, n_vocab), as generation sees them."""
+        return self._prefill(self._batch(seqs), seqs)
+
+    def _batch(self, seqs: list[Sequence]) -> _Batch:
+        P = self.prefix_k.shape[2]
+        assert all(s.limit >= 1 and s.ids and s.start <= P and s.start + len(s.ids) + s.limit - 1 <= self.config.n_ctx
+                   for s in seqs)
+        if len(seqs) > 1:
+            return _Batch.split(self.config, seqs, self.prefix_k, self.prefix_v)
+        if self._solo is None:
+            self._solo = _Solo(self.config)
+        return self._solo.batch_for(seqs[0], self.prefix_k, self.prefix_v)
+
+    def _prefill(self, batch: _Batch, seqs: list[Sequence]) -> np.ndarray:
+        """Evaluate every sequence's own tokens; return the logits after each one's last token."""
+        logits = np.empty((len(seqs), self.config.n_vocab), np.float32)
+        done = [0] * len(seqs)
+        total = sum(len(s.ids) for s in seqs)
+        per_step = -(-total // -(-total // MAX_ROWS))  # even steps: 2368 rows go as 3 x 790, not 1024 + 1024 + 320
+        while True:
+            todo = [i for i in range(len(seqs)) if done[i] < len(seqs[i].ids)]
+            if not todo:
+                return logits
+            group, rows = [], 0
+            for i in todo:  # sequences whose next piece fits in this step
+                n = min(PREFILL_CHUNK, len(seqs[i].ids) - done[i])
+                if group and rows + n > per_step:
+                    break
+                group.append((i, n))
+                rows += n
+            slot = np.array([i for i, _ in group])
+            first = np.array([batch.base[i] + done[i] for i, _ in group])
+            count = np.array([n for _, n in group])
+            tokens = np.concatenate([seqs[i].ids[done[i]:done[i] + n] for i, n in group])
+            finishing = np.array([done[i] + n == len(seqs[i].ids) for i, n in group])
+            logits[slot[finishing]] = self._step(batch, _Step(slot, first, count), tokens, want_logits=True,
+                                                 logit_segments=finishing)
+            for i, n in group:
+                done[i] += n
+
+    # -- one evaluation step ------------------------------------------------------------------
+
+    def _step(self, batch: _Batch, step: _Step, tokens: np.ndarray, want_logits: bool,
+              logit_segments: np.ndarray | None = None) -> np.ndarray | None:
+        """Evaluate the step's tokens through every layer (writing their keys and values to the
+        batch) and return the logits after the last token of each segment (of the selected ones)."""
+        c, w = self.config, self.w
+        seg, offset = step.rows()
+        own_index = step.first[seg] + offset  # (N,)
+        positions = batch.start[step.slot[seg]] + own_index
+        ws = self._workspace(len(tokens))
+        x = ws.x[:len(tokens)]
+        np.add(w.embed(tokens), w.position_embd[positions], out=x)  # (N, d)
+        plan = _AttentionPlan.of(step, seg, offset, own_index, batch)
+        for i, layer in enumerate(w.layers):
+            self._block(x, i, layer, batch, plan, ws)
+        if not want_logits:
+            return None
+        last = np.cumsum(step.count) - 1  # packed row of each segment's last token
+        if logit_segments is not None:
+            last = last[logit_segments]
+        h = _layer_norm(x[last], w.output_norm_w, w.output_norm_b, c.eps, ws.att[:len(last)], ws.sq[:len(last)])
+        logits = ws.logits_rows(len(last))  # (S, n_vocab): only where a next token is chosen
+        if len(last) == 1:  # a matrix-vector product reads the head faster than a 1-row matmul
+            np.matmul(w.head, h[0], out=logits[0])
+        else:
+            np.matmul(h, w.head.T, out=logits)
+        return logits
+
+    def _workspace(self, n_rows: int) -> "_Workspace":
+        ws = self._ws
+        if ws is None or ws.x.shape[0] < n_rows:
+            ws = self._ws = _Workspace(self.config, max(n_rows, 1))
+        return ws
+
+    def _block(self, x: np.ndarray, i: int, layer: Layer, batch: _Batch, plan: "_AttentionPlan", ws: "_Workspace") -> None:
+        """One transformer block over the packed rows x (N, d), in place."""
+        c = self.config
+        N, d = x.shape
+        H, hd = c.n_head, c.head_dim
+        h, qkv, att, up, sq = ws.h[:N], ws.qkv[:N], ws.att[:N], ws.up[:N], ws.sq[:N]
+        _layer_norm(x, layer.attn_norm_w, layer.attn_norm_b, c.eps, h, sq)
+        np.matmul(h, layer.attn_qkv, out=qkv)
+        qkv += layer.attn_qkv_b  # (N, 3d)
+        q, k, v = (qkv[:, j * d:(j + 1) * d].reshape(N, H, hd).transpose(1, 0, 2) for j in range(3))  # (H, N, hd)
+        plan.store(batch.k[i], k)
+        plan.store(batch.v[i], v)
+        a = self._attention(q, i, batch, plan)  # (H, N, hd)
+        np.copyto(att.reshape(N, H, hd), a.transpose(1, 0, 2))
+        np.matmul(att, layer.attn_output, out=h)
+        h += layer.attn_output_b
+        x += h
+        _layer_norm(x, layer.ffn_norm_w, layer.ffn_norm_b, c.eps, h, sq)
+        np.matmul(h, layer.ffn_up, out=up)
+        up += layer.ffn_up_b
+        _gelu_inplace(up, ws.tmp)  # (N, n_ff)
+        np.matmul(up, layer.ffn_down, out=h)
+        h += layer.ffn_down_b
+        x += h
+
+    def _attention(self, q: np.ndarray, i: int, batch: _Batch, plan: "_AttentionPlan") -> np.ndarray:
+        """Causal attention of the packed queries q (H, N, hd) over their sequence's prefix part
+        and own keys. Returns (H, N, hd). The two blocks of keys share one softmax: one running
+        maximum, one denominator; the value products are summed before normalising. Heads are
+        taken a few at a time so each chunk's scores stay in L2 through the softmax passes."""
+        H, N, hd = q.shape
+        S, Tq, Tk = plan.n_segments, plan.tq, plan.tk
+        P = batch.prefix_k.shape[2]
+        qp = plan.pad(q)  # (H, S * Tq, hd)
+        qp *= self._scale  # scaling q, not the scores: fewer passes; for head size 64 (1/8) the same bits
+        k_own, v_own = plan.own(batch.k[i]), plan.own(batch.v[i])  # (H, S, Tk, hd)
+        kp, vp = batch.prefix_k[i], batch.prefix_v[i]  # (H, P, hd)
+        out = np.empty((H, S * Tq, hd), np.float32)
+        per_chunk = max(1, min(H, _SCORES_PER_CHUNK // (S * Tq * (P + Tk))))
+        for h in range(0, H, per_chunk):
+            hs = slice(h, h + per_chunk)
+            n_h = len(range(H)[hs])
+            s_own = np.matmul(qp[hs].reshape(n_h, S, Tq, hd), k_own[hs].swapaxes(-1, -2))  # (h, S, Tq, Tk)
+            if plan.hidden is not None:  # query at own index first+t sees own keys 0..first+t
+                np.copyto(s_own, _NEG_INF, where=plan.hidden)
+            m = s_own.max(axis=-1, keepdims=True)
+            if P:
+                s_pre = np.matmul(qp[hs], kp[hs].swapaxes(-1, -2)).reshape(n_h, S, Tq, P)
+                if plan.prefix_hidden is not None:  # a prompt that shares only part of the prefix
+                    np.copyto(s_pre, _NEG_INF, where=plan.prefix_hidden)
+                np.maximum(m, s_pre.max(axis=-1, keepdims=True), out=m)
+                s_pre -= m
+                np.exp(s_pre, out=s_pre)
+            s_own -= m
+            np.exp(s_own, out=s_own)
+            denom = s_own.sum(axis=-1, keepdims=True)
+            o = out[hs].reshape(n_h, S, Tq, hd)
+            np.matmul(s_own, v_own[hs], out=o)
+            if P:
+                denom += s_pre.sum(axis=-1, keepdims=True)
+                o += np.matmul(s_pre.reshape(n_h, S * Tq, P), vp[hs]).reshape(n_h, S, Tq, hd)
+            o /= denom
+        return plan.unpad(out)
+
+
+_NEG_INF = np.float32(-np.inf)
+_SCORES_PER_CHUNK = 256 * 1024  # attention scores per head chunk: 1 MB of float32, half of L2
+_GELU_ROWS = 64  # rows per GELU pass: (64, n_ff) float32 stays in L2 across its eight passes
+
+
+@dataclass(frozen=True)
+class _AttentionPlan:
+    """How one step's packed rows map onto the padded (segment, query) grid attention works on."""
+
+    slots: np.ndarray  # (S,) batch slot of each segment
+    n_segments: int
+    tq: int  # queries per segment (padded)
+    tk: int  # own keys any segment can see
+    flat: np.ndarray | None  # padded index of each packed row; None when no padding is needed
+    rows_slot: np.ndarray  # (N,) batch slot of each packed row
+    rows_index: np.ndarray  # (N,) own index of each packed row
+    block: tuple[slice, slice] | None  # (slots, own indices) when the rows fill a rectangle of the cache
+    hidden: np.ndarray | None  # (S, Tq, Tk) True where a key is in a query's future
+    prefix_hidden: np.ndarray | None  # (S, 1, P) True for prefix keys a sequence does not share
+    consecutive: bool  # the segments' slots are consecutive: their caches are one view
+
+    @classmethod
+    def of(cls, step: _Step, seg: np.ndarray, offset: np.ndarray, own_index: np.ndarray, batch: _Batch) -> "_AttentionPlan":
+        S = len(step.count)
+        tq = int(step.count.max())
+        tk = int((step.first + step.count).max())
+        flat = None if S * tq == len(seg) else seg * tq + offset
+        first_slot = int(step.slot[0])
+        rectangle = (flat is None and bool((step.first == step.first[0]).all())
+                     and bool((step.slot == np.arange(first_slot, first_slot + S)).all()))
+        block = (slice(first_slot, first_slot + S), slice(int(step.first[0]), int(step.first[0]) + tq)) if rectangle else None
+        visible = np.arange(tk)[None, None, :] <= (step.first[:, None, None] + np.arange(tq)[None, :, None])
+        P = batch.prefix_k.shape[2]
+        shared = batch.visible[step.slot]
+        prefix_hidden = np.arange(P)[None, None, :] >= shared[:, None, None] if (shared < P).any() else None
+        return cls(step.slot, S, tq, tk, flat, step.slot[seg], own_index, block,
+                   None if visible.all() else ~visible, prefix_hidden, bool((np.diff(step.slot) == 1).all()))
+
+    def store(self, cache: np.ndarray, values: np.ndarray) -> None:
+        """Write the rows' keys or values (H, N, hd) into a layer's cache (H, B, cap, hd)."""
+        if self.block is not None:  # consecutive slots at the same own positions: a plain slice
+            slots, index = self.block
+            cache[:, slots, index] = values.reshape(values.shape[0], self.n_segments, self.tq, values.shape[2])
+        else:
+            cache[:, self.rows_slot, self.rows_index] = values
+
+    def own(self, cache: np.ndarray) -> np.ndarray:
+        """The segments' own keys or values (H, S, Tk, hd): a view when the slots are consecutive."""
+        if self.consecutive:
+            return cache[:, int(self.slots[0]):int(self.slots[0]) + self.n_segments, :self.tk]
+        return cache[:, self.slots, :self.tk]
+
+    def pad(self, q: np.ndarray) -> np.ndarray:
+        if self.flat is None:
+            return q
+        out = np.zeros((q.shape[0], self.n_segments * self.tq, q.shape[2]), np.float32)
+        out[:, self.flat] = q
+        return out
+
+    def unpad(self, out: np.ndarray) -> np.ndarray:
+        return out if self.flat is None else out[:, self.flat]
+
+
+class _Workspace:
+    """Activation buffers for up to n_rows packed tokens, allocated once and reused by every step."""
+
+    def __init__(self, config: GPT2Config, n_rows: int):
+        d = config.n_embd
+        self.x = np.empty((n_rows, d), np.float32)
+        self.h = np.empty((n_rows, d), np.float32)
+        self.att = np.empty((n_rows, d), np.float32)
+        self.sq = np.empty((n_rows, d), np.float32)
+        self.qkv = np.empty((n_rows, 3 * d), np.float32)
+        self.up = np.empty((n_rows, config.n_ff), np.float32)
+        self.tmp = np.empty((_GELU_ROWS, config.n_ff), np.float32)
+        self._logits = np.empty((0, config.n_vocab), np.float32)
+
+    def logits_rows(self, n: int) -> np.ndarray:
+        if self._logits.shape[0] < n:
+            self._logits = np.empty((n, self._logits.shape[1]), np.float32)
+        return self._logits[:n]
+
+
+def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float, out: np.ndarray, sq: np.ndarray) -> np.ndarray:
+    """gpt2.layer_norm into `out` (sq: scratch of x's shape): the same float32 operations in the
+    same order, so the same bits, without np.mean's Python wrapper (it runs 25 times a token)."""
+    n = np.float32(x.shape[-1])
+    mean = np.add.reduce(x, axis=-1, keepdims=True)
+    mean /= n
+    np.subtract(x, mean, out=out)
+    np.multiply(out, out, out=sq)
+    var = np.add.reduce(sq, axis=-1, keepdims=True)
+    var /= n
+    var += np.float32(eps)
+    np.sqrt(var, out=var)
+    out /= var
+    out *= g
+    out += b
+    return out
+
+
+def _gelu_inplace(x: np.ndarray, tmp: np.ndarray) -> None:
+    """gpt2.gelu in place, row block by row block so the passes run in cache; same operations,
+    same order, so the same bits: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x * x * x)))."""
+    for r in range(0, x.shape[0], tmp.shape[0]):
+        v = x[r:r + tmp.shape[0]]
+        t = tmp[:v.shape[0]]
+        np.multiply(v, GELU_C, out=t)
+        t *= v
+        t *= v
+        t += v
+        t *= SQRT_2_OVER_PI
+        np.tanh(t, out=t)
+        t += 1.0
+        v *= 0.5
+        v *= t

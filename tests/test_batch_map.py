@@ -1,0 +1,269 @@
+"""`fn.map` evaluates many inputs together against the shared prefix: its token ids must equal
+calling the function one input at a time, and both must equal the plain reference forward pass
+(gpt2.forward, one token at a time, no prefix sharing).
+
+Batching changes the float32 summation order (packed matmuls, padded attention), so logits are
+not bit-identical between batch sizes. Measured on these models: batched vs one-at-a-time logits
+differ by at most ~2e-6 (tiny, |logits| ~10) and ~4e-7 (mid); the engine vs the reference forward
+pass by ~6e-6. `test_greedy_margins_exceed_batching_noise` checks on the mid-size model that
+every chosen token wins by far more than that noise, which is why the ids stay identical."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import paw_lite
+from paw_lite.base_model import BaseModel
+from paw_lite.engine import Engine, Sequence, Weights
+from paw_lite.gpt2 import KVCache, forward
+from paw_lite.lora import LoraAdapter
+
+from conftest import TEMPLATE, make_hf_gpt2, make_program, random_lora
+
+# Ragged on purpose: empty, one word, long, unicode, leading newline (merges with the prefix's
+# last token in BPE, so less of the cached prefix is shared), text that looks like a special token.
+TEXTS = ["", "ok", "disk usage at 99% on /var and climbing fast, pager duty notified twice",
+         "ünïcödé ✓ ✓", "\n\n\nleading newlines", "a <|endoftext|> b", "user logged in", "x" * 40,
+         "kernel panic - not syncing", "  spaced  out  ", "1 2 3 4 5 6 7 8 9 10", "END_INPUT]"]
+NOISE_TOL = 1e-4  # the logit parity the interpreter tests state
+
+
+def reference_greedy(base: BaseModel, weights: dict, ids: list[int], limit: int) -> list[int]:
+    """Greedy decoding with the unoptimized path: gpt2.forward over a fresh cache, one token at a time."""
+    cache = KVCache(base.config)
+    logits = forward(ids, weights, base.config, cache, 0)
+    out, pos = [], len(ids)
+    while len(out) < limit:
+        token = int(np.argmax(logits))
+        if token == base.tokenizer.eos_id:
+            break
+        out.append(token)
+        if len(out) == limit:
+            break
+        logits = forward([token], weights, base.config, cache, pos)
+        pos += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_fn(tiny_program, tiny_gguf, tmp_path_factory):
+    with paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path_factory.mktemp("c")) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def mid_files(tmp_path_factory, hf_tokenizer_dir):
+    """A mid-size random GPT-2 (4 layers, 256 wide, 512 positions, real vocabulary) and a rank-16
+    program: logits have realistic spreads, so argmax near-ties are unlikely."""
+    from paw_lite.convert.gpt2 import convert_hf_gpt2
+
+    d = tmp_path_factory.mktemp("mid")
+    hf = make_hf_gpt2(d / "hf", hf_tokenizer_dir, n_layer=4, n_embd=256, n_head=8, n_ctx=512, seed=3, init_std=0.05)
+    gguf = convert_hf_gpt2(hf, d / "mid-f32.gguf", "f32")
+    program = make_program(d / "mid.paw", random_lora(4, 256, 16, seed=5, std=0.1), 16.0, "f32")
+    return gguf, program
+
+
+@pytest.fixture(scope="module")
+def mid_fn(mid_files, tmp_path_factory):
+    gguf, program = mid_files
+    with paw_lite.function(program, base_model=gguf, cache_dir=tmp_path_factory.mktemp("c")) as f:
+        yield f
+
+
+def test_map_equals_one_by_one_on_the_tiny_model(tiny_fn):
+    one_by_one = [tiny_fn.generate_ids(t) for t in TEXTS]  # until EOS or the context end
+    lengths = {len(o) for o in one_by_one}
+    assert len(lengths) > 1, "ragged outputs expected"
+    for batch_size in (1, 3, 5, 64):
+        assert tiny_fn.map_ids(TEXTS, batch_size=batch_size) == one_by_one, batch_size
+    assert tiny_fn.map(TEXTS, batch_size=4) == [tiny_fn(t) for t in TEXTS]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 2, 7])
+def test_map_respects_max_tokens(tiny_fn, max_tokens):
+    got = tiny_fn.map_ids(TEXTS, max_tokens=max_tokens, batch_size=4)
+    assert got == [tiny_fn.generate_ids(t, max_tokens=max_tokens) for t in TEXTS]
+    assert all(len(o) <= max_tokens for o in got)
+
+
+def test_map_stops_each_input_at_the_context_end(tiny_fn):
+    n_fixed = len(tiny_fn.prompt_ids(""))
+    room_for_input = tiny_fn.config.n_ctx - n_fixed - 1
+    texts = [" ".join(["word"] * n) for n in (room_for_input, room_for_input - 1, room_for_input - 5, 3)]
+    prompts = [tiny_fn.prompt_ids(t) for t in texts]
+    assert len(prompts[0]) == tiny_fn.config.n_ctx - 1, "the first input leaves room for exactly one token"
+    got = tiny_fn.map_ids(texts, batch_size=4)
+    assert got == [tiny_fn.generate_ids(t) for t in texts]
+    for ids, out in zip(prompts, got):
+        assert len(ids) + len(out) <= tiny_fn.config.n_ctx
+    assert len(got[0]) == 1 or got[0] == []
+
+
+def test_map_errors_before_any_work(tiny_fn):
+    with pytest.raises(paw_lite.ContextOverflowError):
+        tiny_fn.map(["fine", "word " * 500])
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny_fn.map(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        tiny_fn.map(["a"], max_tokens=-2)
+    assert tiny_fn.map([]) == []
+
+
+def test_engine_equals_the_reference_forward_pass(tiny_fn, tiny_gguf, tiny_program, tmp_path):
+    """The fast path (prefix shared, batched) against gpt2.forward with the LoRA merged as lora.py merges it."""
+    base = BaseModel.load(tiny_gguf)
+    with paw_lite.Program.load(tiny_program).adapter_file(tmp_path) as p:
+        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    for text in TEXTS[:6]:
+        ids = tiny_fn.prompt_ids(text)
+        assert tiny_fn.generate_ids(text, max_tokens=12) == reference_greedy(base, merged, ids, 12), text
+
+
+def _engine_and_reference(gguf, program, tmp_path):
+    base = BaseModel.load(gguf)
+    with paw_lite.Program.load(program).adapter_file(tmp_path) as p:
+        adapter = LoraAdapter.from_gguf(p, base.config)
+    merged = adapter.merged_into(base.weights)
+    engine = Engine(Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale), base.config)
+    return base, merged, engine
+
+
+@pytest.mark.parametrize("model", ["tiny", "mid"])
+def test_logits_parity_batched_single_and_reference(model, tiny_gguf, tiny_program, mid_files, tmp_path):
+    gguf, program = (tiny_gguf, tiny_program) if model == "tiny" else mid_files
+    base, merged, engine = _engine_and_reference(gguf, program, tmp_path)
+    tok = base.tokenizer
+    prefix, suffix = TEMPLATE.split("{INPUT_PLACEHOLDER}")
+    prefix_ids = tok.encode(prefix)
+    engine.set_prefix(*engine.eval_prefix(prefix_ids))
+    prompts = [tok.encode_prompt(prefix, t, suffix) for t in TEXTS]
+    seqs = []
+    for ids in prompts:
+        shared = next((i for i, (a, b) in enumerate(zip(ids, prefix_ids)) if a != b), len(prefix_ids))
+        seqs.append(Sequence(ids[shared:], shared, 1))
+    assert any(s.start < len(prefix_ids) for s in seqs), "one input must merge with the prefix"
+    batched = engine.prompt_logits(seqs)
+    single = np.stack([engine.prompt_logits([s])[0] for s in seqs])
+    reference = np.stack([forward(ids, merged, base.config, KVCache(base.config), 0) for ids in prompts])
+    assert batched.dtype == single.dtype == np.float32
+    assert np.abs(batched - single).max() < NOISE_TOL
+    assert np.abs(single - reference).max() < NOISE_TOL
+    assert (batched.argmax(1) == reference.argmax(1)).all()
+
+
+def test_map_equals_one_by_one_and_reference_on_a_mid_size_model(mid_fn, mid_files, tmp_path):
+    texts = TEXTS + [f"log line {i}: " + "error " * (i % 7) + "done" for i in range(20)]
+    one_by_one = [mid_fn.generate_ids(t, max_tokens=12) for t in texts]
+    assert len({tuple(o) for o in one_by_one}) > len(texts) // 2, "outputs should depend on the input"
+    for batch_size in (4, 64):
+        assert mid_fn.map_ids(texts, max_tokens=12, batch_size=batch_size) == one_by_one
+    base, merged, _ = _engine_and_reference(*mid_files, tmp_path)
+    for text, out in list(zip(texts, one_by_one))[:5]:
+        assert out == reference_greedy(base, merged, mid_fn.prompt_ids(text), 12), text
+
+
+def test_greedy_margins_exceed_batching_noise(mid_fn):
+    """Teacher-forced along the generated tokens: at every step the winning logit leads the
+    runner-up by far more than batched and one-at-a-time logits differ, so batching cannot flip it."""
+    texts = TEXTS[:6]
+    outs = mid_fn.map_ids(texts, max_tokens=6, batch_size=6)
+    engine, prefix_ids = mid_fn._engine, mid_fn._prefix_ids
+    seqs = []
+    for text, out in zip(texts, outs):
+        ids = mid_fn.prompt_ids(text)
+        shared = mid_fn._sequence(ids, 1).start
+        seqs += [Sequence(ids[shared:] + out[:t], shared, 1) for t in range(len(out))]
+    batched = engine.prompt_logits(seqs)
+    single = np.stack([engine.prompt_logits([s])[0] for s in seqs])
+    noise = np.abs(batched - single).max()
+    top2 = np.sort(single, axis=1)[:, -2:]
+    margin = (top2[:, 1] - top2[:, 0]).min()
+    assert noise < 1e-5 and margin > 100 * noise, (noise, margin)
+    assert len(prefix_ids) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_gguf, tiny_program, tmp_path_factory):
+    base, _, engine = _engine_and_reference(tiny_gguf, tiny_program, tmp_path_factory.mktemp("e"))
+    prefix, suffix = TEMPLATE.split("{INPUT_PLACEHOLDER}")
+    prefix_ids = base.tokenizer.encode(prefix)
+    engine.set_prefix(*engine.eval_prefix(prefix_ids))
+    seqs = [Sequence(base.tokenizer.encode_prompt(prefix, t, suffix)[len(prefix_ids):], len(prefix_ids), 10)
+            for t in TEXTS if not t.startswith("\n")]
+    return engine, seqs
+
+
+def test_ragged_eos_in_one_batch(tiny_engine):
+    engine, seqs = tiny_engine
+    free = [engine.generate([s], eos=-1)[0] for s in seqs]  # eos -1: never stops early
+    assert all(len(o) == 10 for o in free)
+    counts: dict[int, int] = {}
+    for o in free:
+        for t in set(o[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=counts.get)  # a token many, not all, continuations reach
+    want = [engine.generate([s], eos=eos)[0] for s in seqs]
+    assert len({len(o) for o in want}) > 1, "outputs of different lengths expected"
+    assert want == [o[:o.index(eos)] if eos in o else o for o in free]
+    for size in (2, len(seqs)):
+        got = []
+        for i in range(0, len(seqs), size):
+            got += engine.generate(seqs[i:i + size], eos=eos)
+        assert got == want, size
+
+
+@pytest.mark.parametrize("alpha", [16.0, 10.0], ids=["scale 0.5 (power of two)", "scale 0.3125"])
+def test_weights_layout_is_the_reference_merge_transposed(tiny_gguf, tiny_lora, tmp_path, alpha):
+    from paw_lite.lora import write_adapter_gguf
+
+    base = BaseModel.load(tiny_gguf)
+    write_adapter_gguf(tmp_path / "a.gguf", tiny_lora, alpha, "f32")
+    adapter = LoraAdapter.from_gguf(tmp_path / "a.gguf", base.config)
+    merged = adapter.merged_into(base.weights)
+    shared = Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale)
+    owned_dict = {k: v.copy() for k, v in base.weights.items()}
+    owned = Weights.from_gguf_names(owned_dict, base.config, adapter.pairs, adapter.scale, consume=True)
+    assert owned_dict == {}, "consume pops every tensor"
+    for w in (shared, owned):
+        layer = w.layers[1]
+        for name, arr in (("attn_qkv", layer.attn_qkv), ("attn_output", layer.attn_output),
+                          ("ffn_up", layer.ffn_up), ("ffn_down", layer.ffn_down)):
+            ref = merged[f"blk.1.{name}.weight"].T
+            assert arr.flags.c_contiguous and np.array_equal(arr.view(np.uint32), np.ascontiguousarray(ref).view(np.uint32)), name
+        np.testing.assert_array_equal(w.head, base.weights["token_embd.weight"])
+        np.testing.assert_array_equal(w.embed(np.array([5, 50256, 5])), base.weights["token_embd.weight"][[5, 50256, 5]])
+
+
+def test_inplace_kernels_are_bit_identical_to_the_reference():
+    from paw_lite.engine import _gelu_inplace, _layer_norm
+    from paw_lite.gpt2 import gelu, layer_norm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((150, 96)) * 3).astype(np.float32)
+    g, b = rng.standard_normal(96).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    ln = _layer_norm(x, g, b, 1e-5, np.empty_like(x), np.empty_like(x))
+    assert np.array_equal(ln.view(np.uint32), layer_norm(x, g, b, 1e-5).view(np.uint32))
+    y = x.copy()
+    _gelu_inplace(y, np.empty((64, 96), np.float32))
+    assert np.array_equal(y.view(np.uint32), gelu(x).view(np.uint32))
+
+
+def test_decode_memory_stays_flat(mid_fn):
+    """Buffers are allocated once per call, not per token: the traced peak (NumPy reports its
+    allocations to tracemalloc) of a 41-token call exceeds a 1-token call's by no more than the
+    keys and values of the 40 extra positions plus one logits row."""
+    import tracemalloc
+
+    text = "kernel panic - not syncing"
+    mid_fn.generate_ids(text, max_tokens=41)  # warm the workspace
+    peaks = []
+    for n in (1, 41):
+        tracemalloc.start()
+        mid_fn.generate_ids(text, max_tokens=n)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    c = mid_fn.config
+    kv_bytes = 2 * c.n_layer * c.n_embd * 4 * 40
+    assert peaks[1] - peaks[0] < kv_bytes + 4 * c.n_vocab, peaks
