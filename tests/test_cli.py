@@ -54,3 +54,16 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "paw_lite", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("run", "inspect"):
         assert command in out
+
+
+def test_inspect_does_not_print_terminal_escapes(tiny_program, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    prog = paw_lite.Program.load(tiny_program)
+    hostile = paw_lite.Program(meta={**prog.meta, "spec": "evil\x1b[2J\x1b]0;owned\x07"}, template=prog.template,
+                               adapter_gguf=prog.adapter_gguf, pseudo_program="line\x1b[31m red")
+    path = hostile.save(tmp_path / "hostile.paw")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "evil" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["spec"] == "evil\x1b[2J\x1b]0;owned\x07"  # JSON escapes it

@@ -11,7 +11,7 @@ import sys
 from ..errors import PawError
 
 # Modules under paw_lite.cli that define subcommands, in help order.
-COMMAND_MODULES = ["run", "inspect"]
+COMMAND_MODULES = ["run", "inspect", "compile", "convert", "models", "doctor", "bench"]  # helpers append their module names here
 
 
 def build_parser() -> argparse.ArgumentParser:

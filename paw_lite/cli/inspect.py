@@ -12,6 +12,14 @@ from ..program import Program
 from . import emit
 
 
+# Program text comes from strangers: never send its control characters (terminal escapes) to a terminal.
+_CONTROL = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127, *range(0x80, 0xA0)]}
+
+
+def _printable(text: str | None) -> str:
+    return "(none)" if text is None else text.translate(_CONTROL)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a program's spec, pseudo-program, interpreter and adapter")
     p.add_argument("program", help="a .paw bundle or a program folder")
@@ -41,12 +49,12 @@ def run(args: argparse.Namespace) -> int:
     text = "\n".join([
         f"program      {info['program']}",
         f"program id   {info['program_id']}",
-        f"spec         {info['spec']}",
+        f"spec         {_printable(prog.spec)}",
         f"interpreter  {info['interpreter']} (runtime {info['runtime_id']})",
         f"adapter      rank {adapter['rank']}, alpha {adapter['alpha']:g}, {adapter['n_tensors']} tensors ({kinds}), {len(prog.adapter_gguf):,} bytes",
         f"bundle       {info['sizes']['bundle_bytes']:,} bytes" if info["sizes"]["bundle_bytes"] else "bundle       (folder)",
         "pseudo-program:",
-        *("  " + line for line in (prog.pseudo_program or "(none)").splitlines()),
+        *("  " + line for line in _printable(prog.pseudo_program).splitlines()),
     ])
     emit(args, info, text)
     return 0
