@@ -1,6 +1,7 @@
 """paw_lite: Program-as-Weights on a CPU, offline, in plain Python."""
 
 from .base_model import BaseModel
+from .compiler import compile, compile_and_load
 from .errors import (
     ContextOverflowError,
     IncompatibleModelError,
@@ -21,6 +22,8 @@ __all__ = [
     "InvalidFileError",
     "MissingDependencyError",
     "ModelNotFoundError",
+    "compile",
+    "compile_and_load",
     "PawError",
     "PawFunction",
     "Program",
