@@ -1,0 +1,71 @@
+"""The benchmark harness (benchmarks/interpreter_bench.py, `paw-lite bench`), without running it:
+its workload has the token counts it claims, and its report computes ratios and targets right.
+The measurement itself is never a timed test; see benchmarks/README.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from paw_lite.cli import main
+from paw_lite.cli.bench import _bench_module
+from paw_lite.tokenizer import GPT2Tokenizer
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench_module()
+
+
+@pytest.fixture(scope="module")
+def tok(gpt2_vocab):
+    tokens, merges, special, eos = gpt2_vocab
+    return GPT2Tokenizer(tokens, merges, special, eos, "vocab")
+
+
+def test_workload_has_the_stated_token_counts(bench, tok):
+    template, prefix_ids = bench._template(tok)
+    prefix, suffix = template.split("{INPUT_PLACEHOLDER}")
+    assert len(prefix_ids) == bench.PREFIX_TOKENS == 250
+    rng = np.random.default_rng(0)
+    n_suffix = len(tok.encode_prompt(prefix, "", suffix)) - len(prefix_ids)
+    for n in (bench.INPUT_TOKENS, bench.PREFILL_TOKENS):
+        call = bench._prompt(tok, prefix, suffix, prefix_ids, bench._sentence(tok, rng, n))
+        assert call["ids"][:250] == prefix_ids
+        assert len(call["ids"]) == 250 + n + n_suffix
+
+
+def _row(key, p, l, lower=True):
+    return {"key": key, "label": key, "unit": "s" if lower else "calls/s", "lower_is_better": lower,
+            "paw_lite": p, "llama_cpp": l, "ratio": None if p is None or l is None else p / l, "samples": {}}
+
+
+def test_report_shows_ratios_and_targets(bench):
+    result = {
+        "rows": [_row("cold_start_s", 1.2, 0.6), _row("prefix_eval_s", 0.2, 0.4), _row("one_call_s", 0.15, 0.2),
+                 _row("decode_tok_s", 50.0, 80.0, False), _row("prefill_tok_s", 900.0, 600.0, False),
+                 _row("throughput_calls_s", 30.0, 5.0, False), _row("peak_rss_one_program_mb", 700.0, 300.0),
+                 _row("peak_rss_run_mb", 900.0, 310.0), _row("cold_start_cached_prefix_s", 0.9, None)],
+        "agreement": {"inputs": 20, "tokens_each": 16, "identical_sequences": 15, "matching_tokens": 300,
+                      "total_tokens": 320, "mean_tokens_before_first_difference": 13.5},
+        "map_equals_one_by_one": "32/32",
+        "conditions": {"repeats": 3, "inner": 7, "calls": 256, "batch_size": 64, "llama_n_threads": 2, "cpus": 2,
+                       "loadavg_before": (0.1, 0, 0), "loadavg_after": (0.2, 0, 0), "numpy": "2", "llama_cpp_python": "0.3.36"},
+    }
+    text = bench.format_table(result)
+    assert "| one_call_s | 150 ms | 200 ms | 0.75x |" in text
+    assert "| throughput_calls_s | 30.0 calls/s | 5.0 calls/s | 6.00x |" in text
+    assert "| cold_start_cached_prefix_s | 900 ms | n/a |  |" in text
+    assert "target one_call_s: ratio <= 1: met (0.75)" in text
+    assert "target cold_start_s: ratio <= 3: met (2.00)" in text
+    assert "target throughput_calls_s: ratio >= 5: met (6.00)" in text
+    assert "target peak_rss_one_program_mb: paw_lite <= 800: met (700.00)" in text
+    assert "15/20 identical sequences" in text
+    agree = bench._agreement([[1, 2, 3], [1, 2, 3]], [[1, 2, 3], [1, 5, 3]])
+    assert agree["identical_sequences"] == 1 and agree["matching_tokens"] == 5
+    assert agree["mean_tokens_before_first_difference"] == 2.0
+
+
+def test_bench_command_checks_its_options(capsys):
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
