@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,12 +39,14 @@ class PawFunction:
     Calls are serialised by a lock: one function owns one engine. Use one function per thread
     for parallel work."""
 
-    def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool):
+    def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool,
+                 scratch_dir: Path | None = None):
         self.program = program
         self.config = base.config
         self.tokenizer = base.tokenizer
-        scratch = cache_dir if cache_dir is not None else Path(tempfile.gettempdir()) / "paw_lite"
-        adapter = load_adapter(program, base, scratch / "tmp")
+        # The adapter's temporary copy goes under the cache directory even when prefix caching is off.
+        scratch = scratch_dir or (cache_dir if cache_dir is not None else paths.cache_dir()) / "tmp"
+        adapter = load_adapter(program, base, scratch)
         # The LoRA is merged while the weights are laid out for the engine. A base loaded for this
         # function alone is consumed tensor by tensor (never held twice); a shared base stays untouched.
         weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
@@ -120,6 +121,14 @@ class PawFunction:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise PawError(f"input is not valid Unicode: {exc.reason} at position {exc.start}") from None
+        # No token spans more than max_token_bytes bytes, so a prompt this long cannot fit: refuse it
+        # before spending seconds tokenizing megabytes.
+        n_bytes = len(self.program.template.encode("utf-8")) + len(text.encode("utf-8"))
+        at_least = -(-n_bytes // self.tokenizer.max_token_bytes)
+        if at_least >= self.config.n_ctx:
+            raise ContextOverflowError(
+                f"input is {len(text.encode('utf-8'))} bytes, at least {at_least} tokens with the template; the interpreter's "
+                f"context holds {self.config.n_ctx} tokens")
         ids = self.tokenizer.encode_prompt(self.program.prefix, text, self.program.suffix)
         if len(ids) >= self.config.n_ctx:
             n_fixed = len(self._prefix_ids) + len(self._suffix_ids)
@@ -192,4 +201,5 @@ def function(program: str | os.PathLike[str] | Program, base_model: str | os.Pat
     else:
         base, owns = BaseModel.load(paths.resolve_interpreter(base_model, prog.meta.get("runtime_id"))), True
     directory = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
-    return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns)
+    return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns,
+                       scratch_dir=directory / "tmp")

@@ -56,6 +56,9 @@ class GPT2Tokenizer:
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True))) if self.special else None
         special = set(special_ids)  # translate + latin-1: each character to its byte, unknown ones to "?" (10x faster per char)
         self._bytes = [b"" if i in special else tok.translate(_TO_LATIN1).encode("latin-1", "replace") for i, tok in enumerate(tokens)]
+        # Special tokens are never produced from user text, so plain text needs at least
+        # len(bytes) / max_token_bytes tokens (used to refuse huge inputs before tokenizing them).
+        self.max_token_bytes = max(1, max(len(b) for b in self._bytes))
 
     @classmethod
     def from_gguf(cls, reader, path: Path) -> "GPT2Tokenizer":

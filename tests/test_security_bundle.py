@@ -302,9 +302,6 @@ def test_running_an_untrusted_program_writes_only_to_the_cache(tmp_path, tiny_pr
     assert list((cache / "tmp").iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="runtime.PawFunction puts the adapter's temporary copy under the system temp dir "
-                                       "(tempfile.gettempdir()/paw_lite/tmp, left behind) when prefix_cache_enabled=False, "
-                                       "instead of the cache dir it was given (reported to the lead)")
 def test_without_the_prefix_cache_nothing_is_written_outside_the_cache_either(tmp_path, tiny_program, tiny_gguf, monkeypatch):
     import tempfile
 
