@@ -8,7 +8,6 @@ checked structurally (verify_gguf, the mapper's key/shape check) and against the
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 
 from . import paths
 from .atomic import atomic_path
+from .base_model import file_sha256
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, require
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,6 @@ def load_manifest(path: Path | None = None) -> dict[str, ManifestEntry]:
     return {e.role: e for e in entries}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_installed(directory: Path) -> dict[str, dict[str, Any]]:
     path = directory / INSTALLED
     if not path.exists():
@@ -88,7 +80,7 @@ def read_installed(directory: Path) -> dict[str, dict[str, Any]]:
 
 def _record(directory: Path, name: str, role: str, source: str, how: str) -> dict[str, Any]:
     path = directory / name
-    info = {"role": role, "bytes": path.stat().st_size, "sha256": sha256_of(path), "source": source, "how": how}
+    info = {"role": role, "bytes": path.stat().st_size, "sha256": file_sha256(path), "source": source, "how": how}
     records = read_installed(directory)
     records[name] = info
     with atomic_path(directory / INSTALLED) as tmp:
@@ -175,7 +167,7 @@ def survey(directory: Path, *, verify: bool) -> list[FileStatus]:
 
 
 def _verify_one(st: FileStatus, path: Path, entry: ManifestEntry, record: dict | None, directory: Path) -> None:
-    st.sha256 = sha256_of(path)
+    st.sha256 = file_sha256(path)
     if entry.sha256 and (st.sha256 != entry.sha256 or st.bytes != entry.bytes):
         st.status, st.detail = "bad", (f"sha256 {st.sha256[:12]}…/{st.bytes:,} bytes, expected the published "
                                        f"{entry.sha256[:12]}…/{entry.bytes:,}: re-download with `paw-lite models pull`")
@@ -267,7 +259,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             entry = manifest[role]
             name = entry.file_name(quant if "{quant}" in entry.name else None)
             check_file(p, role, directory)
-            if entry.sha256 and sha256_of(p) != entry.sha256:
+            if entry.sha256 and file_sha256(p) != entry.sha256:
                 raise IncompatibleModelError(f"{p}: not the published {entry.name} (sha256 differs from the manifest); "
                                              "use your own interpreter with --base-model PATH instead")
             with atomic_path(directory / name) as tmp:

@@ -116,3 +116,14 @@ def tiny_program(tmp_path_factory, tiny_lora) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new: int) -> list[int]:
+    """transformers' greedy generate (the oracle), without the prompt and the EOS."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=50256, pad_token_id=50256)
+    ids = out[0, len(prompt_ids):].tolist()
+    return ids[:ids.index(50256)] if 50256 in ids else ids

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import paw_lite
+from conftest import hf_greedy
 from compiler_fixtures import (ALPHA, PREFIX_STEPS, TINY_BASES, TINY_RANK, max_rel, random_mapper_state, save_mapper,
                                tiny_qwen, torch_mapper, write_compiler_meta)
 from paw_lite.cli import main
@@ -115,14 +116,6 @@ def models(tmp_path_factory, qwen, interp):
     for key, src in (("compiler", qwen[1]), ("pseudo_compiler", qwen[1]), ("interpreter", interp[1])):
         (d / DEFAULT_FILES[key]).symlink_to(src)
     return d, state, config
-
-
-def hf_greedy(model, prompt_ids, max_new):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
-                             eos_token_id=50256, pad_token_id=50256)
-    ids = out[0, len(prompt_ids):].tolist()
-    return ids[:ids.index(50256)] if 50256 in ids else ids
 
 
 def assert_same_or_tie(ours: list[int], theirs: list[int], prompt_ids: list[int], hf, tol: float = 1e-2) -> None:

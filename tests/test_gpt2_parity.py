@@ -4,7 +4,6 @@ with and without a LoRA (PEFT on the transformers side); KV-cache decode against
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from paw_lite.base_model import BaseModel

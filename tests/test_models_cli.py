@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from paw_lite.base_model import file_sha256
+
 from compiler_fixtures import random_mapper_state, write_compiler_meta
 from paw_lite import models_dir
 from paw_lite.cli import main
@@ -52,7 +54,7 @@ def manifest(tmp_path, monkeypatch, tiny_gguf) -> Path:
     """The real manifest with the interpreter pinned to the tiny stand-in's size and hash."""
     data = json.loads(models_dir.MANIFEST_PATH.read_text())
     entry = next(e for e in data["files"] if e["role"] == "interpreter")
-    entry["bytes"], entry["sha256"] = tiny_gguf.stat().st_size, models_dir.sha256_of(tiny_gguf)
+    entry["bytes"], entry["sha256"] = tiny_gguf.stat().st_size, file_sha256(tiny_gguf)
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(data))
     monkeypatch.setattr(models_dir, "MANIFEST_PATH", path)

@@ -7,14 +7,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 import paw_lite
 from paw_lite.errors import ContextOverflowError, IncompatibleModelError, ModelNotFoundError, PawError
 from paw_lite.lora import write_peft_dir, LoraAdapter
 from paw_lite.program import Program
 
-from conftest import make_program, random_lora
+from conftest import hf_greedy, make_program, random_lora
 from llama_oracle import llama_greedy
 
 INPUTS = ["disk usage at 99% on /var", "user logged in", "  leading spaces", "ünïcödé ✓", ""]
@@ -25,14 +24,6 @@ def fn(tiny_program, tiny_gguf, tmp_path_factory):
     f = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"))
     yield f
     f.close()
-
-
-def hf_greedy(model, prompt_ids, max_new):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
-                             eos_token_id=50256, pad_token_id=50256)
-    ids = out[0, len(prompt_ids):].tolist()
-    return ids[:ids.index(50256)] if 50256 in ids else ids
 
 
 def test_greedy_output_equals_transformers_peft(fn, tiny_hf, tiny_program, tmp_path):
