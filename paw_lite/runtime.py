@@ -53,6 +53,7 @@ class PawFunction:
         self._engine: Engine | None = Engine(weights, self.config)
         self._prefix_ids = self.tokenizer.encode(program.prefix)
         self._suffix_ids = self.tokenizer.encode(program.suffix)
+        self._template_bytes = len(program.template.encode("utf-8"))
         if len(self._prefix_ids) + len(self._suffix_ids) >= self.config.n_ctx:
             raise ContextOverflowError(
                 f"{program.source}: the template alone is {len(self._prefix_ids) + len(self._suffix_ids)} tokens; "
@@ -123,7 +124,7 @@ class PawFunction:
             raise PawError(f"input is not valid Unicode: {exc.reason} at position {exc.start}") from None
         # No token spans more than max_token_bytes bytes, so a prompt this long cannot fit: refuse it
         # before spending seconds tokenizing megabytes.
-        n_bytes = len(self.program.template.encode("utf-8")) + len(text.encode("utf-8"))
+        n_bytes = self._template_bytes + len(text.encode("utf-8"))
         at_least = -(-n_bytes // self.tokenizer.max_token_bytes)
         if at_least >= self.config.n_ctx:
             raise ContextOverflowError(

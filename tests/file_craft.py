@@ -6,6 +6,7 @@ Written from the format descriptions, independently of paw_lite's own reader."""
 from __future__ import annotations
 
 import struct
+import tracemalloc
 from collections.abc import Iterable
 
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -204,3 +205,14 @@ def patched(raw: bytes, pos: int, fmt: str, value) -> bytes:
     out = bytearray(raw)
     struct.pack_into(fmt, out, pos, value)
     return bytes(out)
+
+
+def peak_while(fn) -> int:
+    """Peak bytes allocated (Python and NumPy) while fn runs."""
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak

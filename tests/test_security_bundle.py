@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import paw_lite
 from paw_lite.errors import InvalidFileError, ModelNotFoundError
 from paw_lite.program import MAX_ARCHIVE_BYTES, PLACEHOLDER, Program
 
-from file_craft import patch_zip_entry
+from file_craft import patch_zip_entry, peak_while
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +133,6 @@ def test_an_oversized_folder_member_is_refused_before_reading(tmp_path, members)
 
 
 # -- sizes: zip bombs and lying headers ----------------------------------------------------------
-
-def peak_while(fn) -> int:
-    tracemalloc.start()
-    try:
-        fn()
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
-
 
 def test_a_real_deflate_bomb_is_refused_before_inflating(tmp_path, members):
     """32 MiB of zeros deflate to ~32 KB (1000:1): refused on the ratio, without inflating it."""

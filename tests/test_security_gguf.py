@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import struct
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +23,10 @@ from paw_lite.lora import LoraAdapter, write_adapter_gguf
 from paw_lite.program import Program
 
 from conftest import make_program, random_lora
-from file_craft import ADAPTER_KVS, f32_tensor, gguf, gguf_fields, gguf_table, gstr, kv, kv_array, kv_scalar, kv_str, patched, tensor_info
+from file_craft import ADAPTER_KVS, peak_while, f32_tensor, gguf, gguf_fields, gguf_table, gstr, kv, kv_array, kv_scalar, kv_str, patched, tensor_info
 
 CONFIG = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)
 SMALL = 4 * 1024 * 1024  # the most any refused header below may cost (the files themselves are < 100 KB)
-
-
-def peak_while(fn) -> int:
-    """Peak bytes allocated (Python and NumPy) while fn runs."""
-    tracemalloc.start()
-    try:
-        fn()
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
 
 
 def refused(read, path: Path, *needles: str, error=InvalidFileError, max_bytes: int | None = SMALL) -> str:
