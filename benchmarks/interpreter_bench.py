@@ -367,7 +367,7 @@ def _agreement(paw: list[list[int]], llama: list[list[int]]) -> dict:
             "mean_tokens_before_first_difference": statistics.mean(prefix)}
 
 
-def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: int = 256, batch_size: int = 64,
+def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: int = 256, batch_size: int = 128,
         log=print) -> dict:
     opts = argparse.Namespace(inner=inner, calls=calls, batch_size=batch_size)
     ensure_workload(cache, calls, log)

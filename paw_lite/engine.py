@@ -12,6 +12,7 @@ generated token; many sequences share that stream in `generate`, which is where 
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from .gpt2_layout import LORA_MODULES, GPT2Config
 
 # Tokens evaluated in one prefill step across all sequences: bounds the activation buffers
 # (MAX_ROWS x n_ff floats) while keeping the matmuls large enough to run at full speed.
-MAX_ROWS = 1024
+MAX_ROWS = 2048
 # Query tokens of one sequence per step: bounds the attention score buffer (heads x CHUNK x context).
 PREFILL_CHUNK = 512
 _KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
@@ -146,16 +147,31 @@ class _Batch:
 
     @classmethod
     def split(cls, config: GPT2Config, seqs: list[Sequence], prefix_k: np.ndarray, prefix_v: np.ndarray) -> "_Batch":
-        """Own buffers per sequence; the prefix is shared, read in place."""
+        """Slot b for sequence b; the prefix is shared, read in place."""
+        batch = cls.slots(config, seqs, len(seqs), prefix_k, prefix_v)
+        for b, seq in enumerate(seqs):
+            batch.assign(b, seq)
+        return batch
+
+    @classmethod
+    def slots(cls, config: GPT2Config, seqs: list[Sequence], capacity: int, prefix_k: np.ndarray,
+              prefix_v: np.ndarray) -> "_Batch":
+        """`capacity` slots for the sequences to take turns in (see `assign`)."""
         # Room for the prompts and a first stretch of output; grown on demand, so a batch run
         # "until EOS or the context end" does not reserve the whole context for every sequence.
         need = max(len(s.ids) + s.limit - 1 for s in seqs)  # the last generated token is never evaluated
         cap = min(need, max(len(s.ids) for s in seqs) + _KV_GROWTH)
-        shape = (config.n_layer, config.n_head, len(seqs), cap, config.head_dim)
+        shape = (config.n_layer, config.n_head, capacity, cap, config.head_dim)
         # zeros, not empty: masked keys still meet a zero probability, and 0 * garbage may be NaN
-        start = np.array([s.start for s in seqs], np.int64)
-        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), start, np.zeros(len(seqs), np.int64),
-                   prefix_k, prefix_v, start)
+        zero = np.zeros(capacity, np.int64)
+        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), zero, zero.copy(), prefix_k, prefix_v,
+                   zero.copy())
+
+    def assign(self, slot: int, seq: Sequence) -> None:
+        """Give a slot to a sequence: its own tokens from index 0, after the prefix part it shares.
+        What the slot held before stays in the buffers but past the new sequence's own positions,
+        where attention never looks."""
+        self.start[slot], self.base[slot], self.visible[slot] = seq.start, 0, seq.start
 
     def reserve(self, n_positions: int) -> None:
         """Make room for own indices up to n_positions - 1 (doubling, so growth copies rarely)."""
@@ -168,11 +184,6 @@ class _Batch:
             grown = np.zeros(shape, np.float32)
             grown[:, :, :, :cap] = getattr(self, name)
             setattr(self, name, grown)
-
-    def keep(self, slots: np.ndarray) -> None:
-        """Drop every slot not in `slots` (a copy; done only when enough sequences have finished)."""
-        self.k, self.v = self.k[:, :, slots], self.v[:, :, slots]
-        self.start, self.base, self.visible = self.start[slots], self.base[slots], self.visible[slots]
 
 
 class _Solo:
@@ -234,6 +245,12 @@ class Engine:
         self._ws: _Workspace | None = None
         self._solo: _Solo | None = None
 
+    def fork(self) -> "Engine":
+        """An engine over the same weights and prefix with its own buffers, for another thread."""
+        twin = Engine(self.w, self.config)
+        twin.set_prefix(self.prefix_k, self.prefix_v)
+        return twin
+
     # -- prefix -------------------------------------------------------------------------------
 
     def set_prefix(self, k: np.ndarray, v: np.ndarray) -> None:
@@ -255,37 +272,63 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate(self, seqs: list[Sequence], eos: int) -> list[list[int]]:
-        """Greedy continuations of every sequence, each stopping at EOS or its limit."""
+    def generate(self, seqs: list[Sequence], eos: int, capacity: int | None = None) -> list[list[int]]:
+        """Greedy continuations of every sequence, each stopping at EOS or its limit.
+
+        Up to `capacity` sequences (all by default) are in flight, each in a slot of the batch's
+        cache. Every step evaluates one token of each decoding sequence together with prompt
+        tokens of newly admitted ones, so the matmuls stay large after the first prompts are in;
+        a finished sequence's slot goes to the next waiting one."""
         if not seqs:
             return []
-        batch = self._batch(seqs)
+        capacity = max(1, min(capacity or len(seqs), len(seqs)))
+        solo = len(seqs) == 1
+        batch = self._batch(seqs) if solo else _Batch.slots(self.config, seqs, capacity, self.prefix_k, self.prefix_v)
         outs: list[list[int]] = [[] for _ in seqs]
-        nxt = np.argmax(self._prefill(batch, seqs), axis=1)  # first generated token of each sequence
-        slots = np.arange(len(seqs))  # batch slot of each live sequence
-        live = np.arange(len(seqs))  # its index in seqs
-        pos = batch.base + np.array([len(s.ids) for s in seqs])  # own index the next token goes to
-        while True:
-            done = np.zeros(len(live), bool)
-            for j, i in enumerate(live):
-                token = int(nxt[j])
-                if token == eos:
-                    done[j] = True
+        waiting = deque(range(len(seqs)))
+        free = deque(range(capacity))
+        slot_of: dict[int, int] = {}
+        fed: dict[int, int] = {}  # prompt tokens evaluated, per admitted sequence still in its prompt
+        decoding: dict[int, tuple[int, int]] = {}  # sequence -> (next token to evaluate, its own index)
+        while waiting or fed or decoding:
+            while waiting and free:
+                i = waiting.popleft()
+                slot_of[i] = free.popleft()
+                fed[i] = 0
+                if not solo:
+                    batch.assign(slot_of[i], seqs[i])
+            # Decoding sequences first: one-token segments form one attention group.
+            segments = [(i, slot_of[i], index, [token]) for i, (token, index) in decoding.items()]
+            rows = len(segments)
+            total = rows + sum(len(seqs[i].ids) - done for i, done in fed.items())
+            budget = -(-total // -(-total // MAX_ROWS))  # even steps: 2368 rows go as 2 x 1184, not 2048 + 320
+            for i, done in fed.items():
+                n = min(PREFILL_CHUNK, len(seqs[i].ids) - done, budget - rows)
+                if n <= 0:
+                    break
+                segments.append((i, slot_of[i], int(batch.base[slot_of[i]]) + done, seqs[i].ids[done:done + n]))
+                rows += n
+            step = _Step(np.array([sg[1] for sg in segments]), np.array([sg[2] for sg in segments]),
+                         np.array([len(sg[3]) for sg in segments]))
+            wants = np.array([i not in fed or fed[i] + len(ids) == len(seqs[i].ids) for i, _, _, ids in segments])
+            batch.reserve(int((step.first + step.count).max()))
+            logits = self._step(batch, step, np.concatenate([sg[3] for sg in segments]), want_logits=True,
+                                logit_segments=wants)
+            chosen = iter(np.argmax(logits, axis=1).tolist())
+            for (i, slot, first, ids), want in zip(segments, wants):
+                if not want:
+                    fed[i] += len(ids)
                     continue
-                outs[i].append(token)
-                done[j] = len(outs[i]) >= seqs[i].limit
-            if done.all():
-                return outs
-            if done.any():
-                keep = ~done
-                live, slots, nxt, pos = live[keep], slots[keep], nxt[keep], pos[keep]
-                if len(slots) <= 0.75 * batch.k.shape[2]:  # compact once a quarter of the slots is dead
-                    batch.keep(slots)
-                    slots = np.arange(len(slots))
-            batch.reserve(int(pos.max()) + 1)
-            step = _Step(slots, pos, np.ones(len(slots), np.int64))
-            nxt = np.argmax(self._step(batch, step, nxt, want_logits=True), axis=1)
-            pos = pos + 1
+                fed.pop(i, None)
+                token = next(chosen)
+                if token != eos:
+                    outs[i].append(token)
+                if token == eos or len(outs[i]) >= seqs[i].limit:
+                    decoding.pop(i, None)
+                    free.append(slot)
+                else:
+                    decoding[i] = (token, first + len(ids))
+        return outs
 
     def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Logits after the last token of each sequence (n_seqs, n_vocab), as generation sees them."""
@@ -336,22 +379,37 @@ class Engine:
         batch) and return the logits after the last token of each segment (of the selected ones)."""
         c, w = self.config, self.w
         seg, offset = step.rows()
-        own_index = step.first[seg] + offset  # (N,)
-        positions = batch.start[step.slot[seg]] + own_index
+        positions = batch.start[step.slot[seg]] + step.first[seg] + offset
         ws = self._workspace(len(tokens))
         x = ws.x[:len(tokens)]
         np.add(w.embed(tokens), w.position_embd[positions], out=x)  # (N, d)
-        plan = _AttentionPlan.of(step, seg, offset, own_index, batch)
-        for i, layer in enumerate(w.layers):
-            self._block(x, i, layer, batch, plan, ws)
-        if not want_logits:
-            return None
+        groups = _attention_groups(step, batch)
+        *inner, final = w.layers
+        for i, layer in enumerate(inner):
+            q = self._attention_input(x, i, layer, batch, groups, ws)
+            self._block_rest(x, q, i, layer, batch, groups, ws)
+        # The last block's outputs feed nothing but the logits: every row's keys and values are
+        # stored, the rest of the block runs only on the rows whose logits are wanted.
         last = np.cumsum(step.count) - 1  # packed row of each segment's last token
-        if logit_segments is not None:
-            last = last[logit_segments]
-        h = _layer_norm(x[last], w.output_norm_w, w.output_norm_b, c.eps, ws.att[:len(last)], ws.sq[:len(last)])
-        logits = ws.logits_rows(len(last))  # (S, n_vocab): only where a next token is chosen
-        if len(last) == 1:  # a matrix-vector product reads the head faster than a 1-row matmul
+        if not want_logits:
+            chosen = np.zeros(len(last), bool)
+        else:
+            chosen = np.ones(len(last), bool) if logit_segments is None else logit_segments
+        q = self._attention_input(x, c.n_layer - 1, final, batch, groups, ws)
+        if not chosen.any():
+            return None
+        if len(last) == len(x) and chosen.all():  # one token per segment: every row is wanted
+            rows = x
+            self._block_rest(rows, q, c.n_layer - 1, final, batch, groups, ws)
+        else:
+            last = last[chosen]
+            tail = _Step(step.slot[chosen], (step.first + step.count - 1)[chosen], np.ones(len(last), np.int64))
+            rows = x[last]  # (S', d), a copy
+            self._block_rest(rows, np.ascontiguousarray(q[:, last]), c.n_layer - 1, final, batch,
+                             [(0, len(last), _AttentionPlan.of(tail, batch))], ws)
+        h = _layer_norm(rows, w.output_norm_w, w.output_norm_b, c.eps, ws.att[:len(rows)], ws.sq[:len(rows)])
+        logits = ws.logits_rows(len(rows))  # (S, n_vocab): only where a next token is chosen
+        if len(rows) == 1:  # a matrix-vector product reads the head faster than a 1-row matmul
             np.matmul(w.head, h[0], out=logits[0])
         else:
             np.matmul(h, w.head.T, out=logits)
@@ -363,20 +421,32 @@ class Engine:
             ws = self._ws = _Workspace(self.config, max(n_rows, 1))
         return ws
 
-    def _block(self, x: np.ndarray, i: int, layer: Layer, batch: _Batch, plan: "_AttentionPlan", ws: "_Workspace") -> None:
-        """One transformer block over the packed rows x (N, d), in place."""
+    def _attention_input(self, x: np.ndarray, i: int, layer: Layer, batch: _Batch, groups: list, ws: "_Workspace") -> np.ndarray:
+        """The first half of a block over the packed rows x (N, d): normalise, project, store the
+        keys and values in the cache; returns the queries (H, N, hd), a view into the workspace."""
         c = self.config
         N, d = x.shape
         H, hd = c.n_head, c.head_dim
-        h, qkv, att, up, sq = ws.h[:N], ws.qkv[:N], ws.att[:N], ws.up[:N], ws.sq[:N]
-        _layer_norm(x, layer.attn_norm_w, layer.attn_norm_b, c.eps, h, sq)
+        h, qkv = ws.h[:N], ws.qkv[:N]
+        _layer_norm(x, layer.attn_norm_w, layer.attn_norm_b, c.eps, h, ws.sq[:N])
         np.matmul(h, layer.attn_qkv, out=qkv)
         qkv += layer.attn_qkv_b  # (N, 3d)
         q, k, v = (qkv[:, j * d:(j + 1) * d].reshape(N, H, hd).transpose(1, 0, 2) for j in range(3))  # (H, N, hd)
-        plan.store(batch.k[i], k)
-        plan.store(batch.v[i], v)
-        a = self._attention(q, i, batch, plan)  # (H, N, hd)
-        np.copyto(att.reshape(N, H, hd), a.transpose(1, 0, 2))
+        for r0, r1, plan in groups:
+            plan.store(batch.k[i], k[:, r0:r1])
+            plan.store(batch.v[i], v[:, r0:r1])
+        return q
+
+    def _block_rest(self, x: np.ndarray, q: np.ndarray, i: int, layer: Layer, batch: _Batch, groups: list,
+                    ws: "_Workspace") -> None:
+        """The rest of the block for the rows x (N, d) and their queries q (H, N, hd), in place."""
+        c = self.config
+        N, d = x.shape
+        H, hd = c.n_head, c.head_dim
+        h, att, up, sq = ws.h[:N], ws.att[:N], ws.up[:N], ws.sq[:N]
+        for r0, r1, plan in groups:
+            a = self._attention(q[:, r0:r1], i, batch, plan)  # (H, n, hd)
+            np.copyto(att[r0:r1].reshape(r1 - r0, H, hd), a.transpose(1, 0, 2))
         np.matmul(att, layer.attn_output, out=h)
         h += layer.attn_output_b
         x += h
@@ -394,7 +464,7 @@ class Engine:
         maximum, one denominator; the value products are summed before normalising. Heads are
         taken a few at a time so each chunk's scores stay in L2 through the softmax passes."""
         H, N, hd = q.shape
-        S, Tq, Tk = plan.n_segments, plan.tq, plan.tk
+        S, Tq, Tk = plan.n_grid, plan.tq, plan.tk
         P = batch.prefix_k.shape[2]
         qp = plan.pad(q)  # (H, S * Tq, hd)
         qp *= self._scale  # scaling q, not the scores: fewer passes; for head size 64 (1/8) the same bits
@@ -435,60 +505,87 @@ _GELU_ROWS = 64  # rows per GELU pass: (64, n_ff) float32 stays in L2 across its
 
 @dataclass(frozen=True)
 class _AttentionPlan:
-    """How one step's packed rows map onto the padded (segment, query) grid attention works on."""
+    """How a group of segments maps onto the padded (slot, query) grid attention works on. The
+    grid's slots are the segments' own, or, for one query per segment on scattered slots, the
+    whole slot range they span (zero queries for the others): reading a range of the cache is a
+    view, gathering scattered slots would copy every live sequence's keys at every layer."""
 
-    slots: np.ndarray  # (S,) batch slot of each segment
-    n_segments: int
-    tq: int  # queries per segment (padded)
+    grid_slots: np.ndarray  # (G,) batch slot of each grid entry
+    tq: int  # queries per grid entry (padded)
     tk: int  # own keys any segment can see
-    flat: np.ndarray | None  # padded index of each packed row; None when no padding is needed
+    flat: np.ndarray | None  # grid index of each packed row; None when the rows fill the grid
     rows_slot: np.ndarray  # (N,) batch slot of each packed row
     rows_index: np.ndarray  # (N,) own index of each packed row
     block: tuple[slice, slice] | None  # (slots, own indices) when the rows fill a rectangle of the cache
-    hidden: np.ndarray | None  # (S, Tq, Tk) True where a key is in a query's future
-    prefix_hidden: np.ndarray | None  # (S, 1, P) True for prefix keys a sequence does not share
-    consecutive: bool  # the segments' slots are consecutive: their caches are one view
+    hidden: np.ndarray | None  # (G, Tq, Tk) True where a key is in a query's future
+    prefix_hidden: np.ndarray | None  # (G, 1, P) True for prefix keys a sequence does not share
+    consecutive: bool  # the grid's slots are consecutive: their caches are one view
 
     @classmethod
-    def of(cls, step: _Step, seg: np.ndarray, offset: np.ndarray, own_index: np.ndarray, batch: _Batch) -> "_AttentionPlan":
+    def of(cls, step: _Step, batch: _Batch) -> "_AttentionPlan":
+        seg, offset = step.rows()
         S = len(step.count)
         tq = int(step.count.max())
         tk = int((step.first + step.count).max())
-        flat = None if S * tq == len(seg) else seg * tq + offset
-        first_slot = int(step.slot[0])
-        rectangle = (flat is None and bool((step.first == step.first[0]).all())
-                     and bool((step.slot == np.arange(first_slot, first_slot + S)).all()))
-        block = (slice(first_slot, first_slot + S), slice(int(step.first[0]), int(step.first[0]) + tq)) if rectangle else None
-        visible = np.arange(tk)[None, None, :] <= (step.first[:, None, None] + np.arange(tq)[None, :, None])
+        lo, hi = int(step.slot.min()), int(step.slot.max())
+        consecutive = bool((np.diff(step.slot) == 1).all())
+        if not consecutive and tq == 1 and hi - lo + 1 <= 2 * S:
+            grid_slots, grid = np.arange(lo, hi + 1), step.slot - lo
+        else:
+            grid_slots, grid = step.slot, np.arange(S)
+        G = len(grid_slots)
+        identity = G == S and bool((grid == np.arange(S)).all())
+        flat = None if identity and S * tq == len(seg) else grid[seg] * tq + offset
+        rectangle = (flat is None and consecutive and bool((step.first == step.first[0]).all()))
+        block = (slice(lo, lo + S), slice(int(step.first[0]), int(step.first[0]) + tq)) if rectangle else None
+        first = np.zeros(G, np.int64)  # grid entries without a segment see key 0 only: finite, discarded
+        first[grid] = step.first
+        visible = np.arange(tk)[None, None, :] <= (first[:, None, None] + np.arange(tq)[None, :, None])
         P = batch.prefix_k.shape[2]
-        shared = batch.visible[step.slot]
+        shared = np.full(G, P, np.int64)
+        shared[grid] = batch.visible[step.slot]
         prefix_hidden = np.arange(P)[None, None, :] >= shared[:, None, None] if (shared < P).any() else None
-        return cls(step.slot, S, tq, tk, flat, step.slot[seg], own_index, block,
-                   None if visible.all() else ~visible, prefix_hidden, bool((np.diff(step.slot) == 1).all()))
+        return cls(grid_slots, tq, tk, flat, step.slot[seg], step.first[seg] + offset, block,
+                   None if visible.all() else ~visible, prefix_hidden, bool((np.diff(grid_slots) == 1).all()))
+
+    @property
+    def n_grid(self) -> int:
+        return len(self.grid_slots)
 
     def store(self, cache: np.ndarray, values: np.ndarray) -> None:
         """Write the rows' keys or values (H, N, hd) into a layer's cache (H, B, cap, hd)."""
         if self.block is not None:  # consecutive slots at the same own positions: a plain slice
             slots, index = self.block
-            cache[:, slots, index] = values.reshape(values.shape[0], self.n_segments, self.tq, values.shape[2])
+            cache[:, slots, index] = values.reshape(values.shape[0], self.n_grid, self.tq, values.shape[2])
         else:
             cache[:, self.rows_slot, self.rows_index] = values
 
     def own(self, cache: np.ndarray) -> np.ndarray:
-        """The segments' own keys or values (H, S, Tk, hd): a view when the slots are consecutive."""
+        """The grid's own keys or values (H, G, Tk, hd): a view when its slots are consecutive."""
         if self.consecutive:
-            return cache[:, int(self.slots[0]):int(self.slots[0]) + self.n_segments, :self.tk]
-        return cache[:, self.slots, :self.tk]
+            lo = int(self.grid_slots[0])
+            return cache[:, lo:lo + self.n_grid, :self.tk]
+        return cache[:, self.grid_slots, :self.tk]
 
     def pad(self, q: np.ndarray) -> np.ndarray:
         if self.flat is None:
             return q
-        out = np.zeros((q.shape[0], self.n_segments * self.tq, q.shape[2]), np.float32)
+        out = np.zeros((q.shape[0], self.n_grid * self.tq, q.shape[2]), np.float32)
         out[:, self.flat] = q
         return out
 
     def unpad(self, out: np.ndarray) -> np.ndarray:
         return out if self.flat is None else out[:, self.flat]
+
+
+def _attention_groups(step: _Step, batch: _Batch) -> list[tuple[int, int, _AttentionPlan]]:
+    """(first row, end row, plan) per run of segments: one-token segments (decoding) and longer
+    ones (prompts) are planned apart, so the short ones are not padded to the prompts' length."""
+    single = step.count == 1
+    cuts = [0, *(np.flatnonzero(single[1:] != single[:-1]) + 1).tolist(), len(single)]
+    row = np.concatenate([[0], np.cumsum(step.count)])
+    return [(int(row[a]), int(row[b]), _AttentionPlan.of(_Step(step.slot[a:b], step.first[a:b], step.count[a:b]), batch))
+            for a, b in zip(cuts, cuts[1:])]
 
 
 class _Workspace:

@@ -5,21 +5,25 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from . import paths, prefix_cache
+from . import blas_threads, paths, prefix_cache
 from .base_model import BaseModel
 from .engine import Engine, Sequence, Weights
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
 from .lora import LoraAdapter
 from .program import ADAPTER, Program
 
-# fn.map's default: each sequence in a batch holds its own keys and values (74 KB per token on
-# GPT-2 124M: 32 x 50 tokens = 118 MB) besides the model's 500 MB.
-DEFAULT_BATCH_SIZE = 32
+# fn.map's default sequences in flight, shared among the worker threads (one per core): each holds
+# its own keys and values (74 KB per token on GPT-2 124M: 64 x 50 tokens = 236 MB) besides the
+# model's 500 MB. Fewer per worker leaves its decoding matmuls too small to run at full speed.
+DEFAULT_BATCH_SIZE = 64
+_MIN_PER_WORKER = 4  # fewer inputs than this per core run on one worker: threads would not pay off
+_PIECES_PER_CAPACITY = 8  # a worker's piece of a map: long enough that its last, emptying steps are rare
 
 
 def load_adapter(program: Program, base: BaseModel, scratch_dir: Path) -> LoraAdapter:
@@ -51,6 +55,7 @@ class PawFunction:
         # function alone is consumed tensor by tensor (never held twice); a shared base stays untouched.
         weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
         self._engine: Engine | None = Engine(weights, self.config)
+        self._forks: list[Engine] = []  # fn.map's other workers: the same weights, their own buffers
         self._prefix_ids = self.tokenizer.encode(program.prefix)
         self._suffix_ids = self.tokenizer.encode(program.suffix)
         self._template_bytes = len(program.template.encode("utf-8"))
@@ -85,8 +90,11 @@ class PawFunction:
             return self._live_engine().generate([seq], self.tokenizer.eos_id)[0]
 
     def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
-        """Outputs for many inputs, the same as calling the function on each: up to batch_size
-        inputs are evaluated together against the shared prefix, each stopping at its own EOS."""
+        """Outputs for many inputs, the same as calling the function on each. Up to batch_size
+        inputs are in flight at once, evaluated together against the shared prefix, each stopping
+        at its own EOS and handing its place to the next input. They are shared among one worker
+        thread per core; while the workers run, NumPy's BLAS is held at one thread (process-wide,
+        see `paw_lite.blas_threads`), so other NumPy work in the process runs single-threaded."""
         return [self.tokenizer.decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size)]
 
     def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[int]]:
@@ -97,16 +105,34 @@ class PawFunction:
         outs: list[list[int]] = [[] for _ in seqs]
         # Similar lengths batched together waste less attention padding; the order does not change results.
         todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
+        if not todo:
+            return outs
         with self._lock:
             engine = self._live_engine()
-            for start in range(0, len(todo), batch_size):
-                group = todo[start:start + batch_size]
-                for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id)):
-                    outs[i] = ids
+            # batch_size bounds the sequences in flight (and so the memory), whatever the worker count.
+            n_workers = min(blas_threads.map_workers(), batch_size, -(-len(todo) // _MIN_PER_WORKER))
+            capacity = batch_size // n_workers
+            if n_workers == 1:
+                self._generate(engine, todo, seqs, outs, capacity)
+                return outs
+            while len(self._forks) < n_workers - 1:
+                self._forks.append(engine.fork())
+            # Workers take turns at pieces of the work, so an error or Ctrl-C stops them within one piece.
+            piece = min(_PIECES_PER_CAPACITY * capacity, -(-len(todo) // n_workers))
+            pieces = [todo[p:p + piece] for p in range(0, len(todo), piece)]
+            with blas_threads.single_threaded():
+                _run_workers([engine, *self._forks[:n_workers - 1]], pieces,
+                             lambda eng, group: self._generate(eng, group, seqs, outs, capacity))
         return outs
+
+    def _generate(self, engine: Engine, group: list[int], seqs: list[Sequence | None], outs: list[list[int]],
+                  capacity: int) -> None:
+        for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id, capacity)):
+            outs[i] = ids
 
     def close(self) -> None:
         self._engine = None
+        self._forks = []
 
     def __enter__(self) -> "PawFunction":
         return self
@@ -187,6 +213,36 @@ class PawFunction:
             except OSError as exc:
                 prefix_cache.log.warning("cannot write prefix cache %s (%s); continuing without it", path, exc)
         return k, v
+
+
+def _run_workers(engines: list[Engine], groups: list[list[int]], work: Callable[[Engine, list[int]], None]) -> None:
+    """Each engine in its own thread (the first in this one) takes the next group until none are
+    left. NumPy releases the GIL in its loops and BLAS calls, so the threads share the cores.
+    The first error stops the others taking new groups and is raised here."""
+    pending = iter(groups)
+    take = threading.Lock()
+    failed = threading.Event()
+
+    def worker(engine: Engine) -> None:
+        while not failed.is_set():
+            with take:
+                group = next(pending, None)
+            if group is None:
+                return
+            try:
+                work(engine, group)
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(max_workers=len(engines) - 1, thread_name_prefix="paw-map") as pool:
+        others = [pool.submit(worker, engine) for engine in engines[1:]]
+        try:
+            worker(engines[0])
+        finally:
+            wait(others)  # no worker outlives the call
+        for future in others:
+            future.result()
 
 
 def function(program: str | os.PathLike[str] | Program, base_model: str | os.PathLike[str] | BaseModel | None = None,

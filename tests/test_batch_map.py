@@ -196,23 +196,68 @@ def tiny_engine(tiny_gguf, tiny_program, tmp_path_factory):
     return engine, seqs
 
 
-def test_ragged_eos_in_one_batch(tiny_engine):
-    engine, seqs = tiny_engine
+def _ragged_eos(engine: Engine, seqs: list[Sequence]) -> tuple[int, list[list[int]], list[list[int]]]:
+    """A token many, not all, continuations reach, used as EOS; the continuations without and with it."""
     free = [engine.generate([s], eos=-1)[0] for s in seqs]  # eos -1: never stops early
     assert all(len(o) == 10 for o in free)
     counts: dict[int, int] = {}
     for o in free:
         for t in set(o[1:]):
             counts[t] = counts.get(t, 0) + 1
-    eos = max(counts, key=counts.get)  # a token many, not all, continuations reach
+    eos = max(counts, key=counts.get)
     want = [engine.generate([s], eos=eos)[0] for s in seqs]
     assert len({len(o) for o in want}) > 1, "outputs of different lengths expected"
+    return eos, free, want
+
+
+def test_ragged_eos_in_one_batch(tiny_engine):
+    engine, seqs = tiny_engine
+    eos, free, want = _ragged_eos(engine, seqs)
     assert want == [o[:o.index(eos)] if eos in o else o for o in free]
     for size in (2, len(seqs)):
         got = []
         for i in range(0, len(seqs), size):
             got += engine.generate(seqs[i:i + size], eos=eos)
         assert got == want, size
+
+
+def test_slots_taken_in_turn_equal_one_at_a_time(tiny_engine):
+    """Fewer slots than sequences: a finished sequence's slot, still holding its keys, goes to the
+    next one, and steps mix one-token (decoding) segments with prompt segments."""
+    engine, seqs = tiny_engine
+    eos, _, want = _ragged_eos(engine, seqs)  # slots free up at different steps
+    for capacity in (1, 2, 3, len(seqs)):
+        assert engine.generate(seqs, eos=eos, capacity=capacity) == want, capacity
+
+
+def test_map_workers_equal_one_at_a_time(tiny_fn, monkeypatch):
+    """Two worker threads with single-threaded BLAS (forced, whatever this machine's core count)
+    give the same ids, and BLAS gets its thread count back."""
+    from paw_lite import blas_threads
+
+    one_by_one = [tiny_fn.generate_ids(t) for t in TEXTS]
+    before = blas_threads.controller().get()
+    monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
+    for batch_size in (2, 4, 64):
+        assert tiny_fn.map_ids(TEXTS * 2, batch_size=batch_size) == one_by_one * 2, batch_size
+    assert blas_threads.controller().get() == before
+
+
+def test_a_worker_error_reaches_the_caller(tiny_fn, monkeypatch):
+    from paw_lite import blas_threads
+
+    before = blas_threads.controller().get()
+    monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
+    tiny_fn.map_ids(TEXTS, batch_size=4)  # creates the second worker's engine
+    fork = tiny_fn._forks[0]
+
+    def broken(*args, **kwargs):
+        raise MemoryError("worker out of memory")
+
+    monkeypatch.setattr(fork, "generate", broken)
+    with pytest.raises(MemoryError, match="worker out of memory"):
+        tiny_fn.map_ids(TEXTS * 4, batch_size=4)
+    assert blas_threads.controller().get() == before
 
 
 @pytest.mark.parametrize("alpha", [16.0, 10.0], ids=["scale 0.5 (power of two)", "scale 0.3125"])

@@ -184,6 +184,7 @@ def test_doctor(tmp_path, capsys, monkeypatch):
     assert checks["llama.cpp runs a Q8_0 model"]["status"] == "ok"
     assert checks["cache directory writable"]["status"] == "ok"
     assert checks["models directory"]["status"] == "warn" and "models import DIR" in checks["models directory"]["fix"]
+    assert checks["fn.map workers"]["status"] == "ok" and "openblas" in checks["fn.map workers"]["detail"].lower()
 
     # a native build that crashes on this CPU (as -march=native does with AMX on Q8_0) is reported, not fatal
     from paw_lite.cli import doctor

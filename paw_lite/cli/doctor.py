@@ -156,10 +156,21 @@ def check_writable(name: str, directory: Path, fix: str) -> dict[str, str]:
         return _check(name, "fail", f"{directory}: {exc.strerror or exc}", fix)
 
 
+def check_map_workers() -> dict[str, str]:
+    from .. import blas_threads
+
+    ctl = blas_threads.controller()
+    if ctl is None:
+        return _check("fn.map workers", "warn", "NumPy's BLAS is not an OpenBLAS paw_lite can control: one worker",
+                      "install NumPy from PyPI wheels (they bundle OpenBLAS) for one fn.map worker per core")
+    return _check("fn.map workers", "ok", f"{blas_threads.map_workers()} (OpenBLAS {ctl.library})")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..models_dir import models_directory
 
     checks = check_imports()
+    checks.append(check_map_workers())
     cache = paths.cache_dir()
     checks.append(check_writable("cache directory writable", cache, "set PAW_LITE_CACHE to a writable folder"))
     try:

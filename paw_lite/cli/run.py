@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import batch
 from ..errors import PawError
-from ..runtime import function
+from ..runtime import DEFAULT_BATCH_SIZE, function
 from . import emit
 
 
@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="stop after N output tokens (default: EOS or context end)")
     p.add_argument("--input-format", choices=batch.INPUT_FORMATS, default="auto",
                    help="how to read --input-file: text lines, JSONL, or auto (JSONL for .jsonl files or when the first line starts with '{')")
-    p.add_argument("--batch-size", type=int, default=16, help="inputs evaluated together in batch mode")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"inputs in flight at once in batch mode (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
