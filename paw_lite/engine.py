@@ -314,7 +314,7 @@ class Engine:
             batch.reserve(int((step.first + step.count).max()))
             logits = self._step(batch, step, np.concatenate([sg[3] for sg in segments]), want_logits=True,
                                 logit_segments=wants)
-            chosen = iter(np.argmax(logits, axis=1).tolist())
+            chosen = iter([] if logits is None else np.argmax(logits, axis=1).tolist())
             for (i, slot, first, ids), want in zip(segments, wants):
                 if not want:
                     fed[i] += len(ids)

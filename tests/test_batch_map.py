@@ -230,6 +230,17 @@ def test_slots_taken_in_turn_equal_one_at_a_time(tiny_engine):
         assert engine.generate(seqs, eos=eos, capacity=capacity) == want, capacity
 
 
+def test_prompts_split_over_several_steps(tiny_fn, monkeypatch):
+    """Prompts longer than one step takes (a step without any logits in between) give the same ids."""
+    from paw_lite import engine as engine_module
+
+    want = [tiny_fn.generate_ids(t, max_tokens=5) for t in TEXTS]
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 3)
+    monkeypatch.setattr(engine_module, "MAX_ROWS", 4)
+    assert [tiny_fn.generate_ids(t, max_tokens=5) for t in TEXTS] == want
+    assert tiny_fn.map_ids(TEXTS, max_tokens=5, batch_size=3) == want
+
+
 def test_map_workers_equal_one_at_a_time(tiny_fn, monkeypatch):
     """Two worker threads with single-threaded BLAS (forced, whatever this machine's core count)
     give the same ids, and BLAS gets its thread count back."""
