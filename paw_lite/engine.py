@@ -276,11 +276,12 @@ class Engine:
         """Greedy continuations of every sequence, each stopping at EOS or its limit.
 
         Up to `capacity` sequences (all by default) are in flight, each in a slot of the batch's
-        cache. Every step evaluates one token of each decoding sequence together with prompt
-        tokens of newly admitted ones, so the matmuls stay large after the first prompts are in;
-        a finished sequence's slot goes to the next waiting one."""
+        cache. A finished sequence's slot goes to the next waiting one, and every step evaluates
+        one token of each decoding sequence together with prompt tokens of newly admitted ones:
+        when outputs end at different steps, the slots stay full and the matmuls large."""
         if not seqs:
             return []
+        self._check(seqs)
         capacity = max(1, min(capacity or len(seqs), len(seqs)))
         solo = len(seqs) == 1
         batch = self._batch(seqs) if solo else _Batch.slots(self.config, seqs, capacity, self.prefix_k, self.prefix_v)
@@ -334,10 +335,13 @@ class Engine:
         """Logits after the last token of each sequence (n_seqs, n_vocab), as generation sees them."""
         return self._prefill(self._batch(seqs), seqs)
 
-    def _batch(self, seqs: list[Sequence]) -> _Batch:
+    def _check(self, seqs: list[Sequence]) -> None:
         P = self.prefix_k.shape[2]
         assert all(s.limit >= 1 and s.ids and s.start <= P and s.start + len(s.ids) + s.limit - 1 <= self.config.n_ctx
                    for s in seqs)
+
+    def _batch(self, seqs: list[Sequence]) -> _Batch:
+        self._check(seqs)
         if len(seqs) > 1:
             return _Batch.split(self.config, seqs, self.prefix_k, self.prefix_v)
         if self._solo is None:
@@ -421,7 +425,8 @@ class Engine:
             ws = self._ws = _Workspace(self.config, max(n_rows, 1))
         return ws
 
-    def _attention_input(self, x: np.ndarray, i: int, layer: Layer, batch: _Batch, groups: list, ws: "_Workspace") -> np.ndarray:
+    def _attention_input(self, x: np.ndarray, i: int, layer: Layer, batch: _Batch, groups: "_Groups",
+                         ws: "_Workspace") -> np.ndarray:
         """The first half of a block over the packed rows x (N, d): normalise, project, store the
         keys and values in the cache; returns the queries (H, N, hd), a view into the workspace."""
         c = self.config
@@ -437,7 +442,7 @@ class Engine:
             plan.store(batch.v[i], v[:, r0:r1])
         return q
 
-    def _block_rest(self, x: np.ndarray, q: np.ndarray, i: int, layer: Layer, batch: _Batch, groups: list,
+    def _block_rest(self, x: np.ndarray, q: np.ndarray, i: int, layer: Layer, batch: _Batch, groups: "_Groups",
                     ws: "_Workspace") -> None:
         """The rest of the block for the rows x (N, d) and their queries q (H, N, hd), in place."""
         c = self.config
@@ -578,7 +583,10 @@ class _AttentionPlan:
         return out if self.flat is None else out[:, self.flat]
 
 
-def _attention_groups(step: _Step, batch: _Batch) -> list[tuple[int, int, _AttentionPlan]]:
+_Groups = list[tuple[int, int, _AttentionPlan]]  # (first packed row, end row, plan) of each attention group
+
+
+def _attention_groups(step: _Step, batch: _Batch) -> _Groups:
     """(first row, end row, plan) per run of segments: one-token segments (decoding) and longer
     ones (prompts) are planned apart, so the short ones are not padded to the prompts' length."""
     single = step.count == 1
