@@ -89,18 +89,23 @@ class PawFunction:
         with self._lock:
             return self._live_engine().generate([seq], self.tokenizer.eos_id)[0]
 
-    def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+    def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+            workers: int | None = None) -> list[str]:
         """Outputs for many inputs, the same as calling the function on each. Up to batch_size
         inputs are in flight at once, evaluated together against the shared prefix, each stopping
-        at its own EOS and handing its place to the next input. They are shared among one worker
-        thread per core; while the workers run, NumPy's BLAS is held at one thread (process-wide,
-        see `paw_lite.blas_threads`), so other NumPy work in the process runs single-threaded."""
-        return [self.tokenizer.decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size)]
+        at its own EOS and handing its place to the next input.
 
-    def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[int]]:
+        workers: threads sharing the inputs; None for one per core. With more than one, NumPy's
+        BLAS is held at one thread while they run (process-wide, see `paw_lite.blas_threads`), so
+        other NumPy work in the process runs single-threaded meanwhile; workers=1 leaves it alone."""
+        return [self.tokenizer.decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size, workers)]
+
+    def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                workers: int | None = None) -> list[list[int]]:
         """The greedy output token ids of many inputs (see `map`)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        for name, value in (("batch_size", batch_size), ("workers", 1 if workers is None else workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
         seqs = [self._sequence(self.prompt_ids(t), max_tokens) for t in texts]  # every input checked first
         outs: list[list[int]] = [[] for _ in seqs]
         # Similar lengths batched together waste less attention padding; the order does not change results.
@@ -110,7 +115,8 @@ class PawFunction:
         with self._lock:
             engine = self._live_engine()
             # batch_size bounds the sequences in flight (and so the memory), whatever the worker count.
-            n_workers = min(blas_threads.map_workers(), batch_size, -(-len(todo) // _MIN_PER_WORKER))
+            wanted = blas_threads.map_workers() if workers is None else workers
+            n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
             capacity = batch_size // n_workers
             if n_workers == 1:
                 self._generate(engine, todo, seqs, outs, capacity)

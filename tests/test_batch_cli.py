@@ -192,3 +192,19 @@ def test_a_second_run_on_the_same_output_is_refused(cli, tmp_path):
         holder.close()
     assert proc.returncode == 2 and b"another paw-lite run is writing this output file" in proc.stderr, proc.stderr
     assert out.read_bytes() == b""
+
+
+def test_workers_option(cli, fn, tmp_path):
+    texts = [f"line {i}: disk error" if i % 3 else f"user {i} logged in" for i in range(12)]
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(texts))
+    want = fn.map(texts, max_tokens=MAX_TOKENS, workers=1)
+    for workers in ("1", "2"):
+        out = tmp_path / f"out-{workers}.jsonl"
+        proc = cli("--input-file", inp, "--output", out, "--json", "--workers", workers)
+        assert proc.returncode == 0, proc.stderr
+        assert [r["output"] for r in sorted(records(out), key=lambda r: r["index"])] == want
+    bad = cli("--input-file", inp, "--json", "--workers", "0")
+    assert bad.returncode != 0 and b"--workers must be at least 1, not 0" in bad.stderr
+    assert not (tmp_path / "out-0.jsonl").exists()
+

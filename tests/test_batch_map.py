@@ -254,6 +254,22 @@ def test_map_workers_equal_one_at_a_time(tiny_fn, monkeypatch):
     assert blas_threads.controller().get() == before
 
 
+def test_workers_option(tiny_fn, monkeypatch):
+    """workers=2 shares the inputs between two threads; workers=1 never touches BLAS's thread count."""
+    from paw_lite import blas_threads
+
+    one_by_one = [tiny_fn.generate_ids(t) for t in TEXTS]
+    assert tiny_fn.map_ids(TEXTS * 2, batch_size=8, workers=2) == one_by_one * 2
+    ctl = blas_threads.controller()
+    calls = []
+    monkeypatch.setattr(type(ctl), "set", lambda self, n: calls.append(n))
+    assert tiny_fn.map_ids(TEXTS * 2, batch_size=8, workers=1) == one_by_one * 2
+    assert calls == []
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            tiny_fn.map(["a"], workers=bad)
+
+
 def test_a_worker_error_reaches_the_caller(tiny_fn, monkeypatch):
     from paw_lite import blas_threads
 

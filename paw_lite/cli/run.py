@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how to read --input-file: text lines, JSONL, or auto (JSONL for .jsonl files or when the first line starts with '{')")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"inputs in flight at once in batch mode (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads sharing the inputs in batch mode (default: one per core; 1 leaves NumPy's BLAS threads alone)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
         raise PawError("give either TEXT or --input-file FILE")
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
+    for name in ("batch_size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PawError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     t0 = time.perf_counter()
     with function(args.program, base_model=args.base_model) as fn:
         load_s = time.perf_counter() - t0
@@ -62,7 +68,8 @@ def _run_file(args: argparse.Namespace, fn) -> int:
         write = results.write if results else batch.stdout_writer()
         bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
         try:
-            ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size),
+            ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                                                           workers=args.workers),
                                          write, chunk=max(1, args.batch_size), on_progress=bar.update)
         finally:
             bar.close()
