@@ -13,7 +13,7 @@ generated token; many sequences share that stream in `generate`, which is where 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -279,12 +279,26 @@ class Engine:
         cache. A finished sequence's slot goes to the next waiting one, and every step evaluates
         one token of each decoding sequence together with prompt tokens of newly admitted ones:
         when outputs end at different steps, the slots stay full and the matmuls large."""
+        return self._run(seqs, eos, capacity)
+
+    def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
+        """Logits after the last token of each sequence (n_seqs, n_vocab): what generation
+        chooses each one's first token from, evaluated the way generation evaluates them."""
+        logits = np.empty((len(seqs), self.config.n_vocab), np.float32)
+        self._run([replace(s, limit=1) for s in seqs], -1, None, first_logits=logits)
+        return logits
+
+    def _run(self, seqs: list[Sequence], eos: int, capacity: int | None,
+             first_logits: np.ndarray | None = None) -> list[list[int]]:
+        """`generate`; with first_logits, also the logits each sequence's first token came from."""
         if not seqs:
             return []
-        self._check(seqs)
+        P = self.prefix_k.shape[2]
+        assert all(s.limit >= 1 and s.ids and s.start <= P and s.start + len(s.ids) + s.limit - 1 <= self.config.n_ctx
+                   for s in seqs)
         capacity = max(1, min(capacity or len(seqs), len(seqs)))
         solo = len(seqs) == 1
-        batch = self._batch(seqs) if solo else _Batch.slots(self.config, seqs, capacity, self.prefix_k, self.prefix_v)
+        batch = self._solo_batch(seqs[0]) if solo else _Batch.slots(self.config, seqs, capacity, self.prefix_k, self.prefix_v)
         outs: list[list[int]] = [[] for _ in seqs]
         waiting = deque(range(len(seqs)))
         free = deque(range(capacity))
@@ -315,13 +329,16 @@ class Engine:
             batch.reserve(int((step.first + step.count).max()))
             logits = self._step(batch, step, np.concatenate([sg[3] for sg in segments]), want_logits=True,
                                 logit_segments=wants)
-            chosen = iter([] if logits is None else np.argmax(logits, axis=1).tolist())
+            picks = [] if logits is None else np.argmax(logits, axis=1).tolist()
+            row = 0  # logits row of the next segment that wants one
             for (i, slot, first, ids), want in zip(segments, wants):
                 if not want:
                     fed[i] += len(ids)
                     continue
-                fed.pop(i, None)
-                token = next(chosen)
+                if fed.pop(i, None) is not None and first_logits is not None:
+                    first_logits[i] = logits[row]
+                token = picks[row]
+                row += 1
                 if token != eos:
                     outs[i].append(token)
                 if token == eos or len(outs[i]) >= seqs[i].limit:
@@ -331,49 +348,10 @@ class Engine:
                     decoding[i] = (token, first + len(ids))
         return outs
 
-    def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
-        """Logits after the last token of each sequence (n_seqs, n_vocab), as generation sees them."""
-        return self._prefill(self._batch(seqs), seqs)
-
-    def _check(self, seqs: list[Sequence]) -> None:
-        P = self.prefix_k.shape[2]
-        assert all(s.limit >= 1 and s.ids and s.start <= P and s.start + len(s.ids) + s.limit - 1 <= self.config.n_ctx
-                   for s in seqs)
-
-    def _batch(self, seqs: list[Sequence]) -> _Batch:
-        self._check(seqs)
-        if len(seqs) > 1:
-            return _Batch.split(self.config, seqs, self.prefix_k, self.prefix_v)
+    def _solo_batch(self, seq: Sequence) -> _Batch:
         if self._solo is None:
             self._solo = _Solo(self.config)
-        return self._solo.batch_for(seqs[0], self.prefix_k, self.prefix_v)
-
-    def _prefill(self, batch: _Batch, seqs: list[Sequence]) -> np.ndarray:
-        """Evaluate every sequence's own tokens; return the logits after each one's last token."""
-        logits = np.empty((len(seqs), self.config.n_vocab), np.float32)
-        done = [0] * len(seqs)
-        total = sum(len(s.ids) for s in seqs)
-        per_step = -(-total // -(-total // MAX_ROWS))  # even steps: 2368 rows go as 3 x 790, not 1024 + 1024 + 320
-        while True:
-            todo = [i for i in range(len(seqs)) if done[i] < len(seqs[i].ids)]
-            if not todo:
-                return logits
-            group, rows = [], 0
-            for i in todo:  # sequences whose next piece fits in this step
-                n = min(PREFILL_CHUNK, len(seqs[i].ids) - done[i])
-                if group and rows + n > per_step:
-                    break
-                group.append((i, n))
-                rows += n
-            slot = np.array([i for i, _ in group])
-            first = np.array([batch.base[i] + done[i] for i, _ in group])
-            count = np.array([n for _, n in group])
-            tokens = np.concatenate([seqs[i].ids[done[i]:done[i] + n] for i, n in group])
-            finishing = np.array([done[i] + n == len(seqs[i].ids) for i, n in group])
-            logits[slot[finishing]] = self._step(batch, _Step(slot, first, count), tokens, want_logits=True,
-                                                 logit_segments=finishing)
-            for i, n in group:
-                done[i] += n
+        return self._solo.batch_for(seq, self.prefix_k, self.prefix_v)
 
     # -- one evaluation step ------------------------------------------------------------------
 
