@@ -55,15 +55,15 @@ def _candidate_libraries() -> list[str]:
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
-                path = line.split(maxsplit=5)[-1].strip() if line.count(" ") >= 5 else ""
+                fields = line.split(maxsplit=5)  # address, perms, offset, device, inode[, path]
+                path = fields[5].strip() if len(fields) == 6 else ""
                 if "openblas" in os.path.basename(path).lower() and path not in found:
                     found.append(path)
     except OSError:
         pass
     numpy_dir = Path(np.__file__).parent
-    for pattern in ("numpy.libs/*openblas*", ".dylibs/*openblas*", "numpy/.dylibs/*openblas*"):
-        base = numpy_dir.parent if pattern.startswith("numpy") else numpy_dir
-        for path in sorted(glob.glob(str(base / pattern))):
+    for bundled in (numpy_dir.parent / "numpy.libs", numpy_dir / ".dylibs"):  # Linux/Windows wheels, macOS wheels
+        for path in sorted(glob.glob(str(bundled / "*openblas*"))):
             if path not in found:
                 found.append(path)
     return found

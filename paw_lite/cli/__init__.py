@@ -42,3 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 def emit(args: argparse.Namespace, data: dict, text: str) -> None:
     """Print JSON with --json, else the human-readable text."""
     print(json.dumps(data, ensure_ascii=False) if getattr(args, "json", False) else text)
+
+
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuse integer options below 1 (an unset option, None, is left to its default)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PawError(f"--{name.replace('_', '-')} must be at least 1, not {value}")

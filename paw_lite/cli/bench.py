@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import PawError, require
-from . import emit
+from . import emit, require_positive
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "interpreter_bench.py"
 
@@ -53,9 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require("llama_cpp", "compile")
-    for name in ("repeats", "inner", "calls", "batch_size"):
-        if getattr(args, name) < 1:
-            raise PawError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    require_positive(args, "repeats", "inner", "calls", "batch_size")
     bench = _bench_module()
     if args.cache is None:
         args.cache = bench.DEFAULT_CACHE

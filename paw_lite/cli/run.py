@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import batch
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function
-from . import emit
+from . import emit, require_positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise PawError("give either TEXT or --input-file FILE")
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
-    for name in ("batch_size", "workers"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise PawError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    require_positive(args, "batch_size", "workers")
     t0 = time.perf_counter()
     with function(args.program, base_model=args.base_model) as fn:
         load_s = time.perf_counter() - t0
@@ -70,7 +67,7 @@ def _run_file(args: argparse.Namespace, fn) -> int:
         try:
             ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
                                                                            workers=args.workers),
-                                         write, chunk=max(1, args.batch_size), on_progress=bar.update)
+                                         write, chunk=args.batch_size, on_progress=bar.update)
         finally:
             bar.close()
     finally:
