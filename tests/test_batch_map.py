@@ -323,6 +323,35 @@ def test_inplace_kernels_are_bit_identical_to_the_reference():
     assert np.array_equal(y.view(np.uint32), gelu(x).view(np.uint32))
 
 
+@pytest.mark.parametrize("n_rows", [1, 2, 5])
+def test_greedy_over_head_blocks_is_the_argmax_of_the_logits(tiny_engine, monkeypatch, n_rows):
+    """Generation picks tokens from a running maximum over vocabulary blocks of the head; it must
+    equal np.argmax of the full logits, ties included (the first maximum wins, within a block and
+    across blocks), and the logits must be the head products themselves."""
+    import dataclasses
+
+    from paw_lite import engine as engine_module
+
+    engine, _ = tiny_engine
+    monkeypatch.setattr(engine_module, "_HEAD_MIN_BLOCK", 7)
+    monkeypatch.setattr(engine_module, "_HEAD_MAX_BLOCK", 7)  # 7 does not divide the vocabulary
+    rng = np.random.default_rng(4)
+    n_vocab, d = engine.w.head.shape
+    head = rng.standard_normal((n_vocab, d)).astype(np.float32)
+    head[[12, 30, 31]] = head[10]  # ties with row 10: the same block (12) and later blocks (30, 31)
+    head[n_vocab - 1] = head[n_vocab - 2]  # a tie inside the last, partial block
+    twin = Engine(dataclasses.replace(engine.w, head=head), engine.config)
+    h = rng.standard_normal((n_rows, d)).astype(np.float32)
+    h[0] = head[10] * 3  # row 0's maximum is the tied row 10
+    if n_rows > 2:
+        h[2] = head[n_vocab - 2] * 3
+    full = h @ head.T
+    logits = twin._logits(h)
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-4)
+    assert twin._greedy(h) == np.argmax(logits, axis=1).tolist() == np.argmax(full, axis=1).tolist()
+    assert twin._greedy(h)[0] == 10 and (n_rows < 3 or twin._greedy(h)[2] == n_vocab - 2)
+
+
 def test_decode_memory_stays_flat(mid_fn):
     """Buffers are allocated once per call, not per token: the traced peak (NumPy reports its
     allocations to tracemalloc) of a 41-token call exceeds a 1-token call's by no more than the
