@@ -75,16 +75,26 @@ class Weights:
         # gives the same bits as scaling B @ A after it, and saves a pass over every matrix.
         scale_first = float(np.frexp(scale)[0]) == 0.5
 
+        # Two scratch matrices serve every LoRA product and transposition: memory the process
+        # touches for the first time costs more than the copies themselves (page faults), so a
+        # load must not allocate a fresh 7-9 MB buffer per matrix.
+        largest = max(config.n_embd * 3 * config.n_embd, config.n_embd * config.n_ff)
+        product, merged = np.empty(largest, np.float32), np.empty(largest, np.float32)
+
         def matrix(name: str) -> np.ndarray:
             w = get(f"{name}.weight")
             pair = lora.get(name)
-            if pair is None:
-                return transposed(w)
-            a, b = pair
-            delta = (scale * b) @ a if scale_first else scale * (b @ a)  # (d_out, r) @ (r, d_in), as lora.py
-            if consume:  # this function's own copy: add in place, as lora.py's in-place merge does
-                w += delta
-                return transposed(w)
+            delta = None
+            if pair is not None:
+                a, b = pair
+                delta = product[:w.size].reshape(w.shape)
+                if scale_first:  # (d_out, r) @ (r, d_in), as lora.py
+                    np.matmul(scale * b, a, out=delta)
+                else:
+                    np.matmul(b, a, out=delta)
+                    delta *= scale
+            if consume:  # this function's own copy: its memory takes the merged, transposed matrix
+                return transposed_in_place(w, merged, delta)
             return transposed(w, delta)
 
         layers = []
@@ -121,6 +131,23 @@ def transposed(w: np.ndarray, delta: np.ndarray | None = None) -> np.ndarray:
         if delta is not None:
             block = block + delta[r:r + _TRANSPOSE_ROWS]
         out[:, r:r + _TRANSPOSE_ROWS] = block.T
+    return out
+
+
+def transposed_in_place(w: np.ndarray, scratch: np.ndarray, delta: np.ndarray | None = None) -> np.ndarray:
+    """(w + delta).T as a C-contiguous array in w's own memory (w is overwritten), through
+    `scratch` (at least w.size floats): the loaded model's pages are reused, no new ones touched."""
+    if not (w.flags.c_contiguous and w.flags.writeable):
+        return transposed(w, delta)
+    rows, cols = w.shape
+    source = scratch[:w.size].reshape(rows, cols)
+    if delta is None:
+        np.copyto(source, w)
+    else:  # the same float32 sums as lora.py's in-place merge
+        np.add(w, delta, out=source)
+    out = w.reshape(cols, rows)
+    for r in range(0, rows, _TRANSPOSE_ROWS):
+        out[:, r:r + _TRANSPOSE_ROWS] = source[r:r + _TRANSPOSE_ROWS].T
     return out
 
 

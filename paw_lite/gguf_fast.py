@@ -206,8 +206,8 @@ def dequantize(raw: bytes | bytearray | memoryview, qtype: GGMLQuantizationType,
     if qtype == GGMLQuantizationType.Q8_0:
         blocks = data.reshape(-1, 34)  # float16 scale d, then 32 int8 values q: x = q * d
         scale = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n_blocks, 1)
-        out = blocks[:, 2:].view(np.int8).astype(np.float32)
-        out *= scale
+        out = np.empty((len(blocks), 32), np.float32)
+        np.multiply(blocks[:, 2:].view(np.int8), scale, out=out)  # int8 -> float32 exactly, in the same pass
         return out.reshape(shape)
     if qtype == GGMLQuantizationType.Q4_0:
         blocks = data.reshape(-1, 18)  # float16 scale d, then 16 bytes: low nibbles are values 0..15,
@@ -223,10 +223,11 @@ def dequantize(raw: bytes | bytearray | memoryview, qtype: GGMLQuantizationType,
     return np.asarray(quants.dequantize(data, qtype), dtype=np.float32).reshape(shape)
 
 
-def iter_tensors(index: GGUFIndex) -> Iterator[tuple[TensorInfo, bytes]]:
-    """(info, raw bytes) of every tensor, read in file order (read_index checked they do not overlap)."""
+def iter_tensors(index: GGUFIndex, tensors: list[TensorInfo] | None = None) -> Iterator[tuple[TensorInfo, bytes]]:
+    """(info, raw bytes) of every tensor (or of `tensors`, a part of the index's), read in file
+    order (read_index checked they do not overlap)."""
     with open(index.path, "rb") as f:
-        for info in sorted(index.tensors, key=lambda t: t.data_offset):
+        for info in sorted(index.tensors if tensors is None else tensors, key=lambda t: t.data_offset):
             f.seek(info.data_offset)
             raw = f.read(info.n_bytes)
             if len(raw) != info.n_bytes:

@@ -299,6 +299,10 @@ def test_weights_layout_is_the_reference_merge_transposed(tiny_gguf, tiny_lora, 
     owned_dict = {k: v.copy() for k, v in base.weights.items()}
     owned = Weights.from_gguf_names(owned_dict, base.config, adapter.pairs, adapter.scale, consume=True)
     assert owned_dict == {}, "consume pops every tensor"
+    plain = Weights.from_gguf_names({k: v.copy() for k, v in base.weights.items()}, base.config, consume=True)
+    for name in ("attn_qkv", "ffn_down"):  # no LoRA: the matrix is transposed in its own memory
+        ref = np.ascontiguousarray(base.weights[f"blk.1.{name}.weight"].T)
+        assert np.array_equal(getattr(plain.layers[1], name).view(np.uint32), ref.view(np.uint32)), name
     for w in (shared, owned):
         layer = w.layers[1]
         for name, arr in (("attn_qkv", layer.attn_qkv), ("attn_output", layer.attn_output),

@@ -74,7 +74,8 @@ def test_base_model_loads_the_same_bits_as_gguf_py(q8_model):
     base = BaseModel.load(q8_model)
     reader = open_gguf(q8_model)
     assert {t.tensor_type for t in reader.tensors} == {T.F32, T.Q8_0}
-    assert set(base.weights) == {t.name for t in reader.tensors}
+    # read as two halves on two threads, handed over in file order
+    assert list(base.weights) == [t.name for t in sorted(reader.tensors, key=lambda t: t.data_offset)]
     for t in reader.tensors:
         want = tensor_to_f32(t, q8_model, WEIGHT_TYPES)
         got = base.weights[t.name]
@@ -91,6 +92,21 @@ def test_iter_tensors_reads_each_tensor_and_nothing_else(tmp_path):
     path.write_bytes(raw)
     got = [(info.name, bytes(b)) for info, b in iter_tensors(read_index(path))]
     assert got == [("a", data[:64]), ("b", data[64:96])]  # file order
+    index = read_index(path)
+    part = [t for t in index.tensors if t.name == "b"]
+    assert [(info.name, bytes(b)) for info, b in iter_tensors(index, part)] == [("b", data[64:96])]
+
+
+def test_tensors_split_into_two_halves_of_about_equal_bytes():
+    from paw_lite.base_model import _halves_by_size
+    from paw_lite.gguf_fast import TensorInfo
+
+    sizes = [700, 10, 300, 300, 90, 5, 5, 1]
+    infos = [TensorInfo(f"t{i}", np.array([n], np.uint64), T.F32, 0, n) for i, n in enumerate(sizes)]
+    halves = _halves_by_size(infos)
+    assert sorted(t.name for half in halves for t in half) == sorted(t.name for t in infos)  # each exactly once
+    totals = sorted(sum(t.n_bytes for t in half) for half in halves)
+    assert totals == [705, 706]
 
 
 def _write(tmp_path, raw: bytes):
