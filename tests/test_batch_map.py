@@ -297,8 +297,10 @@ def test_weights_layout_is_the_reference_merge_transposed(tiny_gguf, tiny_lora, 
     merged = adapter.merged_into(base.weights)
     shared = Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale)
     owned_dict = {k: v.copy() for k, v in base.weights.items()}
+    loaded_qkv = owned_dict["blk.1.attn_qkv.weight"]
     owned = Weights.from_gguf_names(owned_dict, base.config, adapter.pairs, adapter.scale, consume=True)
     assert owned_dict == {}, "consume pops every tensor"
+    assert np.shares_memory(owned.layers[1].attn_qkv, loaded_qkv), "laid out in the loaded tensor's own memory"
     plain = Weights.from_gguf_names({k: v.copy() for k, v in base.weights.items()}, base.config, consume=True)
     for name in ("attn_qkv", "ffn_down"):  # no LoRA: the matrix is transposed in its own memory
         ref = np.ascontiguousarray(base.weights[f"blk.1.{name}.weight"].T)
