@@ -580,9 +580,9 @@ class _AttentionPlan:
         lo, hi = int(step.slot.min()), int(step.slot.max())
         consecutive = bool((np.diff(step.slot) == 1).all())
         if not consecutive and tq == 1 and hi - lo + 1 <= 2 * S:
-            grid_slots, grid = np.arange(lo, hi + 1), step.slot - lo
+            grid_slots, grid, grid_consecutive = np.arange(lo, hi + 1), step.slot - lo, True
         else:
-            grid_slots, grid = step.slot, np.arange(S)
+            grid_slots, grid, grid_consecutive = step.slot, np.arange(S), consecutive
         G = len(grid_slots)
         identity = G == S and bool((grid == np.arange(S)).all())
         flat = None if identity and S * tq == len(seg) else grid[seg] * tq + offset
@@ -597,8 +597,7 @@ class _AttentionPlan:
         shared[grid] = batch.visible[step.slot]
         prefix_hidden = np.arange(P)[None, None, :] >= shared[:, None, None] if (shared < P).any() else None
         return cls(grid_slots, tq, tk, flat, step.slot[seg], step.first[seg] + offset, block,
-                   None if visible.all() else ~visible[..., hidden_from:], hidden_from, prefix_hidden,
-                   bool((np.diff(grid_slots) == 1).all()))
+                   None if visible.all() else ~visible[..., hidden_from:], hidden_from, prefix_hidden, grid_consecutive)
 
     @property
     def n_grid(self) -> int:

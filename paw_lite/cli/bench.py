@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import PawError, require
+from ..runtime import DEFAULT_BATCH_SIZE
 from . import emit, require_positive
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "interpreter_bench.py"
@@ -45,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per engine (default 3)")
     p.add_argument("--inner", type=int, default=7, help="timed runs per measure in each process (default 7)")
     p.add_argument("--calls", type=int, default=256, help="calls in the throughput measure (default 256)")
-    p.add_argument("--batch-size", type=int, default=128, help="paw_lite fn.map batch size (default 128)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"paw_lite fn.map batch size (default {DEFAULT_BATCH_SIZE}, fn.map's own)")
     p.add_argument("--quick", action="store_true", help="1 repeat, 3 timed runs, 32 calls: checks the setup")
     p.add_argument("--cache", type=Path, default=None, help="where the generated files live (default benchmarks/.cache/interpreter)")
     p.add_argument("--output", type=Path, help="also write the JSON result here (default <cache>/results.json)")
