@@ -288,31 +288,50 @@ def test_a_worker_error_reaches_the_caller(tiny_fn, monkeypatch):
 
 
 @pytest.mark.parametrize("alpha", [16.0, 10.0], ids=["scale 0.5 (power of two)", "scale 0.3125"])
-def test_weights_layout_is_the_reference_merge_transposed(tiny_gguf, tiny_lora, tmp_path, alpha):
+def test_weights_are_the_reference_merge_in_the_gguf_layout(tiny_gguf, tiny_lora, tmp_path, alpha):
     from paw_lite.lora import write_adapter_gguf
 
     base = BaseModel.load(tiny_gguf)
     write_adapter_gguf(tmp_path / "a.gguf", tiny_lora, alpha, "f32")
     adapter = LoraAdapter.from_gguf(tmp_path / "a.gguf", base.config)
     merged = adapter.merged_into(base.weights)
+    before = {k: v.copy() for k, v in base.weights.items()}
     shared = Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale)
+    assert all(np.array_equal(base.weights[k], v) for k, v in before.items()), "the base is left as it was"
     owned_dict = {k: v.copy() for k, v in base.weights.items()}
     loaded_qkv = owned_dict["blk.1.attn_qkv.weight"]
     owned = Weights.from_gguf_names(owned_dict, base.config, adapter.pairs, adapter.scale, consume=True)
     assert owned_dict == {}, "consume pops every tensor"
-    assert np.shares_memory(owned.layers[1].attn_qkv, loaded_qkv), "laid out in the loaded tensor's own memory"
-    plain = Weights.from_gguf_names({k: v.copy() for k, v in base.weights.items()}, base.config, consume=True)
-    for name in ("attn_qkv", "ffn_down"):  # no LoRA: the matrix is transposed in its own memory
-        ref = np.ascontiguousarray(base.weights[f"blk.1.{name}.weight"].T)
-        assert np.array_equal(getattr(plain.layers[1], name).view(np.uint32), ref.view(np.uint32)), name
+    assert np.shares_memory(owned.layers[1].attn_qkv, loaded_qkv), "merged in the loaded tensor's own memory"
+    plain_dict = {k: v.copy() for k, v in base.weights.items()}
+    loaded_down = plain_dict["blk.1.ffn_down.weight"]
+    plain = Weights.from_gguf_names(plain_dict, base.config, consume=True)
+    assert plain.layers[1].ffn_down is loaded_down, "no LoRA: the loaded matrix itself, no copy"
     for w in (shared, owned):
         layer = w.layers[1]
         for name, arr in (("attn_qkv", layer.attn_qkv), ("attn_output", layer.attn_output),
                           ("ffn_up", layer.ffn_up), ("ffn_down", layer.ffn_down)):
-            ref = merged[f"blk.1.{name}.weight"].T
-            assert arr.flags.c_contiguous and np.array_equal(arr.view(np.uint32), np.ascontiguousarray(ref).view(np.uint32)), name
+            ref = merged[f"blk.1.{name}.weight"]
+            assert arr.flags.c_contiguous and np.array_equal(arr.view(np.uint32), ref.view(np.uint32)), name
         np.testing.assert_array_equal(w.head, base.weights["token_embd.weight"])
         np.testing.assert_array_equal(w.embed(np.array([5, 50256, 5])), base.weights["token_embd.weight"][[5, 50256, 5]])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 37, 95, 96, 200])
+def test_projection_forms_agree_with_the_plain_product(rows):
+    """_project's three forms (matrix-vector, transposed product, x @ w.T) around the row thresholds."""
+    from paw_lite.engine import _SMALL_PRODUCT_ROWS, _project
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 96), dtype=np.float32)
+    w = rng.standard_normal((160, 96), dtype=np.float32)
+    scratch = np.full(160 * min(rows, _SMALL_PRODUCT_ROWS), np.nan, np.float32)
+    out = np.full((rows, 160), np.nan, np.float32)
+    got = _project(x, w, out, scratch)
+    assert got is out
+    expect = x.astype(np.float64) @ w.T.astype(np.float64)
+    # float32 products of length 96 with unit-normal terms: rounding stays far below 1e-4
+    np.testing.assert_allclose(out, expect, rtol=0, atol=1e-4)
 
 
 def test_inplace_kernels_are_bit_identical_to_the_reference():
