@@ -1,5 +1,6 @@
-"""The fast GPT-2 path the runtime uses: weights laid out once for the matmuls they feed, a program's
-prefix evaluated once and shared by every call, and ragged batches of sequences evaluated together.
+"""The fast GPT-2 path the runtime uses: weights kept in the GGUF layout with the LoRA merged in, a
+program's prefix evaluated once and shared by every call, and ragged batches of sequences evaluated
+together.
 
 `gpt2.py` holds the plain reference forward pass; tests hold this module to it. Every op is
 float32. One sequence attends over one contiguous cache (the prefix copied in front), as the

@@ -1,7 +1,7 @@
 """The GPT-2 forward pass in NumPy, fp32, with a preallocated KV cache: the plain reference.
 
 Weights use GGUF names; matrices keep the Linear layout (d_out, d_in), so a layer is `x @ w.T + b`.
-The runtime runs `engine.py` (the same math with weights laid out for speed, a shared prefix and
+The runtime runs `engine.py` (the same math with product forms chosen for speed, a shared prefix and
 batches); tests hold the two together."""
 
 from __future__ import annotations

@@ -53,8 +53,8 @@ class PawFunction:
         # The adapter's temporary copy goes under the cache directory even when prefix caching is off.
         scratch = scratch_dir or (cache_dir if cache_dir is not None else paths.cache_dir()) / "tmp"
         adapter = load_adapter(program, base, scratch)
-        # The LoRA is merged while the weights are laid out for the engine. A base loaded for this
-        # function alone is consumed tensor by tensor (never held twice); a shared base stays untouched.
+        # The LoRA is merged into the engine's weights. A base loaded for this function alone is merged
+        # in its own memory (never held twice); a shared base stays untouched.
         weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
         self._engine: Engine | None = Engine(weights, self.config)
         self._forks: list[Engine] = []  # fn.map's other workers: the same weights, their own buffers
