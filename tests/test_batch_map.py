@@ -303,6 +303,10 @@ def test_weights_are_the_reference_merge_in_the_gguf_layout(tiny_gguf, tiny_lora
     owned = Weights.from_gguf_names(owned_dict, base.config, adapter.pairs, adapter.scale, consume=True)
     assert owned_dict == {}, "consume pops every tensor"
     assert np.shares_memory(owned.layers[1].attn_qkv, loaded_qkv), "merged in the loaded tensor's own memory"
+    frozen = {k: v.copy() for k, v in base.weights.items()}
+    frozen["blk.1.ffn_up.weight"].flags.writeable = False  # as a memory-mapped float32 GGUF gives it
+    merged_frozen = Weights.from_gguf_names(frozen, base.config, adapter.pairs, adapter.scale, consume=True)
+    np.testing.assert_array_equal(merged_frozen.layers[1].ffn_up, merged["blk.1.ffn_up.weight"])
     plain_dict = {k: v.copy() for k, v in base.weights.items()}
     loaded_down = plain_dict["blk.1.ffn_down.weight"]
     plain = Weights.from_gguf_names(plain_dict, base.config, consume=True)
