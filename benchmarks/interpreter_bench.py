@@ -451,14 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_from_args(args: argparse.Namespace) -> dict:
+    from paw_lite.atomic import atomic_path, check_writable
+
     args.cache = args.cache or DEFAULT_CACHE
     if args.quick:
         args.repeats, args.inner, args.calls = 1, 3, 32
+    out = args.output or args.cache / "results.json"
+    check_writable(args.cache, "--cache", into=True)  # before minutes of work, not after
+    check_writable(out, "--output")
     log = (lambda msg: print(msg, file=sys.stderr))
     result = run(args.cache, args.repeats, args.inner, args.calls, args.batch_size, log)
-    out = args.output or args.cache / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

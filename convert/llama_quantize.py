@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
+from paw_lite import interrupts
 from paw_lite.atomic import atomic_path
 from paw_lite.errors import InvalidFileError, require
 
@@ -63,7 +64,9 @@ def llama_quantize(src: str | os.PathLike[str], out: str | os.PathLike[str], qty
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread or os.cpu_count() or 1
     params.ftype = int(K_QUANTS[qtype])
-    with atomic_path(out) as tmp, _LogCapture(llama_cpp) as logs:
+    # deferred: a Ctrl-C stops the conversion once llama.cpp returns (it cannot be stopped half-way),
+    # with no output written, instead of being lost in the log callback
+    with atomic_path(out) as tmp, _LogCapture(llama_cpp) as logs, interrupts.deferred():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise InvalidFileError(f"{src}: llama.cpp could not quantize it to {qtype.upper()} (rc {rc}): {logs.errors()}")

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import PawError
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -92,6 +94,32 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(dest: str | os.PathLike[str], option: str, folder: bool = False, into: bool = False) -> None:
+    """Refuse, before any work is done, an output path the final atomic write would fail on: a
+    folder where a file goes (or the reverse), a file where a parent folder must be, or a folder
+    this process cannot write in (probed by creating a temporary file there, which also covers
+    read-only mounts and ACLs that permission bits do not show). `folder`: dest is a folder that
+    replaces any old one; `into`: dest is a folder that files are written into."""
+    dest = Path(dest)
+    if (folder or into) and dest.exists() and not dest.is_dir():
+        raise PawError(f"{option} {dest} is a file; give the path of a folder")
+    if not (folder or into) and dest.is_dir():
+        raise PawError(f"{option} {dest} is a folder; give the path of a file to write")
+    # The nearest existing folder the write lands in: it creates the missing ones below it.
+    parent = dest if into else dest.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PawError(f"{option} {dest}: {parent} is a file, not a folder; pick another location")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".paw-lite-probe.", suffix=TMP_SUFFIX, dir=parent)
+    except OSError as exc:
+        raise PawError(f"{option} {dest}: cannot write in {parent} ({exc.strerror}); "
+                       f"pick another location or fix its permissions") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str], older_than_s: float = 3600.0) -> int:

@@ -1,13 +1,15 @@
 """Batch runs over an input file: one input per line, or JSONL with a `text` field.
 
-Results are JSONL, one record per input line (`index` is the 0-based line number), appended and
-synced to disk as they are made. An interrupted run therefore keeps what it finished, and a rerun
-with the same output file skips those lines: nothing is redone or written twice. The output file
-is locked while a run writes it, and a rerun checks that its records were made from the same
-input lines, so results from another input file are never silently mixed in."""
+Results are JSONL, one record per input line (`index` is the 0-based line number; `run` names the
+program, interpreter and options that made it), appended and synced to disk as they are made. An
+interrupted run therefore keeps what it finished, and a rerun with the same output file skips
+those lines: nothing is redone or written twice. The output file is locked while a run writes it,
+and a rerun checks that its records were made from the same input lines by the same run, so
+results from another input file or another program are never silently mixed in."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ class Done:
 
     input: str | None
     failed: bool
+    run: str | None  # the `run` field of the record (None in records of paw-lite before it had one)
 
 
 def read_inputs(path: Path, input_format: str = "auto") -> list[BatchItem]:
@@ -57,7 +60,7 @@ def read_inputs(path: Path, input_format: str = "auto") -> list[BatchItem]:
     if input_format == "auto":
         jsonl = path.suffix == ".jsonl" or next((ln.lstrip().startswith(b"{") for ln in lines if ln.strip()), False)
         if jsonl and path.suffix != ".jsonl":
-            log.info("reading %s as JSONL (its first line starts with '{'); pass --input-format lines to read it as text", path)
+            log.warning("reading %s as JSONL (its first line starts with '{'); pass --input-format lines to read it as text", path)
     items = []
     for i, line in enumerate(lines):
         try:
@@ -72,7 +75,9 @@ def read_inputs(path: Path, input_format: str = "auto") -> list[BatchItem]:
                 if not isinstance(text, str):
                     raise TypeError("text is not a string")
             except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                items.append(BatchItem(i, None, f"line {i + 1} is not a JSON object with a string 'text' field ({exc})"))
+                why = "no 'text' field" if isinstance(exc, KeyError) else str(exc)
+                hint = "" if input_format == "jsonl" else "; --input-format lines reads each line as text"
+                items.append(BatchItem(i, None, f"line {i + 1} is not a JSON object with a string 'text' field ({why}){hint}"))
                 continue
         items.append(BatchItem(i, text))
     return items
@@ -120,7 +125,7 @@ class ResultsFile:
                 index = record["index"]
                 if isinstance(index, bool) or not isinstance(index, int) or index < 0:
                     raise TypeError(f"index {index!r}")
-                done.setdefault(index, Done(record.get("input"), "error" in record))
+                done.setdefault(index, Done(record.get("input"), "error" in record, record.get("run")))
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 raise InvalidFileError(f"{self.path}: line {n} ({line[:60]!r}) is not a paw-lite result ({exc}); "
                                        f"move the file away or pick another --output to start over") from exc
@@ -146,15 +151,26 @@ def _lock(f: BinaryIO, path: Path) -> None:
         raise PawError(f"{path}: another paw-lite run is writing this output file; wait for it or pick another --output") from None
 
 
-def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path, input_path: Path) -> None:
-    """Refuse to resume when the output's records were made from different input lines."""
+def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path, input_path: Path, run: str) -> None:
+    """Refuse to resume when the output's records were made from different input lines, or by
+    another run (program, interpreter or options: see `run_id`)."""
     for index, record in done.items():
+        if record.run != run:
+            raise InvalidFileError(f"{output}: the result for line {index + 1} was made by another program, interpreter or "
+                                   f"--max-tokens{'' if record.run else ' (or by an older paw-lite)'}; mixing them would "
+                                   f"give results no single run makes: move the output away or pick another --output")
         if index >= len(items):
             raise InvalidFileError(f"{output}: holds a result for line {index + 1}, but {input_path} has {len(items)} lines: "
                                    f"it was made from another input file; move it away or pick another --output")
         if record.input != items[index].text:
             raise InvalidFileError(f"{output}: the result for line {index + 1} is for input {record.input!r:.60}, but {input_path} "
                                    f"line {index + 1} now reads {items[index].text!r:.60}; move the output away or pick another --output")
+
+
+def run_id(fingerprint: str, max_tokens: int | None) -> str:
+    """The `run` field of a record: the function's fingerprint (program, interpreter) and the options
+    that change outputs. Short: it is repeated on every line."""
+    return hashlib.sha256(f"{fingerprint}\0{max_tokens}".encode()).hexdigest()[:16]
 
 
 def stdout_writer() -> Callable[[dict], None]:
@@ -169,8 +185,10 @@ def stdout_writer() -> Callable[[dict], None]:
 
 
 def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], write: Callable[[dict], None],
-              chunk: int = 16, on_progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """Run `call` over the items in chunks, writing one record per item. Returns (ok, failed)."""
+              chunk: int = 16, on_progress: Callable[[int], None] | None = None, run: str | None = None) -> tuple[int, int]:
+    """Run `call` over the items in chunks, writing one record per item (with `run`, see `run_id`).
+    Returns (ok, failed)."""
+    tag = {} if run is None else {"run": run}
     ok = failed = 0
     for start in range(0, len(items), chunk):
         group = items[start:start + chunk]
@@ -189,10 +207,10 @@ def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], wr
         for it in group:
             err = it.error or errors.get(it.index)
             if err is None:
-                write({"index": it.index, "input": it.text, "output": outputs[it.index]})
+                write({"index": it.index, "input": it.text, "output": outputs[it.index], **tag})
                 ok += 1
             else:
-                write({"index": it.index, "input": it.text, "error": err})
+                write({"index": it.index, "input": it.text, "error": err, **tag})
                 failed += 1
         if on_progress:
             on_progress(len(group))

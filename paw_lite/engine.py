@@ -26,7 +26,7 @@ from .gpt2_layout import LORA_MODULES, GPT2Config
 MAX_ROWS = 2048
 # Query tokens of one sequence per step: bounds the attention score buffer (heads x CHUNK x context).
 PREFILL_CHUNK = 512
-_KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
+KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class _Batch:
         # Room for the prompts and a first stretch of output; grown on demand, so a batch run
         # "until EOS or the context end" does not reserve the whole context for every sequence.
         need = max(len(s.ids) + s.limit - 1 for s in seqs)  # the last generated token is never evaluated
-        cap = min(need, max(len(s.ids) for s in seqs) + _KV_GROWTH)
+        cap = min(need, max(len(s.ids) for s in seqs) + KV_GROWTH)
         shape = (config.n_layer, config.n_head, capacity, cap, config.head_dim)
         # zeros, not empty: masked keys still meet a zero probability, and 0 * garbage may be NaN
         zero = np.zeros(capacity, np.int64)

@@ -155,8 +155,9 @@ def survey(directory: Path, *, verify: bool) -> list[FileStatus]:
     for role, entry in manifest.items():
         files = _present(directory, entry)
         if not files:
+            how = entry.source["how"].format(quant=entry.default_quant, output=directory / entry.file_name())
             out.append(FileStatus(role, entry.file_name(), entry.serves, "missing",
-                                  detail=f"from {entry.source['repo']} ({entry.source['how']})"))
+                                  detail=f"from {entry.source['repo']} ({how}; `paw-lite models import DIR` does this)"))
             continue
         for path in files:
             st = FileStatus(role, path.name, entry.serves, "present", bytes=path.stat().st_size)

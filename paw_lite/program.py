@@ -115,9 +115,14 @@ class Program:
         """The adapter as a private temporary file (gguf-py reads from paths) inside scratch_dir,
         removed afterwards; leftovers of killed processes there are cleared after an hour.
         Errors raised inside name the program's member instead of the temporary path."""
-        scratch_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(scratch_dir)
-        with tempfile.TemporaryDirectory(prefix=".adapter.", suffix=TMP_SUFFIX, dir=scratch_dir) as tmp:
+        try:
+            scratch_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(scratch_dir)
+            scratch = tempfile.TemporaryDirectory(prefix=".adapter.", suffix=TMP_SUFFIX, dir=scratch_dir)
+        except OSError as exc:
+            raise PawError(f"{scratch_dir}: cannot write the program's {ADAPTER} there to read it ({exc.strerror or exc}); "
+                           f"set PAW_LITE_CACHE (or cache_dir=) to a writable folder") from None
+        with scratch as tmp:
             path = Path(tmp) / ADAPTER
             path.write_bytes(self.adapter_gguf)
             try:
@@ -207,6 +212,8 @@ def _read_bundle(path: Path) -> dict[str, bytes]:
         raise InvalidFileError(f"{path}: bundle is {st.st_size} bytes, more than the {MAX_ARCHIVE_BYTES}-byte limit")
     try:
         zf = zipfile.ZipFile(path)
+    except PermissionError as exc:  # the file may be fine: say what is wrong
+        raise InvalidFileError(f"{path}: cannot read the bundle: {exc.strerror}") from exc
     except _ZIP_ERRORS as exc:
         raise InvalidFileError(f"{path}: not a valid .paw bundle (ZIP): {exc}") from exc
     with zf:

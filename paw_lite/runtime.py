@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import blas_threads, paths, prefix_cache
 from .base_model import BaseModel
-from .engine import Engine, Sequence, Weights
+from .engine import KV_GROWTH, Engine, Sequence, Weights
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
 from .lora import LoraAdapter
 from .program import ADAPTER, Program
@@ -24,6 +25,9 @@ from .program import ADAPTER, Program
 # measured on 2 cores (256 calls, 37-token prompts, 8 output tokens), 64 in flight cost 15-20% more
 # CPU time per call than 128, for 210 MB less peak memory (920 MB against 1130 MB).
 DEFAULT_BATCH_SIZE = 128
+# The most memory fn.map's in-flight keys and values may take, all workers together: long inputs
+# run fewer at a time rather than past it (128 inputs of 1,800 tokens would want 16 GB).
+MAP_KV_BUDGET = 1 << 30
 _MIN_PER_WORKER = 4  # fewer inputs than this per core run on one worker: threads would not pay off
 _PIECES_PER_CAPACITY = 8  # a worker's piece of a map: long enough that its last, emptying steps are rare
 
@@ -68,6 +72,9 @@ class PawFunction:
         self._lock = threading.Lock()
         adapter_sha = hashlib.sha256(program.adapter_gguf).hexdigest()
         self.prefix_cache_key = prefix_cache.cache_key(base.fingerprint, adapter_sha, self._prefix_ids)
+        # What decides the outputs, so stored results can tell which function made them.
+        self.fingerprint = hashlib.sha256("\0".join(
+            (base.fingerprint, adapter_sha, program.template)).encode("utf-8", "surrogatepass")).hexdigest()
         self._engine.set_prefix(*self._load_or_build_prefix(cache_dir))
 
     # -- public -------------------------------------------------------------------------------
@@ -85,7 +92,8 @@ class PawFunction:
 
     def generate_ids(self, text: str, max_tokens: int | None = None) -> list[int]:
         """The greedy output token ids for one input (EOS not included)."""
-        seq = self._sequence(self.prompt_ids(text), max_tokens)
+        self._live_engine()  # a closed function refuses every call, even one with nothing to generate
+        seq = self._sequence(self.prompt_ids(text), _checked_max_tokens(max_tokens))
         if seq is None:
             return []
         with self._lock:
@@ -95,7 +103,8 @@ class PawFunction:
             workers: int | None = None) -> list[str]:
         """Outputs for many inputs, the same as calling the function on each. Up to batch_size
         inputs are in flight at once, evaluated together against the shared prefix, each stopping
-        at its own EOS and handing its place to the next input.
+        at its own EOS and handing its place to the next input. Fewer are in flight when their keys
+        and values would take more than MAP_KV_BUDGET (1 GiB): long inputs.
 
         workers: threads sharing the inputs; None for one per core. With more than one, NumPy's
         BLAS is held at one thread while they run (process-wide, see `paw_lite.blas_threads`), so
@@ -105,10 +114,19 @@ class PawFunction:
     def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                 workers: int | None = None) -> list[list[int]]:
         """The greedy output token ids of many inputs (see `map`)."""
-        for name, value in (("batch_size", batch_size), ("workers", 1 if workers is None else workers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        seqs = [self._sequence(self.prompt_ids(t), max_tokens) for t in texts]  # every input checked first
+        if isinstance(texts, (str, bytes)):
+            raise TypeError(f"texts must be a list (or other iterable) of str, not one {type(texts).__name__}: "
+                            f"for a single input call the function itself, fn(text)")
+        batch_size = _checked_count("batch_size", batch_size)
+        workers = None if workers is None else _checked_count("workers", workers)
+        max_tokens = _checked_max_tokens(max_tokens)
+        self._live_engine()
+        seqs = []
+        for i, text in enumerate(texts):  # every input checked before any work
+            try:
+                seqs.append(self._sequence(self.prompt_ids(text), max_tokens))
+            except (PawError, TypeError) as exc:  # which of thousands of inputs it was
+                raise type(exc)(f"input {i} of the map: {exc}") from None
         outs: list[list[int]] = [[] for _ in seqs]
         # Similar lengths batched together waste less attention padding; the order does not change results.
         todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
@@ -119,7 +137,7 @@ class PawFunction:
             # batch_size bounds the sequences in flight (and so the memory), whatever the worker count.
             wanted = blas_threads.map_workers() if workers is None else workers
             n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
-            capacity = batch_size // n_workers
+            capacity = min(batch_size // n_workers, self._kv_capacity(seqs, todo, n_workers))
             if n_workers == 1:
                 self._generate(engine, todo, seqs, outs, capacity)
                 return outs
@@ -187,11 +205,20 @@ class PawFunction:
             raise PawError(f"{self.program.source}: this function was closed")
         return self._engine
 
+    def _kv_capacity(self, seqs: list[Sequence | None], todo: list[int], n_workers: int) -> int:
+        """Sequences in flight per worker that keep the map's keys and values within MAP_KV_BUDGET:
+        each holds its own tokens' (74 KB a token for GPT-2 124M), sized for the longest prompt
+        and a first stretch of output, so long inputs run fewer at a time instead of asking for
+        gigabytes. At least one, whatever the budget."""
+        c = self.config
+        per_token = 2 * c.n_layer * c.n_embd * 4
+        longest = max(len(seqs[i].ids) + min(seqs[i].limit, KV_GROWTH) for i in todo)
+        return max(1, MAP_KV_BUDGET // (n_workers * longest * per_token))
+
     def _sequence(self, ids: list[int], max_tokens: int | None) -> Sequence | None:
         """What the engine evaluates for a prompt: the tokens after the part it shares with the
-        cached prefix, and how many tokens it may generate (None when that is zero)."""
-        if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 0):
-            raise ValueError(f"max_tokens must be >= 0 or None, not {max_tokens}")
+        cached prefix, and how many tokens it may generate (None when that is zero).
+        max_tokens has passed `_checked_max_tokens`."""
         room = self.config.n_ctx - len(ids)
         limit = room if max_tokens is None else min(max_tokens, room)
         if limit <= 0:
@@ -221,6 +248,27 @@ class PawFunction:
             except OSError as exc:
                 prefix_cache.log.warning("cannot write prefix cache %s (%s); continuing without it", path, exc)
         return k, v
+
+
+def _checked_count(name: str, value: object) -> int:
+    """A positive integer option (Python or NumPy integer), or a ValueError naming it."""
+    return _checked_integer(name, value, 1, "a positive integer")
+
+
+def _checked_max_tokens(value: object) -> int | None:
+    """None (until EOS or the context end) or an integer >= 0; anything else is refused here rather
+    than rounded or failing deep in the engine."""
+    return None if value is None else _checked_integer("max_tokens", value, 0, "an integer >= 0, or None for no limit")
+
+
+def _checked_integer(name: str, value: object, minimum: int, expected: str) -> int:
+    try:
+        number = operator.index(value)  # ints and NumPy integers, not floats or strings
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < minimum:
+        raise ValueError(f"{name} must be {expected}, not {value!r}")
+    return number
 
 
 def _run_workers(engines: list[Engine], groups: list[list[int]], work: Callable[[Engine, list[int]], None]) -> None:

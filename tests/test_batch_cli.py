@@ -208,3 +208,38 @@ def test_workers_option(cli, fn, tmp_path):
     assert bad.returncode != 0 and b"--workers must be at least 1, not 0" in bad.stderr
     assert not (tmp_path / "out-0.jsonl").exists()
 
+
+
+def test_resuming_with_other_options_is_refused(cli, tmp_path):
+    """Records name the run that made them (program, interpreter, --max-tokens): a rerun that would
+    make different outputs must not fill the rest of the file."""
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inp.write_text("alpha\nbeta\n", encoding="utf-8")
+    assert cli("--input-file", inp, "--output", out).returncode == 0
+    first = records(out)
+    assert len({r["run"] for r in first}) == 1
+    out.write_bytes(out.read_bytes().split(b"\n", 1)[0] + b"\n")  # as if interrupted after line 1
+    before = out.read_bytes()
+    proc = cli("--input-file", inp, "--output", out, "--max-tokens", str(MAX_TOKENS + 1))
+    assert proc.returncode == 2, proc.stderr
+    assert b"was made by another program, interpreter or --max-tokens" in proc.stderr
+    assert out.read_bytes() == before
+    legacy = {k: v for k, v in first[0].items() if k != "run"}  # a record from before `run` existed
+    out.write_text(json.dumps(legacy) + "\n", encoding="utf-8")
+    proc = cli("--input-file", inp, "--output", out)
+    assert proc.returncode == 2 and b"(or by an older paw-lite)" in proc.stderr
+    out.write_bytes(before)
+    proc = cli("--input-file", inp, "--output", out, "--json")  # the same run resumes
+    assert proc.returncode == 0 and json.loads(proc.stdout)["already_done"] == 1
+
+
+def test_json_looking_text_lines_say_how_to_read_them_as_text(cli, tmp_path):
+    inp = tmp_path / "logs.txt"
+    inp.write_text('{"level": "error", "msg": "disk full"}\nkernel panic\n', encoding="utf-8")
+    proc = cli("--input-file", inp)
+    assert proc.returncode == 1
+    assert b"reading" in proc.stderr and b"as JSONL" in proc.stderr and b"--input-format lines" in proc.stderr
+    recs = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    assert "no 'text' field" in recs[0]["error"] and "--input-format lines reads each line as text" in recs[0]["error"]
+    proc = cli("--input-file", inp, "--input-format", "lines")
+    assert proc.returncode == 0, proc.stderr

@@ -4,6 +4,8 @@ The measurement itself is never a timed test; see benchmarks/README.md."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,11 @@ def test_report_shows_ratios_and_targets(bench):
 def test_bench_command_checks_its_options(capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_output_paths_are_checked_before_it_runs(tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main(["bench", "--cache", str(tmp_path / "cache"), "--output", str(folder), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"] == f"--output {folder} is a folder; give the path of a file to write"
+    assert not (tmp_path / "cache").exists()  # nothing generated

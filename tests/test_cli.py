@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 import paw_lite
 from paw_lite.cli import main
@@ -67,3 +70,78 @@ def test_inspect_does_not_print_terminal_escapes(tiny_program, tmp_path, capsys,
     assert "\x1b" not in out and "\x07" not in out and "evil" in out
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["spec"] == "evil\x1b[2J\x1b]0;owned\x07"  # JSON escapes it
+
+
+def test_usage_errors_are_json_with_json(tiny_program, capsys):
+    assert main(["run", str(tiny_program), "x", "--max-tokens", "abc", "--json"]) == 2
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)
+    assert error["type"] == "UsageError" and "--max-tokens" in error["error"] and "invalid int value" in error["error"]
+    assert "usage:" in captured.err
+    assert main(["run", str(tiny_program), "x", "--max-tokens", "abc"]) == 2
+    assert capsys.readouterr().out == ""
+
+
+def test_batch_options_with_one_text_are_refused(tiny_program, tiny_gguf, tmp_path, capsys):
+    assert main(["run", str(tiny_program), "x", "--base-model", str(tiny_gguf), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "--output only apply with --input-file" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_closed_pipe_is_not_a_traceback(tiny_program, tmp_path):
+    env = {**os.environ, "PAW_LITE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "paw_lite", "inspect", str(tiny_program)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written, as with `| head -c 0`
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert b"Traceback" not in err
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
+    """A folder where the output file goes, or a file where its folder goes, is refused in one line
+    before any conversion (the temporary file beside the output is never named)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    src = tmp_path / "no-such-checkpoint"
+    assert main(["convert", "gpt2", str(src), "-o", str(folder), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"] == f"-o {folder} is a folder; give the path of a file to write"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["convert", "gpt2", str(src), "-o", str(a_file / "x.gguf")]) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
+    no_models = str(tmp_path / "no-models")  # compile would fail on these, later: the paths go first
+    assert main(["compile", "a spec", "-o", str(folder), "--models", no_models]) == 2
+    assert f"-o {folder} is a folder" in capsys.readouterr().err
+    assert main(["compile", "a spec", "-o", str(tmp_path / "p.paw"), "--peft", str(a_file), "--models", no_models]) == 2
+    assert f"--peft {a_file} is a file; give the path of a folder" in capsys.readouterr().err
+
+
+def test_check_writable(tmp_path, monkeypatch):
+    from paw_lite import atomic
+    from paw_lite.errors import PawError
+
+    atomic.check_writable(tmp_path / "new" / "deeper" / "x.gguf", "-o")  # missing folders are created later
+    atomic.check_writable(tmp_path / "peft", "--peft", folder=True)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(PawError, match="--peft .* is a file; give the path of a folder"):
+        atomic.check_writable(tmp_path / "f", "--peft", folder=True)
+    with pytest.raises(PawError, match="--models .* is a file; give the path of a folder"):
+        atomic.check_writable(tmp_path / "f", "--models", into=True)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refused)  # root passes permission bits, so simulate
+    with pytest.raises(PawError, match=r"-o .*x.gguf: cannot write in .* \(Permission denied\); pick another location"):
+        atomic.check_writable(tmp_path / "x.gguf", "-o")
+    assert list(tmp_path.iterdir()) == [tmp_path / "f"]  # the probe leaves nothing behind
+
+
+def test_counts_below_one_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "x")
+    for argv, option in ((["compile", "a spec", "-o", out, "--threads", "0"], "--threads"),
+                         (["compile", "a spec", "-o", out, "--max-new-tokens", "0"], "--max-new-tokens"),
+                         (["convert", "mapper", out, "--meta", out, "-o", out, "--hidden", "0"], "--hidden")):
+        assert main(argv) == 2
+        assert f"{option} must be at least 1, not 0" in capsys.readouterr().err

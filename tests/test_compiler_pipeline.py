@@ -295,6 +295,18 @@ def test_compile_and_load_runs_the_program(models, interp, tmp_path):
 # -- errors -------------------------------------------------------------------------------------------
 
 
+def test_a_failed_run_says_the_program_was_written(models, tmp_path, capsys):
+    d, _, _ = models
+    pseudo, out = tmp_path / "pseudo.txt", tmp_path / "p.paw"
+    pseudo.write_text(PSEUDO, encoding="utf-8")
+    rc = main(["compile", SPEC, "-o", str(out), "--models", str(d), "--pseudo-program", str(pseudo),
+               "--run", "word " * N_CTX, "--json"])
+    error = json.loads(capsys.readouterr().out)
+    assert rc == 2 and error["type"] == "ContextOverflowError"
+    assert error["error"].startswith(f"wrote {out}, but running it on the --run text failed: ")
+    assert Program.load(out).pseudo_program == PSEUDO
+
+
 def test_missing_models_are_listed_in_one_error(tmp_path, capsys):
     rc = main(["compile", SPEC, "-o", str(tmp_path / "x.paw"), "--models", str(tmp_path)])
     err = capsys.readouterr().err

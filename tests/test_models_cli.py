@@ -208,3 +208,30 @@ def test_doctor_reports_a_corrupt_model(tmp_path, capsys, monkeypatch, manifest,
     rc, report = cli(capsys, "doctor", "--models", str(md))
     bad = {c["check"]: c for c in report["checks"]}["model gpt2-q8_0.gguf"]
     assert rc == 1 and bad["status"] == "fail" and "expected the published" in bad["detail"] and "pull" in bad["fix"]
+
+
+def test_doctor_reports_an_unreadable_models_directory_among_its_checks(tmp_path, capsys, monkeypatch):
+    md = tmp_path / "models"
+    md.mkdir()
+    (md / "installed.json").write_text("garbage")
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    rc, report = cli(capsys, "doctor", "--models", str(md))
+    checks = {c["check"]: c for c in report["checks"]}
+    assert rc == 1 and checks["models directory"]["status"] == "fail" and "installed.json" in checks["models directory"]["detail"]
+    assert checks["cache directory writable"]["status"] == "ok"  # the other checks still ran
+
+
+def test_missing_model_hints_are_commands_that_run(tmp_path, capsys):
+    rc, listing = cli(capsys, "models", "list", "--models", str(tmp_path / "models"))
+    details = [f["detail"] for f in listing["files"] if f["status"] == "missing"]
+    assert details and not any("{" in d for d in details)
+    convert = [d for d in details if "paw-lite convert" in d]
+    assert len(convert) == 3 and all(" -o " + str(tmp_path / "models") in d for d in convert)
+
+
+def test_doctor_says_when_the_cache_path_is_a_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cache").write_text("x")
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    rc, report = cli(capsys, "doctor", "--models", str(tmp_path / "models"))
+    check = {c["check"]: c for c in report["checks"]}["cache directory writable"]
+    assert rc == 1 and check["status"] == "fail" and check["detail"] == f"{tmp_path / 'cache'} is a file, not a folder"

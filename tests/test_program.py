@@ -141,3 +141,12 @@ def test_save_refuses_a_bad_template(tmp_path, members):
         bad.save(tmp_path / "out.paw")
     assert not (tmp_path / "out.paw").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_bundle_is_not_called_invalid(tmp_path, tiny_program, monkeypatch):
+    def refused(*args, **kwargs):  # root reads any file, so a refusal is simulated
+        raise PermissionError(13, "Permission denied", str(tiny_program))
+
+    monkeypatch.setattr(zipfile, "ZipFile", refused)
+    with pytest.raises(InvalidFileError, match=r"cannot read the bundle: Permission denied$"):
+        Program.load(tiny_program)

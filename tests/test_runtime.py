@@ -174,3 +174,76 @@ def test_models_directory_is_used(tiny_program, tiny_gguf, tmp_path, monkeypatch
     monkeypatch.setenv("PAW_LITE_MODELS", str(tmp_path / "models"))
     with paw_lite.function(tiny_program, cache_dir=tmp_path) as f:
         assert f.config.n_layer == 2
+
+
+@pytest.mark.parametrize("bad", [2.0, 2.5, 0.5, float("nan"), float("inf"), "3", True])
+def test_max_tokens_must_be_an_integer(fn, bad):
+    """Refused up front, the same way for calls and maps, instead of failing deep in the engine or
+    being rounded."""
+    for call in (lambda: fn.generate_ids("user logged in", max_tokens=bad),
+                 lambda: fn.map_ids(["user logged in", "x"], max_tokens=bad)):
+        with pytest.raises(ValueError, match="max_tokens must be an integer >= 0, or None"):
+            call()
+
+
+def test_numpy_integers_are_integers(fn):
+    want = fn.map_ids(INPUTS[:2], max_tokens=3, batch_size=2, workers=1)
+    assert fn.map_ids(INPUTS[:2], max_tokens=np.int64(3), batch_size=np.int64(2), workers=np.int32(1)) == want
+    assert fn.generate_ids(INPUTS[0], max_tokens=np.int64(3)) == want[0]
+
+
+def test_map_of_one_string_is_refused(fn):
+    with pytest.raises(TypeError, match=r"not one str: for a single input call the function itself"):
+        fn.map("hello")
+
+
+def test_map_errors_name_the_input(fn):
+    with pytest.raises(ContextOverflowError, match=r"^input 1 of the map: (prompt|input) is \d+ "):
+        fn.map(["ok", "word " * 200])
+    with pytest.raises(TypeError, match=r"^input 2 of the map: input must be str, not NoneType"):
+        fn.map(["a", "b", None])
+    with pytest.raises(PawError, match=r"^input 0 of the map: input is not valid Unicode"):
+        fn.map(["bad \udfff"])
+
+
+def test_a_closed_function_refuses_every_call(tiny_program, tiny_gguf, tmp_path):
+    f = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path)
+    f.close()
+    for call in (lambda: f("a"), lambda: f("a", max_tokens=0), lambda: f.map([]), lambda: f.map(["a"], max_tokens=0)):
+        with pytest.raises(PawError, match="this function was closed"):
+            call()
+
+
+def test_long_inputs_run_fewer_at_a_time(fn, monkeypatch):
+    """fn.map caps the sequences in flight so their keys and values stay within MAP_KV_BUDGET; the
+    results are those of one call at a time either way."""
+    from paw_lite import runtime
+    from paw_lite.engine import Engine
+
+    texts = ["word " * 40, "disk full " * 15, "x", "user logged in"]
+    want = [fn.generate_ids(t, max_tokens=4) for t in texts]
+    capacities = []
+    real_generate = Engine.generate
+
+    def spy(self, seqs, eos, capacity=None):
+        capacities.append(capacity)
+        return real_generate(self, seqs, eos, capacity)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    c = fn.config
+    own_tokens = len(fn._sequence(fn.prompt_ids(texts[0]), 4).ids)  # after the shared prefix
+    per_sequence = 2 * c.n_layer * c.n_embd * 4 * (own_tokens + 4)
+    monkeypatch.setattr(runtime, "MAP_KV_BUDGET", 2 * per_sequence)  # room for two of the longest
+    assert fn.map_ids(texts, max_tokens=4, batch_size=128, workers=1) == want
+    assert capacities == [2]
+    monkeypatch.setattr(runtime, "MAP_KV_BUDGET", 1)  # less than one: still one at a time
+    capacities.clear()
+    assert fn.map_ids(texts, max_tokens=4, batch_size=128, workers=1) == want
+    assert capacities == [1]
+
+
+def test_an_unwritable_scratch_folder_is_a_clear_error(tiny_program, tiny_gguf, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(PawError, match=r"cannot write the program's adapter.gguf there .*set PAW_LITE_CACHE"):
+        paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=not_a_folder / "cache")

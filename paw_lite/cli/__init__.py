@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 from ..errors import PawError
@@ -14,8 +15,19 @@ from ..errors import PawError
 COMMAND_MODULES = ["run", "inspect", "compile", "convert", "models", "doctor", "bench"]  # helpers append their module names here
 
 
+class UsageError(Exception):
+    """A command line argparse refuses: (the parser that refused it, the message)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints usage errors and exits on its own; raising instead lets `main` also report
+    # them as JSON when --json was given. Subcommand parsers inherit this class.
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paw-lite", description="Program-as-Weights on a CPU, offline.")
+    parser = _Parser(prog="paw-lite", description="Program-as-Weights on a CPU, offline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what paw_lite does")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -24,19 +36,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wants_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        refused_by, message = exc.args
+        refused_by.print_usage(sys.stderr)
+        return _fail(wants_json, f"{refused_by.prog}: error: {message}", message, "UsageError")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="paw-lite: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at interpreter exit
+        return code
     except PawError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
-        print(f"paw-lite: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(wants_json, f"paw-lite: error: {exc}", str(exc), type(exc).__name__)
     except KeyboardInterrupt:
-        print("paw-lite: interrupted", file=sys.stderr)
-        return 130
+        return _fail(wants_json, "paw-lite: interrupted", "interrupted", "KeyboardInterrupt", code=130)
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): nothing more to say, and nowhere to say it.
+        # stdout is pointed at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+    except OSError as exc:
+        # A file or folder the system refused (permissions, a file where a folder must be, a full
+        # disk): the commands check their paths up front, this is the net for what they cannot foresee.
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = f"{where}{exc.strerror or exc}; check that path, or pick another location"
+        return _fail(wants_json, f"paw-lite: error: {message}", message, type(exc).__name__)
+
+
+def _fail(wants_json: bool, text: str, message: str, kind: str, code: int = 2) -> int:
+    if wants_json:
+        try:
+            print(json.dumps({"error": message, "type": kind}))
+        except BrokenPipeError:
+            pass
+    print(text, file=sys.stderr)
+    return code
 
 
 def emit(args: argparse.Namespace, data: dict, text: str) -> None:

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from ..compiler.bundle import ADAPTER_TYPES
-from ..errors import InvalidFileError
-from . import emit
+from ..atomic import check_writable
+from ..errors import InvalidFileError, PawError
+from . import emit, require_positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from ..compiler import compile_report
     from ..runtime import function
 
+    require_positive(args, "max_new_tokens", "threads")
+    check_writable(args.output, "-o")  # before the compile, which takes minutes on the real models
+    if args.peft:
+        check_writable(args.peft, "--peft", folder=True)
     spec = _read_text(Path(args.spec[1:]), "spec") if args.spec.startswith("@") else args.spec
     pseudo = _read_text(args.pseudo_program, "pseudo-program") if args.pseudo_program else None
 
@@ -75,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"PEFT adapter in {args.peft}")
     if args.run is not None:
         t0 = time.perf_counter()
-        with function(result.program, base_model=result.files.interpreter) as fn:
-            output = fn(args.run)
+        try:
+            with function(result.program, base_model=result.files.interpreter) as fn:
+                output = fn(args.run)
+        except PawError as exc:
+            raise type(exc)(f"wrote {result.path}, but running it on the --run text failed: {exc}") from exc
         summary["run"] = {"input": args.run, "output": output, "seconds": round(time.perf_counter() - t0, 3)}
         lines += [f"input:  {args.run}", f"output: {output}"]
     emit(args, summary, "\n".join(lines))

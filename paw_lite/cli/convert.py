@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..atomic import TMP_SUFFIX, check_writable
 from ..errors import PawError
-from . import emit
+from . import emit, require_positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +112,7 @@ def _mapper(args: argparse.Namespace) -> dict[str, Any]:
         from ..base_model import read_header
 
         interpreter, _ = read_header(args.interpreter)
-    shape = mapper_shape(meta, interpreter, args.hidden or QWEN3_4B_HIDDEN)
+    shape = mapper_shape(meta, interpreter, QWEN3_4B_HIDDEN if args.hidden is None else args.hidden)
     bar, on_tensor = _progress(len(shape.expected(1)), "tensor")
     try:
         out = convert_mapper(args.src, args.output, shape, on_tensor)
@@ -122,11 +123,18 @@ def _mapper(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kind == "mapper":
+        require_positive(args, "hidden")
+    check_writable(args.output, "-o")  # before the conversion, not after it
     start = time.perf_counter()
     try:
         info = {"qwen3": _qwen3, "gpt2": _gpt2, "mapper": _mapper}[args.kind](args)
     except OSError as exc:  # disk full, permissions: one line like every other failure
-        raise PawError(f"{exc.filename or args.output}: {exc.strerror or exc}") from exc
+        # the write goes through a temporary file beside the output; the user knows the output's name
+        where = exc.filename
+        if where is None or (Path(where).name.startswith(".") and str(where).endswith(TMP_SUFFIX)):
+            where = args.output
+        raise PawError(f"{where}: {exc.strerror or exc}") from exc
     info = {"source": str(args.src), "output": str(args.output), **({"type": args.type} if "type" in args else {}),
             **info, "seconds": round(time.perf_counter() - start, 2)}
     text = (f"wrote {args.output} ({info['bytes']:,} bytes, {args.kind}"

@@ -146,6 +146,8 @@ def check_models(directory: Path) -> list[dict[str, str]]:
 
 
 def check_writable(name: str, directory: Path, fix: str) -> dict[str, str]:
+    if directory.exists() and not directory.is_dir():
+        return _check(name, "fail", f"{directory} is a file, not a folder", fix)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-") as f:
@@ -178,7 +180,11 @@ def run(args: argparse.Namespace) -> int:
             checks.append(check_llama(Path(tmp)))
     except (PawError, OSError) as exc:
         checks.append(_check("llama.cpp runs a Q8_0 model", "fail", str(exc), _LLAMA_FIX))
-    checks += check_models(models_directory(args.models))
+    try:
+        checks += check_models(models_directory(args.models))
+    except PawError as exc:  # an unreadable models directory is one failed check, not the end of the report
+        checks.append(_check("models directory", "fail", str(exc),
+                             "`paw-lite models import DIR` or `paw-lite models pull` again, or --models another folder"))
     failed = [c for c in checks if c["status"] == "fail"]
     lines = []
     for c in checks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..atomic import check_writable
 from . import emit
 
 _ROLE_CHOICES = ("interpreter", "compiler", "mapper", "compiler_meta", "pseudo_compiler")
@@ -48,6 +49,7 @@ def _fetch(args: argparse.Namespace, directory) -> int:
     from ..models_dir import ImportOptions, import_dir, pull
 
     options = ImportOptions(quant=args.quant, compiler_quant=args.compiler_quant, roles=tuple(args.only))
+    check_writable(directory, "--models", into=True)  # before any download or conversion
     bar, on_tensor = _progress()
     try:
         done = pull(directory, options, on_tensor=on_tensor) if args.action == "pull" else \

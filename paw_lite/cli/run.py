@@ -31,9 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Options that only mean something for a batch run, with their defaults.
+_BATCH_ONLY = {"output": None, "input_format": "auto", "batch_size": DEFAULT_BATCH_SIZE, "workers": None}
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.input_file is None):
         raise PawError("give either TEXT or --input-file FILE")
+    if args.text is not None:
+        given = [f"--{name.replace('_', '-')}" for name, default in _BATCH_ONLY.items() if getattr(args, name) != default]
+        if given:
+            raise PawError(f"{', '.join(given)} only apply with --input-file; for one TEXT the output is printed")
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
     require_positive(args, "batch_size", "workers")
@@ -56,18 +64,19 @@ def _run_file(args: argparse.Namespace, fn) -> int:
     if args.output and args.output.resolve() == args.input_file.resolve():
         raise PawError(f"--output {args.output} is the input file; results need a file of their own")
     items = batch.read_inputs(args.input_file, args.input_format)
+    run_id = batch.run_id(fn.fingerprint, args.max_tokens)
     results = batch.ResultsFile(args.output) if args.output else None
     try:
         done = results.done if results else {}
         if results:
-            batch.check_resumable(items, done, args.output, args.input_file)
+            batch.check_resumable(items, done, args.output, args.input_file, run_id)
         todo = list(batch.pending(items, done))
         write = results.write if results else batch.stdout_writer()
         bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
         try:
             ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
                                                                            workers=args.workers),
-                                         write, chunk=args.batch_size, on_progress=bar.update)
+                                         write, chunk=args.batch_size, on_progress=bar.update, run=run_id)
         finally:
             bar.close()
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidFileError, PawError, require
+from .. import interrupts
 from ..gguf_file import check_header
 
 log = logging.getLogger("paw_lite.compiler")
@@ -60,7 +61,8 @@ class LlamaModel:
         params.vocab_only = vocab_only
         params.use_extra_bufts = repack
         self._lib = lib
-        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        with interrupts.deferred():  # llama.cpp logs through a Python callback while it loads
+            self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise InvalidFileError(f"{self.path}: llama.cpp could not load this GGUF (run with -v to see its log)")
         self._vocab = lib.llama_model_get_vocab(self._model)
@@ -200,7 +202,8 @@ class LlamaContext:
         if self._cb is not None:
             params.cb_eval = self._cb
             params.cb_eval_user_data = None
-        self._ctx = lib.llama_init_from_model(model._model, params)
+        with interrupts.deferred():
+            self._ctx = lib.llama_init_from_model(model._model, params)
         if not self._ctx:
             raise PawError(f"{model.path}: llama.cpp could not create a context of {settings.n_ctx} tokens (out of memory?)")
         self.n_ctx = lib.llama_n_ctx(self._ctx)
@@ -245,7 +248,8 @@ class LlamaContext:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
             b.logits[i] = outputs == "all" or (outputs == "last" and i == n - 1)
-        rc = self._lib.llama_decode(self._ctx, b)
+        with interrupts.deferred():  # the evaluation callback runs Python inside the call
+            rc = self._lib.llama_decode(self._ctx, b)
         if rc != 0:
             raise PawError(f"{self.model.path}: llama_decode failed with code {rc} at positions {self.n_past}..{self.n_past + n - 1}")
         self.n_past += n
@@ -362,5 +366,8 @@ class LayerCapture:
         return got
 
     def check(self) -> None:
+        if isinstance(self._error, KeyboardInterrupt):  # a Ctrl-C is not a failure to report
+            self._error, interrupt = None, self._error
+            raise interrupt
         if self._error is not None:
             raise PawError(f"reading layer outputs from llama.cpp failed: {self._error}") from self._error
