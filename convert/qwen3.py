@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_ARCH, TensorNameMap
 
-from paw_lite.atomic import atomic_path
-from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+from paw_lite.atomic import TMP_SUFFIX, atomic_path, remove_stale_temporaries
+from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, require
 from paw_lite.safetensors_file import SafetensorsFile
 
 from .gguf_stream import TensorPlan, write_streamed
@@ -294,10 +294,13 @@ def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     if qtype in NUMPY_QTYPES:
         _write_gguf(source, out, qtype, on_tensor)
         return out
+    require("llama_cpp", "compile")  # before minutes of writing the intermediate, not after
     dtypes = source.dtype_names()
     base = _LOSSLESS[dtypes.pop()] if len(dtypes) == 1 else "f32"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_dir:
+    # A killed conversion leaves its intermediate (GBs for a 4B model): swept by the next one.
+    remove_stale_temporaries(out.parent, prefix=f".{out.name}.")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent) as tmp_dir:
         intermediate = Path(tmp_dir) / f"intermediate-{base}.gguf"
         _write_gguf(source, intermediate, base, on_tensor)
         llama_quantize(intermediate, out, qtype)

@@ -17,6 +17,7 @@ import collections
 import math
 import os
 import pickletools
+import stat
 import struct
 import zipfile
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from paw_lite.errors import InvalidFileError
+from paw_lite.program import ZIP_ERRORS
 from paw_lite.safetensors_file import bf16_to_f32
 
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
@@ -198,8 +200,9 @@ class _Machine:
                         raise self.fail(pos, f"{len(self.stack)} objects left on the stack at STOP")
                     return self.stack[0]
                 handler(arg, pos)
-        except (ValueError, struct.error, UnicodeDecodeError, IndexError, OverflowError) as exc:
-            raise InvalidFileError(f"{self.source}: malformed pickle: {exc}") from exc
+        except (ValueError, struct.error, UnicodeDecodeError, IndexError, OverflowError, TypeError, KeyError,
+                RecursionError) as exc:  # a call with the wrong arguments, an unhashable key, deep nesting
+            raise InvalidFileError(f"{self.source}: malformed pickle: {type(exc).__name__}: {str(exc)[:200]}") from exc
         raise InvalidFileError(f"{self.source}: pickle ends without STOP (truncated?)")
 
     def _top(self, pos: int) -> Any:
@@ -279,7 +282,10 @@ class TorchCheckpoint:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         try:
-            self._size = os.path.getsize(self.path)
+            st = os.stat(self.path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise InvalidFileError(f"{self.path}: not a regular file")
+            self._size = st.st_size
             with open(self.path, "rb") as f:
                 head = f.read(16)
         except OSError as exc:
@@ -291,7 +297,7 @@ class TorchCheckpoint:
         try:
             self._zip = zipfile.ZipFile(self.path)
             self._infos = {i.filename: i for i in self._zip.infolist()}
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except ZIP_ERRORS as exc:
             raise InvalidFileError(f"{self.path}: unreadable ZIP archive (truncated?): {exc}") from exc
         pkls = [n for n in self._infos if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
@@ -308,7 +314,10 @@ class TorchCheckpoint:
             return default
         if info.file_size > 64:
             raise InvalidFileError(f"{self.path}: {name} is {info.file_size} bytes, expected a few")
-        return self._zip.read(info)
+        try:
+            return self._zip.read(info)
+        except ZIP_ERRORS as exc:
+            raise InvalidFileError(f"{self.path}: cannot read {name}: {exc}") from exc
 
     def _entry_map(self, name: str, dtype: np.dtype, numel: int) -> np.ndarray:
         """A read-only memory map of one stored (uncompressed) archive member."""
@@ -354,7 +363,7 @@ class TorchCheckpoint:
             raise InvalidFileError(f"{self.path}: data.pkl is {info.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte limit")
         try:
             data = self._zip.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except ZIP_ERRORS as exc:
             raise InvalidFileError(f"{self.path}: cannot read data.pkl (truncated or corrupt archive): {exc}") from exc
         try:
             return _Machine(str(self.path), self._persistent_load).run(data)
@@ -375,6 +384,6 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise InvalidFileError(f"{path}: holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad:
-        raise InvalidFileError(f"{path}: not a flat state dict: entries {bad[:3]} are not name -> tensor "
-                               f"(found keys {list(obj)[:5]})")
+        shown = ", ".join(repr(k)[:40] for k in bad[:3])  # repr: a huge int key has no str() past 4300 digits
+        raise InvalidFileError(f"{path}: not a flat state dict: entries {shown} are not name -> tensor")
     return dict(obj)

@@ -79,6 +79,9 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
+        for folder, _, files in os.walk(tmp):  # writers that go through mkstemp leave 0600 files
+            for name in files:
+                os.chmod(Path(folder) / name, 0o666 & ~_UMASK)
         _sync_tree(tmp)
         if dest.is_dir() and not dest.is_symlink():
             old = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.old{TMP_SUFFIX}"
@@ -122,9 +125,9 @@ def check_writable(dest: str | os.PathLike[str], option: str, folder: bool = Fal
     os.unlink(probe)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike[str], older_than_s: float = 3600.0) -> int:
-    """Delete the leftovers of writers that were killed (`.*.tmp` files and folders older than
-    `older_than_s`, so a writer still at work keeps its file). Returns how many were removed."""
+def remove_stale_temporaries(directory: str | os.PathLike[str], older_than_s: float = 3600.0, prefix: str = ".") -> int:
+    """Delete the leftovers of writers that were killed (`<prefix>*.tmp` files and folders older
+    than `older_than_s`, so a writer still at work keeps its file). Returns how many were removed."""
     directory = Path(directory)
     cutoff = time.time() - older_than_s
     removed = 0
@@ -133,7 +136,7 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], older_than_s: fl
     except OSError:
         return 0
     for entry in entries:
-        if not (entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX)):
+        if not (entry.name.startswith(".") and entry.name.startswith(prefix) and entry.name.endswith(TMP_SUFFIX)):
             continue
         try:
             if entry.stat(follow_symlinks=False).st_mtime > cutoff:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, malformed_file
 from .gguf_fast import TensorInfo, dequantize, iter_tensors, read_index
 from .gguf_file import WEIGHT_TYPES, get_field, get_float, get_int, get_str, numpy_shape
 from .gpt2_layout import ARCH, GPT2Config, hf_to_gguf_name
@@ -44,10 +44,12 @@ class BaseModel:
     def load(cls, path: str | os.PathLike[str]) -> "BaseModel":
         path = Path(path)
         if path.is_dir():
-            return _load_hf_dir(path)
+            with malformed_file(path, "HF GPT-2 folder"):
+                return _load_hf_dir(path)
         if not path.exists():
             raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 folder)")
-        return _load_gguf(path)
+        with malformed_file(path, "GPT-2 GGUF"):
+            return _load_gguf(path)
 
 
 def _check_shapes(weights: dict[str, np.ndarray], config: GPT2Config, source: Path) -> None:
@@ -175,8 +177,10 @@ def hf_gpt2_config(cfg_path: Path) -> GPT2Config:
     """GPT2Config from an HF config.json."""
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InvalidFileError(f"{cfg_path}: cannot read the model config: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise InvalidFileError(f"{cfg_path}: is a JSON {type(cfg).__name__}, expected an object of hyperparameters")
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise IncompatibleModelError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
     if cfg.get("activation_function", "gelu_new") not in _ACTIVATIONS:
@@ -204,7 +208,10 @@ def hf_gpt2_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise ModelNotFoundError(f"{folder}: no model.safetensors (convert a pytorch_model.bin with `paw-lite convert gpt2 {folder} -o gpt2.gguf`)")
     st = SafetensorsFile(st_path)
     for key in st.keys():
-        mapped = hf_to_gguf_name(key)
+        try:
+            mapped = hf_to_gguf_name(key)
+        except InvalidFileError as exc:
+            raise InvalidFileError(f"{st_path}: {exc}") from None
         if mapped is None:
             continue
         name, transpose = mapped
@@ -213,6 +220,8 @@ def hf_gpt2_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
             if wte is not None and np.array_equal(st.raw(key), st.raw(wte)):
                 continue
         arr = st.f32(key)
+        if not np.isfinite(arr).all():  # as the GGUF path refuses them: NaN weights give garbage, silently
+            raise InvalidFileError(f"{st_path}: tensor {key} holds NaN or Inf values")
         yield name, (np.ascontiguousarray(arr.T) if transpose else arr)
 
 

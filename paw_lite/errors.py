@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
 
 class PawError(Exception):
     """Base class of every error paw_lite raises on purpose."""
@@ -38,3 +43,23 @@ def require(module: str, extra: str):
         if module == "llama_cpp":
             hint = f'CMAKE_ARGS="-DGGML_NATIVE=OFF" {hint}'
         raise MissingDependencyError(f"{module} is needed for this command and is not installed: {hint}") from exc
+
+
+# What parsing code raises when a file's values have the wrong types or shapes: a list where a
+# number goes, an unhashable key, a JSON array where an object goes, nesting too deep.
+_MALFORMED = (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError, OverflowError)
+
+
+@contextlib.contextmanager
+def malformed_file(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Around reading an untrusted file: an error its parser did not foresee becomes one
+    InvalidFileError naming the file, not a traceback from deep inside. The readers check what
+    they know to check; this is the net under them (-v logs where it came from)."""
+    try:
+        yield
+    except PawError:
+        raise
+    except _MALFORMED as exc:
+        logging.getLogger("paw_lite").info("reading %s failed", path, exc_info=True)
+        raise InvalidFileError(f"{path}: not a valid {what} ({type(exc).__name__}: {str(exc)[:200]}); "
+                               f"if the file is intact, this is a paw-lite bug (-v shows where)") from exc

@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from .atomic import atomic_path
-from .errors import IncompatibleModelError, InvalidFileError
+from .errors import IncompatibleModelError, InvalidFileError, PawError, malformed_file
 from .gguf_file import ADAPTER_LIMITS, ADAPTER_TYPES, get_float, get_str, numpy_shape, open_gguf, tensor_to_f32
 from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
 from .safetensors_file import SafetensorsFile
@@ -57,12 +57,18 @@ class LoraAdapter:
 
     @classmethod
     def from_peft_dir(cls, folder: str | os.PathLike[str], config: GPT2Config) -> "LoraAdapter":
-        folder = Path(folder)
+        with malformed_file(folder, "PEFT LoRA folder"):
+            return cls._from_peft_dir(Path(folder), config)
+
+    @classmethod
+    def _from_peft_dir(cls, folder: Path, config: GPT2Config) -> "LoraAdapter":
         cfg_path = folder / "adapter_config.json"
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise InvalidFileError(f"{cfg_path}: cannot read the PEFT config: {exc}") from exc
+        if not isinstance(cfg, dict):
+            raise InvalidFileError(f"{cfg_path}: is a JSON {type(cfg).__name__}, expected an object")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise IncompatibleModelError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
         for flag in ("use_rslora", "use_dora"):
@@ -182,13 +188,35 @@ def write_adapter_gguf(path: str | os.PathLike[str], tensors: dict[str, np.ndarr
     return path
 
 
+# What a PEFT adapter folder holds (PEFT's save_pretrained also writes a README.md). Writing an
+# adapter replaces the folder as a whole, so a folder holding anything else is refused.
+PEFT_FOLDER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+
+
+def check_peft_folder(folder: str | os.PathLike[str], option: str = "peft") -> None:
+    """Refuse, before any work, a PEFT output folder that cannot be written or that holds files
+    other than a previous adapter's (they would be deleted with it)."""
+    from .atomic import check_writable
+
+    folder = Path(folder)
+    check_writable(folder, option, folder=True)
+    if folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if p.name not in PEFT_FOLDER_FILES)
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise PawError(f"{option} {folder} holds other files ({shown}); the adapter replaces the whole folder: "
+                           f"give a new or empty folder, or one holding only a PEFT adapter")
+
+
 def write_peft_dir(folder: str | os.PathLike[str], adapter: LoraAdapter, base_model_name: str = "gpt2") -> Path:
-    """Export the PEFT form (adapter_config.json + adapter_model.safetensors)."""
+    """Export the PEFT form (adapter_config.json + adapter_model.safetensors), replacing the
+    folder as a whole (see `check_peft_folder`)."""
     from safetensors.numpy import save_file
 
     from .atomic import atomic_dir
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
+    check_peft_folder(folder)
     with atomic_dir(folder) as tmp:
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from . import paths
 from .atomic import atomic_path
 from .base_model import file_sha256
-from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, require
+from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, malformed_file, require
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def _verify_one(st: FileStatus, path: Path, entry: ManifestEntry, record: dict |
         st.status, st.detail = "bad", "changed since paw-lite wrote it (sha256 differs from installed.json): pull or import again"
         return
     try:
-        st.info = check_file(path, entry.role, directory)
+        with malformed_file(path, entry.role.replace("_", " ") + " file"):
+            st.info = check_file(path, entry.role, directory)
     except PawError as exc:
         st.status, st.detail = "bad", str(exc)
         return
@@ -273,7 +274,11 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             quant = options.compiler_quant if role == "compiler" else options.quant
             name = manifest[role].file_name(quant)
             convert_qwen3(p, directory / name, quant, on_tensor)
-            check_file(directory / name, role, directory)
+            try:
+                check_file(directory / name, role, directory)
+            except PawError:
+                (directory / name).unlink(missing_ok=True)  # not left under a name the manifest trusts
+                raise
             done.append(_record(directory, name, role, str(p), f"paw-lite convert qwen3 --type {quant}"))
     if meta_src is not None and wanted("compiler_meta"):
         check_file(meta_src, "compiler_meta", directory)

@@ -33,6 +33,11 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else user_cache_root() / "paw_lite" / "cache"
 
 
+def is_safe_name(name: str) -> bool:
+    """Whether a runtime id can name a model file (`<runtime_id>.gguf`) without leaving the folder."""
+    return bool(_SAFE_NAME.match(name))
+
+
 def resolve_interpreter(base_model: str | os.PathLike[str] | None, runtime_id: str | None) -> Path:
     """The interpreter file for a program: an explicit path, else `<runtime_id>.gguf` in the models directory."""
     if base_model is not None:
@@ -41,7 +46,7 @@ def resolve_interpreter(base_model: str | os.PathLike[str] | None, runtime_id: s
             raise ModelNotFoundError(f"{path}: no such interpreter model (pass a GPT-2 GGUF file or an HF GPT-2 folder)")
         return path
     rid = runtime_id or DEFAULT_RUNTIME_ID
-    if not _SAFE_NAME.match(rid):
+    if not is_safe_name(rid):
         raise ModelNotFoundError(f"program names runtime {rid!r}, which is not a valid model file name; pass base_model= / --base-model")
     directory = models_dir()
     path = directory / f"{rid}.gguf"

@@ -142,11 +142,19 @@ class Program:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a `.paw` bundle atomically."""
-        path = Path(path)
-        Program.from_members(self.members(), str(path))  # refuse to write what we would refuse to read
+        path = Path(path).expanduser()
+        try:
+            members = self.members()
+        except TypeError as exc:  # a NumPy number in meta, say: JSON has no such type
+            raise PawError(f"{path}: meta.json cannot be written: {exc}; use plain int, float and str values") from None
+        for name, data in members.items():  # refuse to write what we would refuse to read
+            if len(data) > MAX_MEMBER_BYTES[name]:
+                raise PawError(f"{path}: {name} would be {len(data)} bytes, more than the {MAX_MEMBER_BYTES[name]}-byte "
+                               f"limit every reader of this bundle applies; shorten the spec or pseudo-program")
+        Program.from_members(members, str(path))
         with atomic_path(path) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for name, data in self.members().items():
+                for name, data in members.items():
                     zf.writestr(name, data)
         return path
 
@@ -200,7 +208,7 @@ def _text(members: dict[str, bytes], name: str, source: str) -> str:
 # deflate stream a zlib.error, a short read an EOFError, a bad seek an OSError, an encrypted member
 # a RuntimeError, a member that "needs zip version 25.5" (found by tests/test_fuzz_readers.py) a
 # NotImplementedError.
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, struct.error, OverflowError,
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, struct.error, OverflowError,
                NotImplementedError, RuntimeError)
 
 
@@ -214,7 +222,7 @@ def _read_bundle(path: Path) -> dict[str, bytes]:
         zf = zipfile.ZipFile(path)
     except PermissionError as exc:  # the file may be fine: say what is wrong
         raise InvalidFileError(f"{path}: cannot read the bundle: {exc.strerror}") from exc
-    except _ZIP_ERRORS as exc:
+    except ZIP_ERRORS as exc:
         raise InvalidFileError(f"{path}: not a valid .paw bundle (ZIP): {exc}") from exc
     with zf:
         infos = zf.infolist()
@@ -260,7 +268,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> byte
     try:
         with zf.open(info) as f:
             data = f.read(info.file_size + 1)
-    except _ZIP_ERRORS as exc:
+    except ZIP_ERRORS as exc:
         raise InvalidFileError(f"{path}: member {info.filename} cannot be read: {exc}") from exc
     if len(data) != info.file_size:
         raise InvalidFileError(f"{path}: member {info.filename} holds {len(data)} bytes but declares {info.file_size}")

@@ -5,7 +5,9 @@ The header is size-checked before it is read; every tensor's byte range is check
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -33,7 +35,10 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         try:
-            size = os.path.getsize(self.path)
+            st = os.stat(self.path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise InvalidFileError(f"{self.path}: not a regular file")
+            size = st.st_size
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
@@ -44,7 +49,7 @@ class SafetensorsFile:
                 header = json.loads(f.read(n).decode("utf-8"))
         except OSError as exc:
             raise InvalidFileError(f"{self.path}: cannot read: {exc.strerror}") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidFileError(f"{self.path}: header is not valid JSON: {exc}") from exc
         if not isinstance(header, dict):
             raise InvalidFileError(f"{self.path}: header is not a JSON object")
@@ -54,13 +59,15 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int, str]] = {}
         for name, info in header.items():
             try:
-                dtype_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+                dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError) as exc:
                 raise InvalidFileError(f"{self.path}: tensor {name!r} has a malformed header entry") from exc
-            if dtype_name not in _DTYPES:
-                raise InvalidFileError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name}")
+            if not all(type(v) is int for v in (*shape, begin, end)):  # JSON floats, bools, strings
+                raise InvalidFileError(f"{self.path}: tensor {name!r} has a shape or byte range that is not whole numbers")
+            if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+                raise InvalidFileError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
             dtype = _DTYPES[dtype_name]
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            count = math.prod(shape)  # Python ints: a product past 2**63 cannot wrap round to a small size
             if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len or end - begin != count * dtype.itemsize:
                 raise InvalidFileError(f"{self.path}: tensor {name!r} (shape {shape}, {dtype_name}) has byte range {begin}..{end}, inconsistent with the file")
             self._entries[name] = (dtype, shape, begin, end, dtype_name)

@@ -68,6 +68,9 @@ class GPT2Tokenizer:
         tokens = get_field(reader, "tokenizer.ggml.tokens", path)
         merges = get_field(reader, "tokenizer.ggml.merges", path)
         types = get_field(reader, "tokenizer.ggml.token_type", path, default=None)
+        for key, value, kind in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int)):
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, kind) for v in value)):
+                raise InvalidFileError(f"{path}: tokenizer.ggml.{key} is not a list of {kind.__name__}")
         if types is not None and len(types) != len(tokens):
             raise InvalidFileError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
         special = [i for i, t in enumerate(types or []) if t == TokenType.CONTROL]

@@ -348,3 +348,89 @@ def test_tokenizer_of_another_model_is_refused(models, interp, tmp_path):
     with pytest.raises(PawError, match="'<\\|im_start\\|>' is not a token of this tokenizer"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, compiler_tokenizer=tmp_path / "gpt2-tok")
     assert not (tmp_path / "x.paw").exists()
+
+
+def test_a_peft_folder_with_other_files_is_refused_before_the_compile(models, tmp_path, capsys):
+    """The adapter replaces its folder as a whole: a folder holding anything else is refused, not wiped."""
+    d, _, _ = models
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    phases = []
+    with pytest.raises(PawError, match=r"peft .*project holds other files \(notes.txt, src\); the adapter replaces"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, peft=project, progress=phases.append)
+    assert phases == [] and sorted(p.name for p in project.iterdir()) == ["notes.txt", "src"]
+    assert not (tmp_path / "x.paw").exists()
+    rc = main(["compile", SPEC, "-o", str(tmp_path / "x.paw"), "--models", str(d), "--peft", str(project)])
+    assert rc == 2 and "--peft" in capsys.readouterr().err and (project / "notes.txt").exists()
+    # an earlier adapter is replaced
+    old = tmp_path / "old-peft"
+    old.mkdir()
+    (old / "adapter_config.json").write_text("{}")
+    (old / "README.md").write_text("PEFT's own")
+    compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, peft=old)
+    assert sorted(p.name for p in old.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_api_arguments_are_checked_before_the_compile(models, tmp_path):
+    d, _, _ = models
+    phases = []
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(PawError, match="out .*a-folder is a folder; give the path of a file to write"):
+        compile(SPEC, folder, pseudo_program=PSEUDO, models=d, progress=phases.append)
+    with pytest.raises(TypeError, match="out is the path of the .paw to write"):
+        compile(SPEC, None, pseudo_program=PSEUDO, models=d)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) max_tokens; the options are max_new_tokens"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, max_tokens=3)
+    with pytest.raises(TypeError, match=r"pseudo_program must be str, not PosixPath; pass the text"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=tmp_path / "pseudo.txt", models=d)
+    with pytest.raises(TypeError, match="spec must be str, not bytes"):
+        compile(SPEC.encode(), tmp_path / "x.paw", pseudo_program=PSEUDO, models=d)
+    with pytest.raises(PawError, match="the spec is not valid Unicode"):
+        compile(SPEC + "\udfff", tmp_path / "x.paw", pseudo_program=PSEUDO, models=d)
+    for option, value in (("n_threads", -4), ("max_new_tokens", "32"), ("n_ubatch", 1.5), ("input_reserve", -1)):
+        with pytest.raises(PawError, match=f"{option} must be an integer >= "):
+            compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, **{option: value})
+    with pytest.raises(PawError, match="input_reserve 600 leaves no room .* 512-token context"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, input_reserve=600, progress=phases.append)
+    assert phases and not any("pseudo-program" in p or "encoder" in p for p in phases)  # stopped in the check
+    with pytest.raises(PawError, match="runtime_id '../x' is not a valid model file name"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, runtime_id="../x")
+    assert not (tmp_path / "x.paw").exists()
+
+
+def test_a_rank_q4_0_cannot_hold_is_refused_in_the_check(models, tmp_path):
+    d, _, _ = models
+    meta = write_compiler_meta(tmp_path / "meta.json", rank=16)
+    with pytest.raises(IncompatibleModelError, match="lora_rank 16 is not a multiple of 32.*adapter_type f16 or f32"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, compiler_meta=meta)
+
+
+def test_an_interpreter_file_name_that_cannot_be_a_runtime_id_is_refused(models, interp, tmp_path):
+    d, _, _ = models
+    odd = tmp_path / "gpt2 f16 (converted).gguf"
+    odd.symlink_to(interp[1])
+    with pytest.raises(PawError, match=r"would name its interpreter 'gpt2 f16 \(converted\)'.*or pass runtime_id="):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, interpreter=odd)
+    path = compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, interpreter=odd, runtime_id="gpt2-mine")
+    assert Program.load(path).meta["runtime_id"] == "gpt2-mine"
+
+
+def test_compile_and_load_keeps_every_cache_in_cache_dir(models, tmp_path, private_cache):
+    d, _, _ = models
+    with compile_and_load(SPEC, models=d, max_new_tokens=16, cache_dir=str(tmp_path / "mine")) as fn:
+        assert fn.spec == SPEC
+    assert (tmp_path / "mine" / "compiler").is_dir()
+    assert not (private_cache / "compiler").exists()
+
+
+def test_spec_and_pseudo_program_files_may_start_with_a_bom(models, tmp_path, capsys):
+    d, _, _ = models
+    (tmp_path / "spec.txt").write_text("\ufeff" + SPEC, encoding="utf-8")
+    (tmp_path / "pseudo.txt").write_text("\ufeff" + PSEUDO, encoding="utf-8")
+    out = tmp_path / "x.paw"
+    assert main(["compile", "@" + str(tmp_path / "spec.txt"), "-o", str(out), "--models", str(d),
+                 "--pseudo-program", str(tmp_path / "pseudo.txt")]) == 0
+    prog = Program.load(out)
+    assert prog.spec == SPEC and prog.pseudo_program == PSEUDO.strip()

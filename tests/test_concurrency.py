@@ -326,7 +326,11 @@ def test_atomic_dir_replaces_a_folder_without_a_half_deleted_moment(tmp_path):
     assert (dest / "a").read_text() == "old" and not temporaries(tmp_path)
     with atomic_dir(dest) as tmp:
         (tmp / "a").write_text("new")
+        os.chmod(tmp / "a", 0o600)  # as a writer going through mkstemp leaves it
     assert (dest / "a").read_text() == "new" and sorted(os.listdir(dest)) == ["a"] and not temporaries(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (dest / "a").stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, as atomic_path gives
 
 
 def test_only_old_temporaries_are_swept(tmp_path):

@@ -150,3 +150,18 @@ def test_an_unreadable_bundle_is_not_called_invalid(tmp_path, tiny_program, monk
     monkeypatch.setattr(zipfile, "ZipFile", refused)
     with pytest.raises(InvalidFileError, match=r"cannot read the bundle: Permission denied$"):
         Program.load(tiny_program)
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path, tiny_program):
+    import numpy as np
+
+    from paw_lite.errors import PawError
+
+    prog = Program.load(tiny_program)
+    huge = Program({**prog.meta, "spec": "x" * (1024 * 1024)}, prog.template, prog.adapter_gguf, prog.pseudo_program)
+    with pytest.raises(PawError, match=r"meta.json would be \d+ bytes, more than the 1048576-byte limit"):
+        huge.save(tmp_path / "huge.paw")
+    numpy_meta = Program({**prog.meta, "lora_rank": np.int64(32)}, prog.template, prog.adapter_gguf, prog.pseudo_program)
+    with pytest.raises(PawError, match="meta.json cannot be written: .*use plain int, float and str values"):
+        numpy_meta.save(tmp_path / "np.paw")
+    assert list(tmp_path.iterdir()) == []

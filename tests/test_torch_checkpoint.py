@@ -219,3 +219,30 @@ def test_big_endian_refused(tmp_path):
             zout.writestr(info.filename, b"big" if info.filename.endswith("byteorder") else zin.read(info))
     with pytest.raises(InvalidFileError, match="only little-endian"):
         load(out)
+
+
+def test_hostile_archives_and_calls_are_invalid_files_not_tracebacks(tmp_path):
+    """Review findings: a call with the wrong arguments, and ZIP features zipfile itself refuses
+    (encryption, an unknown compression method), surfaced as raw TypeError, RuntimeError and
+    NotImplementedError."""
+    from file_craft import patch_zip_entry
+
+    arity = _rewrite_pickle(_saved(tmp_path), tmp_path / "arity.pt",
+                            lambda b: b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(" + b"K\x01" * 9 + b"tR.")
+    with pytest.raises(InvalidFileError, match="malformed pickle: TypeError"):
+        load(arity)
+    raw = _saved(tmp_path).read_bytes()
+    name = next(n for n in zipfile.ZipFile(_saved(tmp_path)).namelist() if n.endswith("data.pkl"))
+    for field, value in (("flags", 1), ("method", 99)):
+        bad = tmp_path / f"{field}.pt"
+        bad.write_bytes(patch_zip_entry(raw, name, field, value))
+        with pytest.raises(InvalidFileError):
+            load(bad)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "m.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidFileError, match="not a regular file"):
+        load(fifo)

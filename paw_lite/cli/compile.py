@@ -10,6 +10,7 @@ from pathlib import Path
 from ..compiler.bundle import ADAPTER_TYPES
 from ..atomic import check_writable
 from ..errors import InvalidFileError, PawError
+from ..lora import check_peft_folder
 from . import emit, require_positive
 
 
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _read_text(path: Path, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidFileError(f"{path}: cannot read the {what}: {exc}") from exc
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     require_positive(args, "max_new_tokens", "threads")
     check_writable(args.output, "-o")  # before the compile, which takes minutes on the real models
     if args.peft:
-        check_writable(args.peft, "--peft", folder=True)
+        check_peft_folder(args.peft, "--peft")
     spec = _read_text(Path(args.spec[1:]), "spec") if args.spec.startswith("@") else args.spec
     pseudo = _read_text(args.pseudo_program, "pseudo-program") if args.pseudo_program else None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import TMP_SUFFIX, check_writable
-from ..errors import PawError
+from ..errors import PawError, malformed_file
 from . import emit, require_positive
 
 
@@ -77,7 +77,7 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
         out = convert_qwen3(args.src, args.output, args.type, on_item)
     finally:
         bar.close()
-    return {"kind": "qwen3", "n_files": len(shards), **verify_gguf(out, qwen3_role(out))}
+    return {"kind": "qwen3", "n_files": len(shards), **_verified(out, lambda: verify_gguf(out, qwen3_role(out)))}
 
 
 def qwen3_role(path: Path) -> str:
@@ -99,7 +99,16 @@ def _gpt2(args: argparse.Namespace) -> dict[str, Any]:
         out = convert_hf_gpt2(args.src, args.output, args.type, on_tensor)
     finally:
         bar.close()
-    return {"kind": "gpt2", **verify_gguf(out, "interpreter")}
+    return {"kind": "gpt2", **_verified(out, lambda: verify_gguf(out, "interpreter"))}
+
+
+def _verified(out: Path, verify: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The checks of a written file; a file that fails them is removed, so nothing later trusts it."""
+    try:
+        return verify()
+    except PawError as exc:
+        Path(out).unlink(missing_ok=True)
+        raise type(exc)(f"{exc} (the output {out} was removed)") from exc
 
 
 def _mapper(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,10 +134,14 @@ def _mapper(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.kind == "mapper":
         require_positive(args, "hidden")
+    src, output = Path(args.src).resolve(), Path(args.output).resolve()
+    if output == src or src in output.parents and output.exists():
+        raise PawError(f"-o {args.output} would write over the source {args.src}; pick another output path")
     check_writable(args.output, "-o")  # before the conversion, not after it
     start = time.perf_counter()
     try:
-        info = {"qwen3": _qwen3, "gpt2": _gpt2, "mapper": _mapper}[args.kind](args)
+        with malformed_file(args.src, {"qwen3": "HF Qwen3 folder", "gpt2": "HF GPT-2 folder", "mapper": "mapper checkpoint"}[args.kind]):
+            info = {"qwen3": _qwen3, "gpt2": _gpt2, "mapper": _mapper}[args.kind](args)
     except OSError as exc:  # disk full, permissions: one line like every other failure
         # the write goes through a temporary file beside the output; the user knows the output's name
         where = exc.filename

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..atomic import check_writable
+from ..errors import malformed_file
 from . import emit
 
 _ROLE_CHOICES = ("interpreter", "compiler", "mapper", "compiler_meta", "pseudo_compiler")
@@ -52,8 +53,11 @@ def _fetch(args: argparse.Namespace, directory) -> int:
     check_writable(directory, "--models", into=True)  # before any download or conversion
     bar, on_tensor = _progress()
     try:
-        done = pull(directory, options, on_tensor=on_tensor) if args.action == "pull" else \
-            import_dir(args.src, directory, options, on_tensor=on_tensor)
+        if args.action == "pull":
+            done = pull(directory, options, on_tensor=on_tensor)
+        else:
+            with malformed_file(args.src, "model download (a file in it)"):
+                done = import_dir(args.src, directory, options, on_tensor=on_tensor)
     finally:
         bar.close()
     lines = [f"{d['name']:<40} {d['bytes']:>15,} bytes  {d['how']}" for d in done]

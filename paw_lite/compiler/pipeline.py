@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
+from ..atomic import check_writable
 from ..base_model import read_header
 from ..errors import ContextOverflowError, IncompatibleModelError, PawError
-from ..lora import LoraAdapter, write_peft_dir
+from ..lora import LoraAdapter, check_peft_folder, write_peft_dir
 from ..program import Program
 from ..runtime import PawFunction, function
 from .bundle import ADAPTER_TYPES, adapter_bytes, build_program
@@ -52,8 +53,18 @@ class CompileOptions:
     def __post_init__(self):
         if self.adapter_type not in ADAPTER_TYPES:
             raise PawError(f"adapter type {self.adapter_type!r} is not one of {', '.join(ADAPTER_TYPES)}")
-        if self.max_new_tokens <= 0 or self.n_ubatch <= 0 or self.input_reserve < 0:
-            raise PawError("max_new_tokens and n_ubatch must be positive, input_reserve >= 0")
+        for name, minimum in (("max_new_tokens", 1), ("n_ubatch", 1), ("input_reserve", 0), ("n_threads", 1)):
+            value = getattr(self, name)
+            if value is None and name == "n_threads":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise PawError(f"{name} must be an integer >= {minimum}, not {value!r}")
+        for name in ("pseudo_tokenizer", "compiler_tokenizer", "cache_dir"):  # str or Path accepted
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser())
+        if self.runtime_id is not None and not paths.is_safe_name(self.runtime_id):
+            raise PawError(f"runtime_id {self.runtime_id!r} is not a valid model file name (letters, digits, '.', '_', '-')")
 
 
 @dataclass
@@ -151,11 +162,17 @@ def compiler_fingerprint(files: ModelFiles) -> str:
 
 
 def _runtime_id(interpreter: Path, options: CompileOptions) -> str:
+    """The interpreter a program names (runtimes look for `<runtime_id>.gguf`): the published one
+    unless the program is compiled for another file, whose name then has to be usable as one."""
     if options.runtime_id:
         return options.runtime_id
     if interpreter.name == DEFAULT_FILES["interpreter"]:
         return paths.DEFAULT_RUNTIME_ID
-    return interpreter.stem if interpreter.suffix == ".gguf" else interpreter.name
+    rid = interpreter.stem if interpreter.suffix == ".gguf" else interpreter.name
+    if not paths.is_safe_name(rid):
+        raise PawError(f"{interpreter}: the program would name its interpreter {rid!r}, which runtimes cannot look up "
+                       f"as a file name; rename the file (letters, digits, '.', '_', '-') or pass runtime_id=")
+    return rid
 
 
 def _text_model(model: LlamaModel, hf_folder: Path | None) -> TextModel:
@@ -176,8 +193,11 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
                     progress: Callable[[str], None] | None = None,
                     on_token: Callable[[int], None] | None = None) -> CompileResult:
     """Compile a spec into a Program in memory (see `compile` for the file-writing form)."""
-    if not isinstance(spec, str) or not spec.strip():
+    _check_text("spec", spec)
+    if not spec.strip():
         raise PawError("the spec is empty: describe the function to compile")
+    if pseudo_program is not None:
+        _check_text("pseudo_program", pseudo_program)
     files = files.resolved(models, need_pseudo_compiler=pseudo_program is None)
     phases = _Phases(progress)
 
@@ -185,6 +205,13 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
         meta = CompilerMeta.load(files.compiler_meta)
         interp_config, interp_tokenizer = read_header(files.interpreter)
         limit = interp_config.n_ctx - options.input_reserve
+        if limit <= 0:
+            raise PawError(f"input_reserve {options.input_reserve} leaves no room for a pseudo-program in the "
+                           f"interpreter's {interp_config.n_ctx}-token context")
+        if options.adapter_type == "q4_0" and meta.lora_rank % 32:
+            raise IncompatibleModelError(f"{files.compiler_meta}: lora_rank {meta.lora_rank} is not a multiple of 32, "
+                                         f"which a Q4_0 adapter needs (blocks of 32); use adapter_type f16 or f32")
+        runtime_id = _runtime_id(files.interpreter, options)
         with LlamaModel(files.compiler, vocab_only=True) as vocab:
             compiler_width = vocab.n_embd
             text = _text_model(vocab, options.compiler_tokenizer)
@@ -235,15 +262,16 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
         adapter = adapter_bytes(tensors, meta.lora_alpha, options.adapter_type)
         program = build_program(spec=spec, pseudo_program=pseudo_text, template=template, adapter_gguf=adapter, rank=meta.lora_rank,
                                 alpha=meta.lora_alpha, prefix_steps=meta.prefix_steps, strategy=strategy,
-                                runtime_id=_runtime_id(files.interpreter, options), compiler_snapshot=meta.snapshot,
+                                runtime_id=runtime_id, compiler_snapshot=meta.snapshot,
                                 compiler_fingerprint=fingerprint)
     return CompileResult(program, files, phases.records, pseudo, len(ids))
 
 
-def export_peft(program: Program, interpreter: PathLike, folder: PathLike) -> Path:
-    """The program's adapter (as stored, dequantized) in PEFT form."""
+def export_peft(program: Program, interpreter: PathLike, folder: PathLike, cache_dir: PathLike | None = None) -> Path:
+    """The program's adapter (as stored, dequantized) in PEFT form. Its temporary copy goes under
+    the cache directory, as a call's does (not a shared /tmp folder another user may own)."""
     config, _ = read_header(interpreter)
-    with program.adapter_file(Path(tempfile.gettempdir()) / "paw_lite") as path:
+    with program.adapter_file(Path(cache_dir or paths.cache_dir()) / "tmp") as path:
         adapter = LoraAdapter.from_gguf(path, config)
     return write_peft_dir(folder, adapter)
 
@@ -260,6 +288,8 @@ def compile(spec: str, out: PathLike, *, pseudo_program: str | None = None, mode
     adapter_type: "q4_0" (default, as official programs), "f16" or "f32".
     peft: also write the program's LoRA in PEFT form (adapter_config.json + adapter_model.safetensors) to this folder.
     options: CompileOptions fields (max_new_tokens, n_threads, pseudo_tokenizer, ...)."""
+    if out is None:
+        raise TypeError("compile: out is the path of the .paw to write; for a program in memory use compile_program")
     result = compile_report(spec, out, pseudo_program=pseudo_program, models=models, compiler=compiler, mapper=mapper,
                             compiler_meta=compiler_meta, pseudo_compiler=pseudo_compiler, interpreter=interpreter,
                             adapter_type=adapter_type, peft=peft, **options)
@@ -273,22 +303,42 @@ def compile_report(spec: str, out: PathLike | None, *, pseudo_program: str | Non
                    adapter_type: str = "q4_0", peft: PathLike | None = None,
                    progress: Callable[[str], None] | None = None, on_token: Callable[[int], None] | None = None,
                    **options: Any) -> CompileResult:
-    """`compile`, returning the program, the files used and the per-phase timings and peak RSS."""
-    files = ModelFiles(*(Path(p) if p is not None else None for p in (compiler, mapper, compiler_meta, pseudo_compiler, interpreter)))
-    opts = CompileOptions(adapter_type=adapter_type, **{k: (Path(v) if k.endswith("_tokenizer") and v is not None else v)
-                                                         for k, v in options.items()})
+    """`compile`, returning the program, the files used and the per-phase timings and peak RSS.
+    The output paths are checked before the compile; the bundle is written before the PEFT folder."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(CompileOptions)})
+    if unknown:
+        raise TypeError(f"compile: unknown option(s) {', '.join(unknown)}; the options are "
+                        f"{', '.join(f.name for f in dataclasses.fields(CompileOptions) if f.name != 'adapter_type')}")
+    files = ModelFiles(*(Path(p).expanduser() if p is not None else None
+                         for p in (compiler, mapper, compiler_meta, pseudo_compiler, interpreter)))
+    opts = CompileOptions(adapter_type=adapter_type, **options)
+    out = None if out is None else Path(out).expanduser()
+    if out is not None:
+        check_writable(out, "out")
+    if peft is not None:
+        check_peft_folder(Path(peft).expanduser(), "peft")
     result = compile_program(spec, pseudo_program=pseudo_program, models=models, files=files, options=opts,
                              progress=progress, on_token=on_token)
-    if peft is not None:
-        export_peft(result.program, result.files.interpreter, peft)
     if out is not None:
         result.path = result.program.save(out)
+    if peft is not None:
+        export_peft(result.program, result.files.interpreter, Path(peft).expanduser(), opts.cache_dir)
     return result
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        hint = "; pass the text (read the file first)" if isinstance(value, (os.PathLike, bytes)) else ""
+        raise TypeError(f"{name} must be str, not {type(value).__name__}{hint}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PawError(f"the {name} is not valid Unicode: {exc.reason} at position {exc.start}") from None
 
 
 def compile_and_load(spec: str, out: PathLike | None = None, *, base_model: PathLike | None = None,
                      cache_dir: PathLike | None = None, **kwargs: Any) -> PawFunction:
     """Compile a spec and return the program as a callable (`paw_lite.function`), bound to the
     interpreter it was compiled for (or `base_model`). `out` also saves the bundle there."""
-    result = compile_report(spec, out, **kwargs)
+    result = compile_report(spec, out, cache_dir=cache_dir, **kwargs)  # the compiler's prompt cache goes there too
     return function(result.program, base_model=base_model or result.files.interpreter, cache_dir=cache_dir)
