@@ -52,8 +52,12 @@ def _to_f32(raw: np.ndarray, dtype_name: str) -> np.ndarray:
 def _encode_rows(plan: TensorPlan, raw: np.ndarray, dtype_name: str) -> np.ndarray:
     """Encode source rows into plan.qtype (bytes for block types, the element dtype otherwise)."""
     if plan.qtype == GGMLQuantizationType.BF16 and dtype_name == "BF16":
+        if ((raw & 0x7F80) == 0x7F80).any():  # all exponent bits set: Inf or NaN, refused as for other types
+            raise InvalidFileError(f"{plan.name}: the source tensor holds NaN or Inf values")
         return raw  # bf16 stays bit-identical
     if plan.qtype == GGMLQuantizationType.F16 and dtype_name == "F16":
+        if not np.isfinite(raw).all():
+            raise InvalidFileError(f"{plan.name}: the source tensor holds NaN or Inf values")
         return raw
     x = _to_f32(raw, dtype_name)
     if not np.isfinite(x).all():

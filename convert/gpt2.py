@@ -86,13 +86,16 @@ def hf_gpt2_bin_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _checked(tensors: Iterable[tuple[str, np.ndarray]], config: GPT2Config, source: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Refuse a tensor whose shape does not match config.json before it is written, and a missing one."""
+    """Refuse a tensor whose shape does not match config.json, or holding NaN or Inf, before it is
+    written, and a missing one."""
     expected = config.tensor_shapes()
     expected["output.weight"] = (config.n_vocab, config.n_embd)  # optional: absent when tied
     seen = set()
     for name, arr in tensors:
         if name not in expected or tuple(arr.shape) != expected[name]:
             raise InvalidFileError(f"{source}: {name} has shape {tuple(arr.shape)}, expected {expected.get(name)} from config.json")
+        if not np.isfinite(arr).all():  # pytorch_model.bin sources (model.safetensors is checked on reading)
+            raise InvalidFileError(f"{source}: {name} holds NaN or Inf values")
         seen.add(name)
         yield name, arr
     missing = sorted(set(expected) - seen - {"output.weight"})

@@ -337,3 +337,17 @@ def test_cli(tmp_path, qwen_bf16):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing tensors" in r.stderr
     assert not out2.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".bad.gguf")] == []
+
+
+def test_nan_in_a_bf16_source_is_refused_when_copied_as_bf16(tmp_path, qwen_bf16):
+    """bf16 to bf16 copies the bits; it used to copy a NaN as well, which f16 and q8_0 refuse."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(qwen_bf16, tmp_path / "nan")
+    shard = next(p for p in sorted(d.glob("*.safetensors")))
+    tensors = load_file(str(shard))
+    name = next(k for k, t in tensors.items() if t.dtype == torch.bfloat16 and t.ndim == 2)
+    tensors[name][1, 2] = float("nan")
+    save_file(tensors, str(shard))
+    _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, "NaN or Inf", qtype="bf16")

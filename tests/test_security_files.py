@@ -175,3 +175,26 @@ def test_k_quants_need_llama_cpp_before_any_writing(tmp_path, monkeypatch, tiny_
     with pytest.raises(MissingDependencyError):
         qwen3.convert_qwen3(tmp_path, tmp_path / "out" / "q.gguf", "q4_k_m")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["model.safetensors", "pytorch_model.bin"])
+def test_convert_gpt2_refuses_nan_weights(tmp_path, tiny_hf, source):
+    from convert.gpt2 import convert_hf_gpt2
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_hf, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("ln_f.bias"))
+    tensors[key] = tensors[key].copy()
+    tensors[key][0] = np.inf
+    if source == "model.safetensors":
+        save_file(tensors, str(folder / source))
+    else:
+        torch = pytest.importorskip("torch")
+        (folder / "model.safetensors").unlink()
+        torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, folder / source)
+    out = tmp_path / "x.gguf"
+    with pytest.raises(InvalidFileError, match="holds NaN or Inf values"):
+        convert_hf_gpt2(folder, out, "f32")
+    assert not out.exists()
