@@ -14,8 +14,8 @@ from gguf import GGMLQuantizationType, GGUFWriter, TokenType, quants
 
 from paw_lite.atomic import atomic_path
 from paw_lite.errors import InvalidFileError, ModelNotFoundError
-from paw_lite.base_model import hf_gpt2_config, hf_gpt2_tensors
-from paw_lite.gpt2_layout import ARCH, GPT2Config, hf_to_gguf_name
+from paw_lite.base_model import hf_gguf_name, hf_gguf_weight, hf_gpt2_config, hf_gpt2_tensors
+from paw_lite.gpt2_layout import ARCH, GPT2Config
 from paw_lite.tokenizer import hf_vocab
 
 GPT2_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -75,27 +75,23 @@ def hf_gpt2_bin_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     state = load_state_dict(path)
     wte = next((k for k in state if k.removeprefix("transformer.") == "wte.weight"), None)
     for key, arr in state.items():
-        mapped = hf_to_gguf_name(key)
+        mapped = hf_gguf_name(key, path)
         if mapped is None:
             continue
         name, transpose = mapped
         if name == "output.weight" and wte is not None and np.array_equal(arr, state[wte]):
             continue  # tied (torch saves lm_head sharing the embedding's storage)
-        arr = arr.astype(np.float32)
-        yield name, (np.ascontiguousarray(arr.T) if transpose else arr)
+        yield name, hf_gguf_weight(arr.astype(np.float32), transpose, key, path)
 
 
 def _checked(tensors: Iterable[tuple[str, np.ndarray]], config: GPT2Config, source: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Refuse a tensor whose shape does not match config.json, or holding NaN or Inf, before it is
-    written, and a missing one."""
+    """Refuse a tensor whose shape does not match config.json before it is written, and a missing one."""
     expected = config.tensor_shapes()
     expected["output.weight"] = (config.n_vocab, config.n_embd)  # optional: absent when tied
     seen = set()
     for name, arr in tensors:
         if name not in expected or tuple(arr.shape) != expected[name]:
             raise InvalidFileError(f"{source}: {name} has shape {tuple(arr.shape)}, expected {expected.get(name)} from config.json")
-        if not np.isfinite(arr).all():  # pytorch_model.bin sources (model.safetensors is checked on reading)
-            raise InvalidFileError(f"{source}: {name} holds NaN or Inf values")
         seen.add(name)
         yield name, arr
     missing = sorted(set(expected) - seen - {"output.weight"})

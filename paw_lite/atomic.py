@@ -12,12 +12,14 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import PawError
 
 TMP_SUFFIX = ".tmp"
+T = TypeVar("T")
 
 
 def _read_umask() -> int:
@@ -123,6 +125,16 @@ def check_writable(dest: str | os.PathLike[str], option: str, folder: bool = Fal
                        f"pick another location or fix its permissions") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def checked_or_removed(path: str | os.PathLike[str], check: Callable[[], T]) -> T:
+    """`check()` of a file just written; a file that fails it is removed (the error says so), so no
+    later run finds and trusts it."""
+    try:
+        return check()
+    except PawError as exc:
+        Path(path).unlink(missing_ok=True)
+        raise type(exc)(f"{exc} (the output {path} was removed)") from exc
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str], older_than_s: float = 3600.0, prefix: str = ".") -> int:

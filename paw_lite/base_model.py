@@ -208,10 +208,7 @@ def hf_gpt2_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise ModelNotFoundError(f"{folder}: no model.safetensors (convert a pytorch_model.bin with `paw-lite convert gpt2 {folder} -o gpt2.gguf`)")
     st = SafetensorsFile(st_path)
     for key in st.keys():
-        try:
-            mapped = hf_to_gguf_name(key)
-        except InvalidFileError as exc:
-            raise InvalidFileError(f"{st_path}: {exc}") from None
+        mapped = hf_gguf_name(key, st_path)
         if mapped is None:
             continue
         name, transpose = mapped
@@ -219,10 +216,23 @@ def hf_gpt2_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
             wte = next((k for k in st.keys() if k.removeprefix("transformer.") == "wte.weight"), None)
             if wte is not None and np.array_equal(st.raw(key), st.raw(wte)):
                 continue
-        arr = st.f32(key)
-        if not np.isfinite(arr).all():  # as the GGUF path refuses them: NaN weights give garbage, silently
-            raise InvalidFileError(f"{st_path}: tensor {key} holds NaN or Inf values")
-        yield name, (np.ascontiguousarray(arr.T) if transpose else arr)
+        yield name, hf_gguf_weight(st.f32(key), transpose, key, st_path)
+
+
+def hf_gguf_name(key: str, source: Path) -> tuple[str, bool] | None:
+    """gpt2_layout.hf_to_gguf_name, its error naming the file the tensor came from."""
+    try:
+        return hf_to_gguf_name(key)
+    except InvalidFileError as exc:
+        raise InvalidFileError(f"{source}: {exc}") from None
+
+
+def hf_gguf_weight(arr: np.ndarray, transpose: bool, key: str, source: Path) -> np.ndarray:
+    """An HF GPT-2 weight (float32) as its GGUF tensor: refused if not finite (as the GGUF path
+    refuses them: NaN weights give garbage, silently), transposed where HF's Conv1D layout differs."""
+    if not np.isfinite(arr).all():
+        raise InvalidFileError(f"{source}: tensor {key} holds NaN or Inf values")
+    return np.ascontiguousarray(arr.T) if transpose else arr
 
 
 def _load_hf_dir(folder: Path) -> BaseModel:

@@ -26,7 +26,7 @@ from .gpt2_layout import LORA_MODULES, GPT2Config
 MAX_ROWS = 2048
 # Query tokens of one sequence per step: bounds the attention score buffer (heads x CHUNK x context).
 PREFILL_CHUNK = 512
-KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
+_KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
 
 
 @dataclass(frozen=True)
@@ -176,11 +176,7 @@ class _Batch:
     def slots(cls, config: GPT2Config, seqs: list[Sequence], capacity: int, prefix_k: np.ndarray,
               prefix_v: np.ndarray) -> "_Batch":
         """`capacity` slots for the sequences to take turns in (see `assign`)."""
-        # Room for the prompts and a first stretch of output; grown on demand, so a batch run
-        # "until EOS or the context end" does not reserve the whole context for every sequence.
-        need = max(len(s.ids) + s.limit - 1 for s in seqs)  # the last generated token is never evaluated
-        cap = min(need, max(len(s.ids) for s in seqs) + KV_GROWTH)
-        shape = (config.n_layer, config.n_head, capacity, cap, config.head_dim)
+        shape = (config.n_layer, config.n_head, capacity, own_positions(seqs), config.head_dim)
         # zeros, not empty: masked keys still meet a zero probability, and 0 * garbage may be NaN
         zero = np.zeros(capacity, np.int64)
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), zero, zero.copy(), prefix_k, prefix_v,
@@ -203,6 +199,19 @@ class _Batch:
             grown = np.zeros(shape, np.float32)
             grown[:, :, :, :cap] = getattr(self, name)
             setattr(self, name, grown)
+
+
+def own_positions(seqs: list[Sequence]) -> int:
+    """Own positions per slot a batch's key and value buffers start with: room for the prompts and
+    a first stretch of output, grown on demand (`_Batch.reserve`), so a batch run "until EOS or the
+    context end" does not reserve the whole context for every sequence."""
+    need = max(len(s.ids) + s.limit - 1 for s in seqs)  # the last generated token is never evaluated
+    return min(need, max(len(s.ids) for s in seqs) + _KV_GROWTH)
+
+
+def kv_bytes_per_position(config: GPT2Config) -> int:
+    """Float32 keys and values of one position in every layer (74 KB for GPT-2 124M)."""
+    return 2 * config.n_layer * config.n_embd * 4
 
 
 class _Solo:

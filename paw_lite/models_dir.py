@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from . import paths
-from .atomic import atomic_path
+from .atomic import atomic_path, checked_or_removed
 from .base_model import file_sha256
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, malformed_file, require
 
@@ -274,11 +274,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             quant = options.compiler_quant if role == "compiler" else options.quant
             name = manifest[role].file_name(quant)
             convert_qwen3(p, directory / name, quant, on_tensor)
-            try:
-                check_file(directory / name, role, directory)
-            except PawError:
-                (directory / name).unlink(missing_ok=True)  # not left under a name the manifest trusts
-                raise
+            checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
             done.append(_record(directory, name, role, str(p), f"paw-lite convert qwen3 --type {quant}"))
     if meta_src is not None and wanted("compiler_meta"):
         check_file(meta_src, "compiler_meta", directory)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import blas_threads, paths, prefix_cache
 from .base_model import BaseModel
-from .engine import KV_GROWTH, Engine, Sequence, Weights
+from .engine import Engine, Sequence, Weights, kv_bytes_per_position, own_positions
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
 from .lora import LoraAdapter
 from .program import ADAPTER, Program
@@ -206,14 +206,11 @@ class PawFunction:
         return self._engine
 
     def _kv_capacity(self, seqs: list[Sequence | None], todo: list[int], n_workers: int) -> int:
-        """Sequences in flight per worker that keep the map's keys and values within MAP_KV_BUDGET:
-        each holds its own tokens' (74 KB a token for GPT-2 124M), sized for the longest prompt
-        and a first stretch of output, so long inputs run fewer at a time instead of asking for
-        gigabytes. At least one, whatever the budget."""
-        c = self.config
-        per_token = 2 * c.n_layer * c.n_embd * 4
-        longest = max(len(seqs[i].ids) + min(seqs[i].limit, KV_GROWTH) for i in todo)
-        return max(1, MAP_KV_BUDGET // (n_workers * longest * per_token))
+        """Sequences in flight per worker that keep the map's keys and values within MAP_KV_BUDGET,
+        each slot sized as the engine sizes it, so long inputs run fewer at a time instead of
+        asking for gigabytes. At least one, whatever the budget."""
+        per_slot = own_positions([seqs[i] for i in todo]) * kv_bytes_per_position(self.config)
+        return max(1, MAP_KV_BUDGET // (n_workers * per_slot))
 
     def _sequence(self, ids: list[int], max_tokens: int | None) -> Sequence | None:
         """What the engine evaluates for a prompt: the tokens after the part it shares with the

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..atomic import TMP_SUFFIX, check_writable
+from ..atomic import TMP_SUFFIX, check_writable, checked_or_removed
 from ..errors import PawError, malformed_file
 from . import emit, require_positive
 
@@ -77,7 +77,7 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
         out = convert_qwen3(args.src, args.output, args.type, on_item)
     finally:
         bar.close()
-    return {"kind": "qwen3", "n_files": len(shards), **_verified(out, lambda: verify_gguf(out, qwen3_role(out)))}
+    return {"kind": "qwen3", "n_files": len(shards), **checked_or_removed(out, lambda: verify_gguf(out, qwen3_role(out)))}
 
 
 def qwen3_role(path: Path) -> str:
@@ -99,16 +99,7 @@ def _gpt2(args: argparse.Namespace) -> dict[str, Any]:
         out = convert_hf_gpt2(args.src, args.output, args.type, on_tensor)
     finally:
         bar.close()
-    return {"kind": "gpt2", **_verified(out, lambda: verify_gguf(out, "interpreter"))}
-
-
-def _verified(out: Path, verify: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The checks of a written file; a file that fails them is removed, so nothing later trusts it."""
-    try:
-        return verify()
-    except PawError as exc:
-        Path(out).unlink(missing_ok=True)
-        raise type(exc)(f"{exc} (the output {out} was removed)") from exc
+    return {"kind": "gpt2", **checked_or_removed(out, lambda: verify_gguf(out, "interpreter"))}
 
 
 def _mapper(args: argparse.Namespace) -> dict[str, Any]:
