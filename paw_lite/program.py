@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -44,6 +45,8 @@ MAX_COMPRESSION_RATIO = 100
 # decompressor code that a hostile file could reach.
 COMPRESSION_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 SUPPORTED_INTERPRETERS = ("gpt2",)
+# Checked when writing, not when reading: a program written elsewhere still runs.
+_PROGRAM_ID = re.compile(r"[0-9a-f]{20}")
 # meta.json fields paw_lite reads, with the JSON types they must have (null counts as absent).
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "version": (int,), "program_id": (str,), "spec": (str,), "interpreter": (str,), "runtime_id": (str,),
@@ -152,6 +155,10 @@ class Program:
                 raise PawError(f"{path}: {name} would be {len(data)} bytes, more than the {MAX_MEMBER_BYTES[name]}-byte "
                                f"limit every reader of this bundle applies; shorten the spec or pseudo-program")
         Program.from_members(members, str(path))
+        program_id = self.meta.get("program_id")
+        if program_id is not None and not _PROGRAM_ID.fullmatch(program_id):
+            raise PawError(f"{path}: meta.json field 'program_id' is {program_id!r:.80}; official programs carry 20 "
+                           f"lowercase hex digits (paw_lite.program.content_program_id computes one)")
         with atomic_path(path) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 for name, data in members.items():

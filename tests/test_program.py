@@ -165,3 +165,21 @@ def test_save_refuses_what_load_would_refuse(tmp_path, tiny_program):
     with pytest.raises(PawError, match="meta.json cannot be written: .*use plain int, float and str values"):
         numpy_meta.save(tmp_path / "np.paw")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_a_program_id_official_tools_would_not_write(tmp_path, tiny_program):
+    from paw_lite.errors import PawError
+
+    prog = Program.load(tiny_program)
+    for bad in ("ABCDEF0123456789ABCD", "abc", "0123456789abcdef01234", "../../etc/passwd"):
+        edited = Program({**prog.meta, "program_id": bad}, prog.template, prog.adapter_gguf, prog.pseudo_program)
+        with pytest.raises(PawError, match="field 'program_id' is .*20 lowercase hex digits"):
+            edited.save(tmp_path / "bad.paw")
+    assert list(tmp_path.iterdir()) == []
+    # Reading stays lenient: a program written by another tool with another id still loads.
+    members = Program({**prog.meta, "program_id": "not-ours"}, prog.template, prog.adapter_gguf,
+                      prog.pseudo_program).members()
+    with zipfile.ZipFile(tmp_path / "other.paw", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    assert Program.load(tmp_path / "other.paw").program_id == "not-ours"
