@@ -208,6 +208,11 @@ def check_peft_folder(folder: str | os.PathLike[str], option: str = "peft") -> N
                            f"give a new or empty folder, or one holding only a PEFT adapter")
 
 
+def whole_number(value: float) -> int | float:
+    """A LoRA hyperparameter as JSON: 16, not 16.0, as the published configs write it."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def write_peft_dir(folder: str | os.PathLike[str], adapter: LoraAdapter, base_model_name: str = "gpt2") -> Path:
     """Export the PEFT form (adapter_config.json + adapter_model.safetensors), replacing the
     folder as a whole (see `check_peft_folder`)."""
@@ -220,7 +225,7 @@ def write_peft_dir(folder: str | os.PathLike[str], adapter: LoraAdapter, base_mo
     with atomic_dir(folder) as tmp:
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-            "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": 0.0, "bias": "none",
+            "r": adapter.rank, "lora_alpha": whole_number(adapter.alpha), "lora_dropout": 0.0, "bias": "none",
             "fan_in_fan_out": True, "target_modules": PEFT_TARGET_MODULES,
             "inference_mode": True,
         }

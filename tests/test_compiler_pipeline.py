@@ -156,6 +156,27 @@ def test_pseudo_program_generation_equals_transformers_greedy(qwen):
         assert again == fresh(examples_prompt(SPEC) + " Be brief.")[0]
 
 
+def test_pseudo_program_generation_stops_where_transformers_does(qwen, monkeypatch):
+    """transformers stops Qwen3 at <|im_end|> or <|endoftext|> only; llama.cpp's end-of-generation set
+    also holds <|fim_pad|> (151662), <|repo_name|> and <|file_sep|>, which must not stop a pseudo-program."""
+    from paw_lite.compiler.llama import LlamaContext, LlamaModel
+    from paw_lite.compiler.pseudo import GreedyGenerator
+
+    with LlamaModel(qwen[1]) as model:
+        picks = iter([151662, 151664, 30, 151643, 40])
+
+        def one_hot(self, i=-1):
+            out = np.zeros(model.n_vocab, np.float32)
+            out[next(picks)] = 1.0
+            return out
+
+        monkeypatch.setattr(LlamaContext, "logits", one_hot)
+        with GreedyGenerator(model, model, max_new_tokens=24) as generate:
+            assert generate.stop_ids == {151643, 151645}
+            _, n = generate(examples_prompt(SPEC))
+    assert n == 3 and next(picks) == 40  # the two FIM tokens and id 30 generated, stopped at 151643
+
+
 def test_prompt_state_cache(qwen, tmp_path, caplog):
     """The spec-independent part of the pseudo compiler's prompt is evaluated once and restored from
     disk afterwards, with the same output; a corrupted file is detected and rebuilt."""
@@ -226,6 +247,8 @@ def test_cli_compile_end_to_end(models, interp, tmp_path, capsys):
         "lora_rank": TINY_RANK, "lora_alpha": ALPHA, "prefix_steps": PREFIX_STEPS, "pseudo_program_strategy": "examples",
         "compiler_snapshot": "tiny-test"}
     assert len(meta["compiler_fingerprint"]) == 16 and meta["created_at"].endswith("Z")
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert type(meta["lora_alpha"]) is int and type(peft_config["lora_alpha"]) is int  # 16, as published: not 16.0
     adapter_path = tmp_path / "adapter.gguf"
     adapter_path.write_bytes(prog.adapter_gguf)
     reader = open_gguf(adapter_path)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..lora import ADAPTER_WRITE_TYPES, write_adapter_gguf
+from ..lora import ADAPTER_WRITE_TYPES, whole_number, write_adapter_gguf
 from ..program import Program, content_program_id
 
 META_VERSION = 4
@@ -45,7 +45,7 @@ def build_program(*, spec: str, pseudo_program: str, template: str, adapter_gguf
         "runtime_id": runtime_id,
         "runtime_manifest_version": RUNTIME_MANIFEST_VERSION,
         "lora_rank": rank,
-        "lora_alpha": alpha,
+        "lora_alpha": whole_number(alpha),
         "prefix_steps": prefix_steps,
         "created_at": created_at or datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "pseudo_program_strategy": strategy,

@@ -158,9 +158,6 @@ class LlamaModel:
             cap = -n
         raise PawError(f"{self.path}: llama.cpp failed to detokenize {len(ids)} tokens")
 
-    def is_eog(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-
     # -- contexts -----------------------------------------------------------------------------------
 
     def context(self, settings: "ContextSettings", cb_eval: Callable | None = None) -> "LlamaContext":

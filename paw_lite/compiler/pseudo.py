@@ -18,6 +18,9 @@ from .prompts import examples_prompt
 log = logging.getLogger("paw_lite.compiler")
 
 MAX_NEW_TOKENS = 512
+# Where generation stops: Qwen3's generation_config eos_token_id, as transformers' generate uses it.
+# llama.cpp's end-of-generation set is wider (it adds <|fim_pad|>, <|repo_name|>, <|file_sep|>).
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 INPUT_RESERVE = 256  # interpreter positions kept free for the input and the output
 REGENERATIONS = 2
 # Appended to the user message when a pseudo-program did not fit (the published prompt asks for
@@ -72,6 +75,7 @@ class GreedyGenerator:
         their state is kept in state_cache when one is given (so a prompt gives the same numbers
         with or without the cache)."""
         self.model, self.text = model, text
+        self.stop_ids = frozenset(text.single_token(t) for t in STOP_TOKENS)
         self.max_new_tokens = max_new_tokens
         self.n_threads, self.n_ubatch = n_threads, n_ubatch
         self.on_token = on_token
@@ -120,7 +124,7 @@ class GreedyGenerator:
         out: list[int] = []
         while len(out) < self.max_new_tokens:
             token = int(np.argmax(ctx.logits(-1)))
-            if self.model.is_eog(token):
+            if token in self.stop_ids:
                 break
             out.append(token)
             if self.on_token:
