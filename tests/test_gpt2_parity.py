@@ -46,8 +46,9 @@ def test_logits_with_lora_match_peft(tiny_hf, tiny_gguf, tiny_lora, tmp_path):
     plain = forward(IDS, base.weights, base.config, KVCache(base.config), 0, all_logits=True)
     assert np.abs(ours - plain).max() > 1.0, "the LoRA must change the logits for this test to mean anything"
     assert np.abs(ours - ref).max() < LOGIT_TOL
-    # the PEFT folder reads back to the same tensors
+    # the PEFT folder reads back to the same adapter: hyperparameters and tensors
     again = LoraAdapter.from_peft_dir(tmp_path / "peft", base.config)
+    assert (again.rank, again.alpha, again.scale) == (32, 16.0, 0.5)
     for name, arr in adapter.tensors().items():
         np.testing.assert_array_equal(again.tensors()[name], arr)
 
@@ -60,6 +61,17 @@ def test_kv_cache_decode_equals_recomputation(tiny_gguf):
     for pos in range(5, len(IDS)):
         step.append(forward([IDS[pos]], base.weights, base.config, cache, pos))
     np.testing.assert_allclose(np.stack(step), full[4:], atol=2e-5, rtol=0)
+
+
+def test_prefill_after_a_cached_part_equals_recomputation(tiny_gguf):
+    """Several tokens evaluated at n_past > 0 (a prompt after a cached prefix, as `paw-lite doctor`
+    runs it): each query sees the cached keys and its own past, not its future."""
+    base = BaseModel.load(tiny_gguf)
+    full = forward(IDS, base.weights, base.config, KVCache(base.config), 0, all_logits=True)
+    cache = KVCache(base.config)
+    forward(IDS[:5], base.weights, base.config, cache, 0)
+    rest = forward(IDS[5:], base.weights, base.config, cache, 5, all_logits=True)
+    np.testing.assert_allclose(rest, full[5:], atol=2e-5, rtol=0)
 
 
 def test_base_weights_untouched_by_merge(tiny_gguf, tiny_lora, tmp_path):

@@ -113,6 +113,28 @@ def test_cache_key_covers_base_adapter_and_prefix(tiny_program, tiny_gguf, tiny_
     assert len(keys) == 3
 
 
+def test_cache_key_and_fingerprint_cover_the_template(tiny_program, tiny_gguf, tiny_hf, tiny_lora, tmp_path):
+    """Same adapter, another template whose prefix has the same number of tokens: its own prefix
+    cache entry (not the first program's keys and values), and its own fingerprint, which batch
+    resume compares (results of one program are never taken for another's)."""
+    from conftest import TEMPLATE
+
+    alike = make_program(tmp_path / "alike.paw", tiny_lora, 16.0, template=TEMPLATE.replace("ALERT", "ALARM"))
+    other = make_program(tmp_path / "other.paw", random_lora(2, 64, 32, seed=7), 16.0)
+    cache = tmp_path / "c"
+    a = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=cache)
+    b = paw_lite.function(alike, base_model=tiny_gguf, cache_dir=cache)
+    assert len(b._prefix_ids) == len(a._prefix_ids) and b._prefix_ids != a._prefix_ids
+    assert b.prefix_cache_key != a.prefix_cache_key
+    fresh = paw_lite.function(alike, base_model=tiny_gguf, cache_dir=tmp_path / "fresh")
+    np.testing.assert_array_equal(b._prefix_k, fresh._prefix_k)
+    assert not np.array_equal(b._prefix_k, a._prefix_k)
+    fingerprints = {a.fingerprint, b.fingerprint,
+                    paw_lite.function(other, base_model=tiny_gguf, cache_dir=cache).fingerprint,
+                    paw_lite.function(tiny_program, base_model=tiny_hf, cache_dir=cache).fingerprint}
+    assert len(fingerprints) == 4
+
+
 def test_hf_folder_and_gguf_give_the_same_output(fn, tiny_program, tiny_hf, tmp_path):
     g = paw_lite.function(tiny_program, base_model=tiny_hf, cache_dir=tmp_path)
     assert [g(t) for t in INPUTS] == [fn(t) for t in INPUTS]
