@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from .atomic import atomic_path
 from .errors import InvalidFileError, PawError
 
 log = logging.getLogger("paw_lite")
@@ -35,10 +36,9 @@ class BatchItem:
 
 @dataclass(frozen=True)
 class Done:
-    """What an existing output file says about one input line."""
+    """What an existing output file says about one input line it holds a result for."""
 
     input: str | None
-    failed: bool
     run: str | None  # the `run` field of the record (None in records of paw-lite before it had one)
 
 
@@ -52,6 +52,7 @@ def read_inputs(path: Path, input_format: str = "auto") -> list[BatchItem]:
         raw = path.read_bytes()
     except OSError as exc:
         raise InvalidFileError(f"{path}: cannot read the input file: {exc.strerror}") from exc
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not part of the first input
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -95,41 +96,56 @@ def encode_record(record: dict) -> bytes:
 class ResultsFile:
     """An append-only JSONL results file, locked against a second writer while open.
 
-    On opening, a torn last line (a write cut by a kill) is cut off and the records already there
-    are read into `done`."""
+    Opening reads the results already there into `done`; a file that does not hold paw-lite
+    results is refused untouched. `start`, called once the run is known to go ahead, drops two
+    kinds of lines by rewriting the file atomically: a torn last line (a record cut by a kill) and
+    the error records of inputs that failed, which the run retries (after the input file was fixed,
+    say); `retried` counts those."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._f = self._open_locked()
         try:
-            self._f: BinaryIO = open(path, "a+b")
-        except OSError as exc:
-            raise InvalidFileError(f"{path}: cannot open the output file: {exc.strerror}") from exc
-        try:
-            _lock(self._f, path)
-            self.done = self._read_done()
+            self._f.seek(0)
+            raw = self._f.read()
+            end = raw.rfind(b"\n") + 1
+            lines, torn = raw[:end].splitlines(), raw[end:]
+            records = [_parse_record(line, n, path) for n, line in enumerate(lines, 1)]
+            if torn and not _RECORD_START.startswith(torn[:len(_RECORD_START)]):
+                raise _not_results(path, len(lines) + 1, torn, "not a JSON record")
+            self._kept = [line for line, record in zip(lines, records) if "error" not in record]
+            self._torn = torn
+            self.retried = len(lines) - len(self._kept)
+            self.done: dict[int, Done] = {}
+            for record in records:
+                if "error" not in record:
+                    self.done.setdefault(record["index"], Done(record.get("input"), record.get("run")))
         except BaseException:
             self._f.close()
             raise
 
-    def _read_done(self) -> dict[int, Done]:
-        self._f.seek(0)
-        raw = self._f.read()
-        keep = raw.rfind(b"\n") + 1
-        if keep != len(raw):
-            log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path, len(raw) - keep)
-            self._f.truncate(keep)
-        done: dict[int, Done] = {}
-        for n, line in enumerate(raw[:keep].splitlines(), 1):
-            try:
-                record = json.loads(line)
-                index = record["index"]
-                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                    raise TypeError(f"index {index!r}")
-                done.setdefault(index, Done(record.get("input"), "error" in record, record.get("run")))
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-                raise InvalidFileError(f"{self.path}: line {n} ({line[:60]!r}) is not a paw-lite result ({exc}); "
-                                       f"move the file away or pick another --output to start over") from exc
-        return done
+    def _open_locked(self) -> BinaryIO:
+        try:
+            f: BinaryIO = open(self.path, "a+b")
+        except OSError as exc:
+            raise InvalidFileError(f"{self.path}: cannot open the output file: {exc.strerror}") from exc
+        try:
+            _lock(f, self.path)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def start(self) -> None:
+        """Drop the torn last line and the failed records; the old file stays whole until the new
+        one is complete."""
+        if self._torn:
+            log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path, len(self._torn))
+        if self._torn or self.retried:
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(b"".join(line + b"\n" for line in self._kept))
+            self._f.close()
+            self._f = self._open_locked()
 
     def write(self, record: dict) -> None:
         self._f.write(encode_record(record))
@@ -138,6 +154,27 @@ class ResultsFile:
 
     def close(self) -> None:
         self._f.close()  # closing releases the lock
+
+
+# How every record paw-lite writes starts (see `run_batch`): a torn last line is dropped only if it
+# is the beginning of one, so the last line of someone else's file is never cut off.
+_RECORD_START = b'{"index": '
+
+
+def _parse_record(line: bytes, n: int, path: Path) -> dict:
+    try:
+        record = json.loads(line)
+        index = record["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise TypeError(f"index {index!r}")
+        return record
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise _not_results(path, n, line, str(exc)) from exc
+
+
+def _not_results(path: Path, n: int, line: bytes, why: str) -> InvalidFileError:
+    return InvalidFileError(f"{path}: line {n} ({line[:60]!r}) is not a paw-lite result ({why}); the file was left as it "
+                           f"is: move it away or pick another --output to start over")
 
 
 def _lock(f: BinaryIO, path: Path) -> None:

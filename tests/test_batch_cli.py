@@ -67,7 +67,7 @@ def test_junk_lines_are_reported_and_every_other_result_is_kept(cli, fn, tmp_pat
     proc = cli("--input-file", inp, "--output", out, "--json", "--batch-size", "4")
     assert proc.returncode == 1, proc.stderr  # 1: some lines failed, the rest are done
     summary = json.loads(proc.stdout)
-    assert summary == {"inputs": 11, "already_done": 0, "ok": 8, "failed": 3, "failed_before": 0, "output": str(out)}
+    assert summary == {"inputs": 11, "already_done": 0, "retried": 0, "ok": 8, "failed": 3, "output": str(out)}
     recs = records(out)
     assert [r["index"] for r in recs] == list(range(len(JUNK_LINES)))
     errors = {r["index"]: r["error"] for r in recs if "error" in r}
@@ -76,6 +76,20 @@ def test_junk_lines_are_reported_and_every_other_result_is_kept(cli, fn, tmp_pat
     assert "context holds 128" in errors[7]
     good = [(i, line.decode().removesuffix("\r")) for i, line in enumerate(JUNK_LINES) if i not in errors]
     assert [(r["input"], r["output"]) for r in recs if "output" in r] == [(t, fn(t, max_tokens=MAX_TOKENS)) for _, t in good]
+
+    # A rerun retries the lines that failed (here they fail again); fixed, they run; each line keeps one record.
+    again = cli("--input-file", inp, "--output", out, "--json", "--batch-size", "4")
+    assert again.returncode == 1 and json.loads(again.stdout) == {
+        "inputs": 11, "already_done": 8, "retried": 3, "ok": 0, "failed": 3, "output": str(out)}
+    assert sorted(r["index"] for r in records(out)) == list(range(len(JUNK_LINES)))
+    fixed = [b"fixed %d" % i if i in errors else line for i, line in enumerate(JUNK_LINES)]
+    inp.write_bytes(b"\n".join(fixed))
+    third = cli("--input-file", inp, "--output", out, "--json", "--batch-size", "4")
+    assert third.returncode == 0 and json.loads(third.stdout) == {
+        "inputs": 11, "already_done": 8, "retried": 3, "ok": 3, "failed": 0, "output": str(out)}
+    final = {r["index"]: r for r in records(out)}
+    assert len(final) == len(records(out)) == len(JUNK_LINES) and not any("error" in r for r in final.values())
+    assert [final[i]["output"] for i in sorted(errors)] == [fn(f"fixed {i}", max_tokens=MAX_TOKENS) for i in sorted(errors)]
 
 
 def test_jsonl_junk_and_lone_surrogates(cli, fn, tmp_path):
@@ -158,11 +172,21 @@ def test_resuming_with_another_input_file_is_refused(cli, tmp_path):
     assert proc.returncode == 2
     assert b"the result for line 2 is for input 'beta'" in proc.stderr and b"now reads 'gamma'" in proc.stderr
     assert out.read_bytes() == before
+    # refused before anything is dropped: a failed record and a torn line stay as they were
+    torn = before + b'{"index": 2, "input": null, "error": "line 3 is not valid UTF-8 (byte 0)"}\n{"index": 3, "in'
+    out.write_bytes(torn)
+    assert cli("--input-file", inp, "--output", out).returncode == 2
+    assert out.read_bytes() == torn
 
 
 @pytest.mark.parametrize("content, message", [
     (b"not a results file\n", b"line 1 (b'not a results file') is not a paw-lite result"),
     (b'{"index": -1, "output": "x"}\n', b"is not a paw-lite result"),
+    # a last line without a newline is cut off only when it starts like a paw-lite record
+    (b"my notes\nlast line", b"line 1 (b'my notes') is not a paw-lite result"),
+    (b"one line, no newline", b"line 1 (b'one line, no newline') is not a paw-lite result (not a JSON record)"),
+    (b'{"index": 0, "input": "alpha", "output": "x"}\n{"a": 1}', b"line 2 (b'{\"a\": 1}') is not a paw-lite result"),
+    (b"GGUF\x03\x00\x00\x00" + bytes(range(256)), b"is not a paw-lite result"),
 ])
 def test_an_output_file_that_is_not_ours_is_refused(cli, tmp_path, content, message):
     inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
@@ -171,6 +195,25 @@ def test_an_output_file_that_is_not_ours_is_refused(cli, tmp_path, content, mess
     proc = cli("--input-file", inp, "--output", out)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert out.read_bytes() == content
+
+
+def test_an_output_with_more_lines_than_the_input_is_refused(cli, tmp_path):
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inp.write_text("alpha\nbeta\n", encoding="utf-8")
+    assert cli("--input-file", inp, "--output", out).returncode == 0
+    inp.write_text("alpha\n", encoding="utf-8")
+    before = out.read_bytes()
+    proc = cli("--input-file", inp, "--output", out)
+    assert proc.returncode == 2 and b"holds a result for line 2, but" in proc.stderr and b"has 1 lines" in proc.stderr
+    assert out.read_bytes() == before
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_input(cli, fn, tmp_path):
+    for name, body in (("bom.txt", "alpha\nbeta\n"), ("bom-json.txt", '{"text": "alpha"}\n{"text": "beta"}\n')):
+        inp, out = tmp_path / name, tmp_path / f"{name}.out.jsonl"
+        inp.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert cli("--input-file", inp, "--output", out).returncode == 0
+        assert [(r["input"], r["output"]) for r in records(out)] == [(t, fn(t, max_tokens=MAX_TOKENS)) for t in ("alpha", "beta")]
 
 
 def test_output_must_not_be_the_input(cli, tmp_path):

@@ -113,3 +113,28 @@ def test_cli_convert_gpt2(tmp_path, bin_folder):
     r = subprocess.run([sys.executable, "-m", "paw_lite", "convert", "gpt2", str(tmp_path / "none"), "-o", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_converted_tokenizer_works_in_llama_cpp(tiny_gguf, vocab_dir, hf_tokenizer_dir):
+    """llama.cpp tokenizes text with the converted file's own vocabulary exactly as transformers
+    does: the other llama.cpp oracles are fed paw_lite's token ids, so only this reads the
+    tokenizer the converter wrote. tokenizer.ggml.pre picks llama.cpp's pre-tokenizer regex;
+    "default" (a Llama-3-like split: digits in threes, no ' ?' before letters) breaks numbers,
+    contractions and spaces. tiny_gguf comes from tiny_hf, which carries the real GPT-2 vocabulary."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import GPT2TokenizerFast  # transformers 5: the same class as GPT2Tokenizer
+
+    from test_tokenizer import EXTRA_CASES, reference_cases
+
+    fields = read_gguf_meta(tiny_gguf).fields
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    hf = GPT2TokenizerFast.from_pretrained(hf_tokenizer_dir)
+    cases = reference_cases(vocab_dir, "ggml-vocab-gpt-2.gguf")
+    assert len(cases) >= 40
+    llm = llama_cpp.Llama(model_path=str(tiny_gguf), vocab_only=True, verbose=False)
+    try:
+        for text, want in cases + [(text, hf.encode(text)) for text in EXTRA_CASES]:
+            got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            assert got == want == hf.encode(text), text
+    finally:
+        llm.close()

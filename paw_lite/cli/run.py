@@ -70,6 +70,7 @@ def _run_file(args: argparse.Namespace, fn) -> int:
         done = results.done if results else {}
         if results:
             batch.check_resumable(items, done, args.output, args.input_file, run_id)
+            results.start()
         todo = list(batch.pending(items, done))
         write = results.write if results else batch.stdout_writer()
         bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
@@ -82,12 +83,14 @@ def _run_file(args: argparse.Namespace, fn) -> int:
     finally:
         if results:
             results.close()
-    failed_before = sum(d.failed for d in done.values())
-    summary = {"inputs": len(items), "already_done": len(done), "ok": ok, "failed": failed, "failed_before": failed_before,
+    retried = results.retried if results else 0
+    summary = {"inputs": len(items), "already_done": len(done), "retried": retried, "ok": ok, "failed": failed,
                "output": str(args.output) if args.output else None}
-    text = f"{ok} done, {failed} failed" + (f"; {len(done)} already in {args.output} ({failed_before} of them failed)" if done else "")
+    text = f"{ok} done, {failed} failed"
+    if done or retried:
+        text += f"; {len(done)} already in {args.output}" + (f", {retried} that had failed run again" if retried else "")
     if args.output:
         emit(args, summary, text)
     else:
         print(text, file=sys.stderr)  # stdout carries the results
-    return 1 if failed or failed_before else 0
+    return 1 if failed else 0
