@@ -126,6 +126,7 @@ class ResultsFile:
 
     def _open_locked(self) -> BinaryIO:
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             f: BinaryIO = open(self.path, "a+b")
         except OSError as exc:
             raise InvalidFileError(f"{self.path}: cannot open the output file: {exc.strerror}") from exc

@@ -23,6 +23,21 @@ def test_run_one_input_text_and_json(tiny_program, tiny_gguf, capsys, monkeypatc
     assert record["output"] == want and record["input"] == "user logged in"
 
 
+def test_run_text_may_follow_options(tiny_program, tiny_gguf, capsys, monkeypatch, tmp_path):
+    """argparse fills PROGRAM and the optional TEXT together: a TEXT after options used to be refused."""
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    fn = paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path / "c")
+    for argv, text in (([str(tiny_program), "--max-tokens", "3", "--base-model", str(tiny_gguf), "--json", "disk full"], "disk full"),
+                       ([str(tiny_program), "--json", "--max-tokens", "3", "--base-model", str(tiny_gguf), "--", "-5 degrees"], "-5 degrees"),
+                       ([str(tiny_program), "user in", "--max-tokens", "3", "--base-model", str(tiny_gguf), "--json", "-v"], "user in")):
+        assert main(["run", *argv]) == 0
+        assert json.loads(capsys.readouterr().out)["output"] == fn(text, max_tokens=3)
+    assert main(["run", str(tiny_program), "--json", "one", "two"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["type"] == "UsageError" and "paw-lite run: error: unrecognized arguments: one two" in err
+    assert err.startswith("usage: paw-lite run")  # the command's usage, not the top-level one
+
+
 def test_inspect(tiny_program, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
     assert main(["inspect", str(tiny_program), "--json"]) == 0
@@ -115,6 +130,15 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
     assert f"-o {folder} is a folder" in capsys.readouterr().err
     assert main(["compile", "a spec", "-o", str(tmp_path / "p.paw"), "--peft", str(a_file), "--models", no_models]) == 2
     assert f"--peft {a_file} is a file; give the path of a folder" in capsys.readouterr().err
+    # run --input-file: the input and output files go before the program and interpreter load
+    no_program = str(tmp_path / "no-such.paw")
+    assert main(["run", no_program, "--input-file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt: cannot read the input file" in capsys.readouterr().err
+    (tmp_path / "in.txt").write_text("alpha\n")
+    assert main(["run", no_program, "--input-file", str(tmp_path / "in.txt"), "--output", str(folder)]) == 2
+    assert f"--output {folder} is a folder" in capsys.readouterr().err
+    assert main(["run", no_program, "--input-file", str(tmp_path / "in.txt"), "--output", str(a_file / "o.jsonl")]) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_check_writable(tmp_path, monkeypatch):

@@ -32,7 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    for command in sub.choices.values():  # -v after the command too (SUPPRESS: absent, it leaves the top-level value)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what paw_lite does")
     return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, except that `run`'s TEXT may come after options (argparse fills PROGRAM and the
+    optional TEXT together, so a later TEXT has no slot: `run p.paw --json "disk full"`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and args.text is None:
+        rest = extra[1:] if extra[0] == "--" else extra
+        if len(rest) == 1 and (rest is not extra or not rest[0].startswith("-")):
+            args.text = rest[0]
+            extra = []
+    if extra:
+        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     wants_json = "--json" in argv
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
     except UsageError as exc:
         refused_by, message = exc.args
         refused_by.print_usage(sys.stderr)

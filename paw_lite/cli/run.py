@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from .. import batch
+from ..atomic import check_writable
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function
 from . import emit, require_positive
@@ -45,25 +47,31 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
     require_positive(args, "batch_size", "workers")
+    items = None
+    if args.input_file is not None:  # the input and output files are checked before the interpreter loads
+        if args.output and args.output.resolve() == args.input_file.resolve():
+            raise PawError(f"--output {args.output} is the input file; results need a file of their own")
+        items = batch.read_inputs(args.input_file, args.input_format)
+        if args.output:
+            check_writable(args.output, "--output")
+            if args.output.exists() and not os.access(args.output, os.W_OK):
+                raise PawError(f"--output {args.output}: the file is not writable; fix its permissions or pick another --output")
     t0 = time.perf_counter()
     with function(args.program, base_model=args.base_model) as fn:
         load_s = time.perf_counter() - t0
-        if args.text is not None:
+        if items is None:
             t1 = time.perf_counter()
             out = fn(args.text, max_tokens=args.max_tokens)
             emit(args, {"input": args.text, "output": out, "load_s": round(load_s, 3),
                         "call_s": round(time.perf_counter() - t1, 3)}, out)
             return 0
-        return _run_file(args, fn)
+        return _run_file(args, fn, items)
 
 
-def _run_file(args: argparse.Namespace, fn) -> int:
+def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int:
     """Results go to --output (appended, synced per line; a rerun resumes) or to stdout."""
     from tqdm import tqdm
 
-    if args.output and args.output.resolve() == args.input_file.resolve():
-        raise PawError(f"--output {args.output} is the input file; results need a file of their own")
-    items = batch.read_inputs(args.input_file, args.input_format)
     run_id = batch.run_id(fn.fingerprint, args.max_tokens)
     results = batch.ResultsFile(args.output) if args.output else None
     try:
