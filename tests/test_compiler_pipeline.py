@@ -408,6 +408,10 @@ def test_api_arguments_are_checked_before_the_compile(models, tmp_path):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, max_tokens=3)
     with pytest.raises(TypeError, match=r"pseudo_program must be str, not PosixPath; pass the text"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=tmp_path / "pseudo.txt", models=d)
+    (tmp_path / "pseudo.txt").write_text(PSEUDO)
+    with pytest.raises(TypeError, match=r"pseudo_program is the text of the pseudo-program, but '.*pseudo.txt' names a "
+                                        r"file; pass Path\('.*pseudo.txt'\).read_text\(\)"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=str(tmp_path / "pseudo.txt"), models=d)
     with pytest.raises(TypeError, match="spec must be str, not bytes"):
         compile(SPEC.encode(), tmp_path / "x.paw", pseudo_program=PSEUDO, models=d)
     with pytest.raises(PawError, match="the spec is not valid Unicode"):

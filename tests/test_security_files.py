@@ -129,6 +129,11 @@ def test_convert_refuses_to_write_over_its_source(tmp_path, tiny_hf, capsys):
     assert main(["convert", "gpt2", str(folder), "-o", str(folder / "model.safetensors")]) == 2
     assert "would write over the source" in capsys.readouterr().err
     assert (folder / "model.safetensors").read_bytes() == before
+    # a conversion into the source folder is fine, and so is running it again over its own .gguf
+    for _ in range(2):
+        assert main(["convert", "gpt2", str(folder), "-o", str(folder / "model.gguf"), "--type", "f32"]) == 0
+        capsys.readouterr()
+    assert (folder / "model.safetensors").read_bytes() == before
 
 
 def test_a_converted_file_that_fails_its_check_is_removed(tmp_path, tiny_hf, capsys):

@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "mapper":
         require_positive(args, "hidden")
     src, output = Path(args.src).resolve(), Path(args.output).resolve()
-    if output == src or src in output.parents and output.exists():
+    # Inside an HF folder only a .gguf may be replaced (a previous conversion): the converters read
+    # their folder's safetensors, bin, JSON and tokenizer files, never a .gguf.
+    if output == src or src in output.parents and output.exists() and output.suffix != ".gguf":
         raise PawError(f"-o {args.output} would write over the source {args.src}; pick another output path")
     check_writable(args.output, "-o")  # before the conversion, not after it
     start = time.perf_counter()

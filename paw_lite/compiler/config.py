@@ -116,6 +116,7 @@ class ModelFiles:
         if missing:
             raise ModelNotFoundError(
                 f"the compiler needs files that are not there: {'; '.join(missing)}. Get them with `paw-lite models pull` "
-                f"(or `paw-lite models import DIR`), pass --models DIR for the folder that holds them, or name each one "
-                f"(--compiler, --mapper, --compiler-meta, --pseudo-compiler, --interpreter)")
+                f"(or `paw-lite models import DIR`), pass --models DIR (models= in Python) for the folder that "
+                f"holds them, or name each one (--compiler, --mapper, --compiler-meta, --pseudo-compiler, --interpreter; "
+                f"the same names with underscores in Python)")
         return ModelFiles(**out)

@@ -198,6 +198,7 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
         raise PawError("the spec is empty: describe the function to compile")
     if pseudo_program is not None:
         _check_text("pseudo_program", pseudo_program)
+        _refuse_file_name("pseudo_program", pseudo_program)
     files = files.resolved(models, need_pseudo_compiler=pseudo_program is None)
     phases = _Phases(progress)
 
@@ -324,6 +325,20 @@ def compile_report(spec: str, out: PathLike | None, *, pseudo_program: str | Non
     if peft is not None:
         export_peft(result.program, result.files.interpreter, Path(peft).expanduser(), opts.cache_dir)
     return result
+
+
+def _refuse_file_name(name: str, value: str) -> None:
+    """A pseudo-program is text over several lines; one line naming an existing file is a path
+    passed by mistake (the CLI's --pseudo-program takes a FILE), not a program."""
+    line = value.strip()
+    if line and "\n" not in line and len(line) < 4096:
+        try:
+            is_file = Path(line).expanduser().is_file()
+        except (OSError, ValueError):  # a name too long for the system, a NUL byte
+            is_file = False
+        if is_file:
+            raise TypeError(f"compile: {name} is the text of the pseudo-program, but {line!r} names a file; "
+                            f"pass Path({line!r}).read_text() to use what it holds")
 
 
 def _check_text(name: str, value: object) -> None:

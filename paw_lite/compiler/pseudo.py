@@ -50,7 +50,7 @@ def fit_to_budget(spec: str, generate: Callable[[str], tuple[str, int]], count_t
         n_tokens = count_tokens(text)
         if not text:
             raise PawError("the pseudo compiler wrote an empty pseudo-program; check the pseudo compiler model, or pass "
-                           "your own with --pseudo-program FILE")
+                           "your own with --pseudo-program FILE (pseudo_program= in Python)")
         if n_tokens <= limit:
             if "[END_PSEUDO_PROGRAM]" not in text:
                 log.warning("the pseudo-program has no [END_PSEUDO_PROGRAM] marker (it may have been cut at %d tokens)", n_new)
@@ -61,7 +61,7 @@ def fit_to_budget(spec: str, generate: Callable[[str], tuple[str, int]], count_t
     raise ContextOverflowError(
         f"the pseudo compiler wrote pseudo-programs of {', '.join(map(str, sizes))} interpreter tokens in "
         f"{len(sizes)} attempts; at most {limit} fit (the interpreter's context less room for input and output). "
-        "Shorten the spec, or write the pseudo-program yourself and pass it with --pseudo-program FILE")
+        "Shorten the spec, or write the pseudo-program yourself and pass it with --pseudo-program FILE (pseudo_program= in Python)")
 
 
 class GreedyGenerator:
