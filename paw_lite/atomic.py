@@ -70,6 +70,21 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def created_folder(path: Path) -> Iterator[Path]:
+    """Create the folder (and its parents) for the block; if the block fails and the folder was made
+    here and is still empty, it is removed again."""
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty, or already gone: leave it
+                path.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Like atomic_path for a folder: built beside dest, renamed into place when complete. An old
     dest is first renamed aside (then deleted), so no moment exists where a half-deleted or

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from . import paths
-from .atomic import atomic_path, checked_or_removed
+from .atomic import atomic_path, checked_or_removed, created_folder
 from .base_model import file_sha256
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, malformed_file, require
 
@@ -244,53 +244,53 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
     if not src.is_dir():
         raise ModelNotFoundError(f"{src}: not a folder; pass the folder holding the downloaded model files")
     manifest = load_manifest()
-    directory.mkdir(parents=True, exist_ok=True)
-    done: list[dict[str, Any]] = []
-    candidates = [src, *sorted(src.iterdir())]
+    with created_folder(directory):  # a failed import does not leave an empty models folder behind
+        done: list[dict[str, Any]] = []
+        candidates = [src, *sorted(src.iterdir())]
 
-    def wanted(role: str) -> bool:
-        return role in options.roles
+        def wanted(role: str) -> bool:
+            return role in options.roles
 
-    meta_src = next((p for p in candidates if p.is_file() and p.name in ("meta.json", manifest["compiler_meta"].file_name())), None)
-    # Models first: the mapper is checked against the compiler's width and the interpreter's modules.
-    for p in candidates:
-        if p.is_file() and p.suffix == ".gguf":
-            role, quant = _gguf_role(p)
-            if not wanted(role):
-                continue
-            entry = manifest[role]
-            name = entry.file_name(quant if "{quant}" in entry.name else None)
-            check_file(p, role, directory)
-            if entry.sha256 and file_sha256(p) != entry.sha256:
-                raise IncompatibleModelError(f"{p}: not the published {entry.name} (sha256 differs from the manifest); "
-                                             "use your own interpreter with --base-model PATH instead")
+        meta_src = next((p for p in candidates if p.is_file() and p.name in ("meta.json", manifest["compiler_meta"].file_name())), None)
+        # Models first: the mapper is checked against the compiler's width and the interpreter's modules.
+        for p in candidates:
+            if p.is_file() and p.suffix == ".gguf":
+                role, quant = _gguf_role(p)
+                if not wanted(role):
+                    continue
+                entry = manifest[role]
+                name = entry.file_name(quant if "{quant}" in entry.name else None)
+                check_file(p, role, directory)
+                if entry.sha256 and file_sha256(p) != entry.sha256:
+                    raise IncompatibleModelError(f"{p}: not the published {entry.name} (sha256 differs from the manifest); "
+                                                 "use your own interpreter with --base-model PATH instead")
+                with atomic_path(directory / name) as tmp:
+                    shutil.copyfile(p, tmp)
+                done.append(_record(directory, name, role, str(p), "copied"))
+            elif _is_qwen3_folder(p):
+                role = qwen3_folder_role(p)
+                if not wanted(role):
+                    continue
+                quant = options.compiler_quant if role == "compiler" else options.quant
+                name = manifest[role].file_name(quant)
+                convert_qwen3(p, directory / name, quant, on_tensor)
+                checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
+                done.append(_record(directory, name, role, str(p), f"paw-lite convert qwen3 --type {quant}"))
+        if meta_src is not None and wanted("compiler_meta"):
+            check_file(meta_src, "compiler_meta", directory)
+            name = manifest["compiler_meta"].file_name()
             with atomic_path(directory / name) as tmp:
-                shutil.copyfile(p, tmp)
-            done.append(_record(directory, name, role, str(p), "copied"))
-        elif _is_qwen3_folder(p):
-            role = qwen3_folder_role(p)
-            if not wanted(role):
-                continue
-            quant = options.compiler_quant if role == "compiler" else options.quant
-            name = manifest[role].file_name(quant)
-            convert_qwen3(p, directory / name, quant, on_tensor)
-            checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
-            done.append(_record(directory, name, role, str(p), f"paw-lite convert qwen3 --type {quant}"))
-    if meta_src is not None and wanted("compiler_meta"):
-        check_file(meta_src, "compiler_meta", directory)
-        name = manifest["compiler_meta"].file_name()
-        with atomic_path(directory / name) as tmp:
-            shutil.copyfile(meta_src, tmp)
-        done.append(_record(directory, name, "compiler_meta", str(meta_src), "copied"))
-    mapper_src = src / "lora_mapper.pt"
-    if mapper_src.is_file() and wanted("mapper"):
-        name = manifest["mapper"].file_name()
-        convert_mapper(mapper_src, directory / name, installed_mapper_shape(directory, meta_src), on_tensor)
-        done.append(_record(directory, name, "mapper", str(mapper_src), "paw-lite convert mapper"))
-    if not done:
-        raise ModelNotFoundError(
-            f"{src}: nothing to import. Expected any of: gpt2-q8_0.gguf; a Qwen3 GGUF; the paw-4b-gpt2 download "
-            "(compiler/ folder, lora_mapper.pt, meta.json); a Qwen3-4B-Instruct-2507 HF folder")
+                shutil.copyfile(meta_src, tmp)
+            done.append(_record(directory, name, "compiler_meta", str(meta_src), "copied"))
+        mapper_src = src / "lora_mapper.pt"
+        if mapper_src.is_file() and wanted("mapper"):
+            name = manifest["mapper"].file_name()
+            convert_mapper(mapper_src, directory / name, installed_mapper_shape(directory, meta_src), on_tensor)
+            done.append(_record(directory, name, "mapper", str(mapper_src), "paw-lite convert mapper"))
+        if not done:
+            raise ModelNotFoundError(
+                f"{src}: nothing to import. Expected any of: gpt2-q8_0.gguf; a Qwen3 GGUF; the paw-4b-gpt2 download "
+                "(compiler/ folder, lora_mapper.pt, meta.json); a Qwen3-4B-Instruct-2507 HF folder")
     return done
 
 

@@ -84,6 +84,12 @@ def test_import_list_verify(tmp_path, capsys, manifest, downloads):
     md = tmp_path / "models"
     rc, listing = cli(capsys, "models", "list", "--models", str(md))
     assert rc == 0 and {f["status"] for f in listing["files"]} == {"missing"}
+    rc, listing = cli(capsys, "models", "verify", "--models", str(md))  # nothing verified is not "ok"
+    assert rc == 1 and not listing["ok"] and {f["status"] for f in listing["files"]} == {"missing"}
+    (tmp_path / "a-file").write_text("x")
+    for action in ("list", "verify"):
+        rc, error = cli(capsys, "models", action, "--models", str(tmp_path / "a-file"))
+        assert rc == 2 and "the models directory is a file, not a folder" in error["error"]
 
     src = tmp_path / "by-hand"  # everything copied into one folder, as a user would
     src.mkdir()
@@ -183,6 +189,7 @@ def test_doctor(tmp_path, capsys, monkeypatch):
     assert rc == 0 and report["ok"], report
     assert checks["llama.cpp runs a Q8_0 model"]["status"] == "ok"
     assert checks["cache directory writable"]["status"] == "ok"
+    assert all(checks[f"import {m}"]["detail"] for m in ("numpy", "gguf", "tokenizers", "safetensors"))  # versions
     assert checks["models directory"]["status"] == "warn" and "models import DIR" in checks["models directory"]["fix"]
     assert checks["fn.map workers"]["status"] == "ok" and "openblas" in checks["fn.map workers"]["detail"].lower()
 
@@ -235,3 +242,10 @@ def test_doctor_says_when_the_cache_path_is_a_file(tmp_path, capsys, monkeypatch
     rc, report = cli(capsys, "doctor", "--models", str(tmp_path / "models"))
     check = {c["check"]: c for c in report["checks"]}["cache directory writable"]
     assert rc == 1 and check["status"] == "fail" and check["detail"] == f"{tmp_path / 'cache'} is a file, not a folder"
+
+
+def test_a_failed_import_leaves_no_empty_models_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, error = cli(capsys, "models", "import", str(tmp_path / "empty"), "--models", str(tmp_path / "new-models"))
+    assert rc == 2 and "nothing to import" in error["error"]
+    assert not (tmp_path / "new-models").exists()

@@ -59,12 +59,22 @@ def _check(name: str, status: str, detail: str, fix: str = "") -> dict[str, str]
     return {"check": name, "status": status, "detail": detail, "fix": fix}
 
 
+def _distribution_version(module: str) -> str:
+    """The installed version of a module without __version__ (gguf): its distribution's metadata."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return "version unknown"
+
+
 def check_imports() -> list[dict[str, str]]:
     out = []
     for module in _REQUIRED:
         try:
             mod = importlib.import_module(module)
-            out.append(_check(f"import {module}", "ok", getattr(mod, "__version__", "")))
+            out.append(_check(f"import {module}", "ok", getattr(mod, "__version__", None) or _distribution_version(module)))
         except ImportError as exc:
             out.append(_check(f"import {module}", "fail", str(exc), "pip install -e . (paw-lite's own dependencies)"))
     for module, extra in _OPTIONAL.items():

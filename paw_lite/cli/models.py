@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..atomic import check_writable
-from ..errors import malformed_file
+from ..errors import PawError, malformed_file
 from . import emit
 
 _ROLE_CHOICES = ("interpreter", "compiler", "mapper", "compiler_meta", "pseudo_compiler")
@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     directory = models_directory(args.models)
     if args.action in ("pull", "import"):
         return _fetch(args, directory)
+    if directory.exists() and not directory.is_dir():
+        raise PawError(f"{directory}: the models directory is a file, not a folder; point --models or PAW_LITE_MODELS "
+                       f"at a folder")
     statuses = survey(directory, verify=args.action == "verify")
     rows = summarize(statuses)
     width = max(len(r["name"]) for r in rows)
@@ -81,5 +84,11 @@ def run(args: argparse.Namespace) -> int:
         if r["detail"]:
             lines.append(f"         {r['detail']}")
     bad = [r for r in rows if r["status"] == "bad"]
-    emit(args, {"models_dir": str(directory), "files": rows, "ok": not bad}, "\n".join(lines))
-    return 1 if bad else 0
+    # Missing files are normal (running programs needs only the interpreter), but a verify that
+    # found nothing at all to check has not verified anything.
+    nothing = args.action == "verify" and all(r["status"] == "missing" for r in rows)
+    if nothing:
+        lines.append(f"no model files to verify in {directory}: get them with `paw-lite models pull`, or point "
+                     f"--models / PAW_LITE_MODELS at the folder that holds them")
+    emit(args, {"models_dir": str(directory), "files": rows, "ok": not bad and not nothing}, "\n".join(lines))
+    return 1 if bad or nothing else 0
