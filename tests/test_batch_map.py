@@ -89,7 +89,7 @@ def test_map_respects_max_tokens(tiny_fn, max_tokens):
     assert all(len(o) <= max_tokens for o in got)
 
 
-def test_map_stops_each_input_at_the_context_end(tiny_fn):
+def test_map_stops_each_input_at_the_context_end(tiny_fn, tiny_gguf, tiny_program, tmp_path):
     n_fixed = len(tiny_fn.prompt_ids(""))
     room_for_input = tiny_fn.config.n_ctx - n_fixed - 1
     texts = [" ".join(["word"] * n) for n in (room_for_input, room_for_input - 1, room_for_input - 5, 3)]
@@ -97,9 +97,13 @@ def test_map_stops_each_input_at_the_context_end(tiny_fn):
     assert len(prompts[0]) == tiny_fn.config.n_ctx - 1, "the first input leaves room for exactly one token"
     got = tiny_fn.map_ids(texts, batch_size=4)
     assert got == [tiny_fn.generate_ids(t) for t in texts]
-    for ids, out in zip(prompts, got):
-        assert len(ids) + len(out) <= tiny_fn.config.n_ctx
-    assert len(got[0]) == 1 or got[0] == []
+    # the oracle: the reference forward pass, greedy until EOS or the last position of the context
+    base = BaseModel.load(tiny_gguf)
+    with paw_lite.Program.load(tiny_program).adapter_file(tmp_path) as p:
+        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    assert got == [reference_greedy(base, merged, ids, tiny_fn.config.n_ctx - len(ids)) for ids in prompts]
+    assert [len(ids) + len(out) for ids, out in zip(prompts, got)][:3] == [tiny_fn.config.n_ctx] * 3, \
+        "these inputs must run into the context end (not EOS) for the test to mean anything"
 
 
 def test_map_errors_before_any_work(tiny_fn):

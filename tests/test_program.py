@@ -38,6 +38,25 @@ def test_round_trip_bundle_and_folder(tmp_path, tiny_program, members):
     assert Program.load(folder).members() == members
 
 
+def test_save_writes_exactly_what_it_was_given(tmp_path, members):
+    """Checked with zipfile itself, not with Program.load: a member the writer and the reader both
+    dropped would pass a save-then-load comparison."""
+    from paw_lite.program import MEMBERS
+
+    meta = {"version": 4, "program_id": "0123456789abcdef0123", "spec": "spec ✓", "interpreter": "gpt2", "lora_rank": 32}
+    template = "[PSEUDO_PROGRAM]\nTask: ✓\n[END_PSEUDO_PROGRAM]\n\n[INPUT]\n" + PLACEHOLDER + "\n[END_INPUT]"
+    adapter = members["adapter.gguf"]
+    path = Program(meta=meta, template=template, adapter_gguf=adapter, pseudo_program="Task: ✓").save(tmp_path / "p.paw")
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == sorted(MEMBERS)
+        assert json.loads(zf.read("meta.json").decode("utf-8")) == meta
+        assert zf.read("prompt_template.txt") == template.encode("utf-8")
+        assert zf.read("pseudo_program.txt") == "Task: ✓".encode("utf-8")
+        assert zf.read("adapter.gguf") == adapter
+    loaded = Program.load(path)
+    assert (loaded.meta, loaded.template, loaded.pseudo_program, loaded.adapter_gguf) == (meta, template, "Task: ✓", adapter)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda m: m.pop("meta.json"), "member meta.json is missing"),
     (lambda m: m.pop("adapter.gguf"), "member adapter.gguf is missing"),

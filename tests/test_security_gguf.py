@@ -280,6 +280,9 @@ def test_meta_json_rank_must_match_the_adapter(tmp_path, tiny_gguf):
     liar = Program(meta={**prog.meta, "lora_rank": 64}, template=prog.template, adapter_gguf=prog.adapter_gguf)
     with pytest.raises(IncompatibleModelError, match="meta.json says lora_rank 64 but adapter.gguf has 8"):
         paw_lite.function(liar.save(tmp_path / "liar.paw"), base_model=tiny_gguf, cache_dir=tmp_path)
+    alpha_liar = Program(meta={**prog.meta, "lora_alpha": 32}, template=prog.template, adapter_gguf=prog.adapter_gguf)
+    with pytest.raises(IncompatibleModelError, match="meta.json says lora_alpha 32 but adapter.gguf has 16.0"):
+        paw_lite.function(alpha_liar.save(tmp_path / "alpha.paw"), base_model=tiny_gguf, cache_dir=tmp_path)
 
 
 # -- interpreter models: the same header checks ------------------------------------------------------
