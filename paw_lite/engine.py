@@ -14,6 +14,7 @@ generated token; many sequences share that stream in `generate`, which is where 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -300,14 +301,16 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate(self, seqs: list[Sequence], eos: int, capacity: int | None = None) -> list[list[int]]:
-        """Greedy continuations of every sequence, each stopping at EOS or its limit.
+    def generate(self, seqs: list[Sequence], eos: int, capacity: int | None = None,
+                 on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
+        """Greedy continuations of every sequence, each stopping at EOS or its limit; on_tokens is
+        called after each step that made tokens, with how many it made (for progress).
 
         Up to `capacity` sequences (all by default) are in flight, each in a slot of the batch's
         cache. A finished sequence's slot goes to the next waiting one, and every step evaluates
         one token of each decoding sequence together with prompt tokens of newly admitted ones:
         when outputs end at different steps, the slots stay full and the matmuls large."""
-        return self._run(seqs, eos, capacity)
+        return self._run(seqs, eos, capacity, on_tokens=on_tokens)
 
     def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Logits after the last token of each sequence (n_seqs, n_vocab): what generation
@@ -317,7 +320,7 @@ class Engine:
         return logits
 
     def _run(self, seqs: list[Sequence], eos: int, capacity: int | None,
-             first_logits: np.ndarray | None = None) -> list[list[int]]:
+             first_logits: np.ndarray | None = None, on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
         """`generate`; with first_logits, also the logits each sequence's first token came from."""
         if not seqs:
             return []
@@ -363,7 +366,7 @@ class Engine:
             else:
                 logits = self._logits(h)
                 picks = np.argmax(logits, axis=1).tolist()
-            row = 0  # logits row of the next segment that wants one
+            row = made = 0  # logits row of the next segment that wants one; tokens this step made
             for (i, slot, first, ids), want in zip(segments, wants):
                 if not want:
                     fed[i] += len(ids)
@@ -374,11 +377,14 @@ class Engine:
                 row += 1
                 if token != eos:
                     outs[i].append(token)
+                    made += 1
                 if token == eos or len(outs[i]) >= seqs[i].limit:
                     decoding.pop(i, None)
                     free.append(slot)
                 else:
                     decoding[i] = (token, first + len(ids))
+            if made and on_tokens is not None:
+                on_tokens(made)
         return outs
 
     def _solo_batch(self, seq: Sequence) -> _Batch:

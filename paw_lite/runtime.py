@@ -87,17 +87,20 @@ class PawFunction:
     def pseudo_program(self) -> str | None:
         return self.program.pseudo_program
 
-    def __call__(self, text: str, max_tokens: int | None = None) -> str:
-        return self.tokenizer.decode(self.generate_ids(text, max_tokens)).strip()
+    def __call__(self, text: str, max_tokens: int | None = None, on_tokens: Callable[[int], None] | None = None) -> str:
+        """The program's output for one input. on_tokens(n) is called as tokens are made (n new
+        ones each time): progress for long outputs."""
+        return self.tokenizer.decode(self.generate_ids(text, max_tokens, on_tokens)).strip()
 
-    def generate_ids(self, text: str, max_tokens: int | None = None) -> list[int]:
+    def generate_ids(self, text: str, max_tokens: int | None = None,
+                     on_tokens: Callable[[int], None] | None = None) -> list[int]:
         """The greedy output token ids for one input (EOS not included)."""
         self._live_engine()  # a closed function refuses every call, even one with nothing to generate
         seq = self._sequence(self.prompt_ids(text), _checked_max_tokens(max_tokens))
         if seq is None:
             return []
         with self._lock:
-            return self._live_engine().generate([seq], self.tokenizer.eos_id)[0]
+            return self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
 
     def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
             workers: int | None = None) -> list[str]:

@@ -417,3 +417,13 @@ def test_an_empty_prefix_works_batched_and_alone(tiny_gguf, tiny_lora, tmp_path)
         assert f.map_ids(texts, max_tokens=6, batch_size=4) == one_by_one
         for text, out in list(zip(texts, one_by_one))[:3]:
             assert out == reference_greedy(base, merged, f.prompt_ids(text), 6)
+
+
+def test_on_tokens_reports_every_token_of_a_call(tiny_fn):
+    for text in TEXTS[:4]:
+        counts: list[int] = []
+        ids = tiny_fn.generate_ids(text, on_tokens=counts.append)
+        assert ids == tiny_fn.generate_ids(text) and len(ids) > 1
+        assert counts == [1] * len(ids)  # one call per step, one token each
+        seen: list[int] = []
+        assert tiny_fn(text, max_tokens=3, on_tokens=seen.append) == tiny_fn(text, max_tokens=3) and seen == [1, 1, 1]

@@ -60,8 +60,13 @@ def run(args: argparse.Namespace) -> int:
     with function(args.program, base_model=args.base_model) as fn:
         load_s = time.perf_counter() - t0
         if items is None:
+            from tqdm import tqdm
+
             t1 = time.perf_counter()
-            out = fn(args.text, max_tokens=args.max_tokens)
+            # Shown only when a call runs past 2 s (a program that never says EOS runs to the context
+            # end, minutes on a slow CPU) and only on a terminal.
+            with tqdm(desc="output", unit="token", file=sys.stderr, disable=None, delay=2, leave=False) as bar:
+                out = fn(args.text, max_tokens=args.max_tokens, on_tokens=bar.update)
             emit(args, {"input": args.text, "output": out, "load_s": round(load_s, 3),
                         "call_s": round(time.perf_counter() - t1, 3)}, out)
             return 0
