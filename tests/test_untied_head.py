@@ -61,18 +61,14 @@ def untied_gguf(tmp_path_factory, untied_hf) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hf_model(untied_hf):
+def hf_ref(untied_hf) -> np.ndarray:
+    """transformers' logits (the oracle) at every position of IDS."""
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(untied_hf).eval()
     assert not model.config.tie_word_embeddings
-    return model
-
-
-@pytest.fixture(scope="module")
-def hf_ref(hf_model) -> np.ndarray:
     with torch.no_grad():
-        return hf_model(torch.tensor([IDS])).logits[0].numpy()
+        return model(torch.tensor([IDS])).logits[0].numpy()
 
 
 def test_reference_forward_uses_the_output_head(untied_hf, untied_gguf, hf_ref):
