@@ -14,7 +14,7 @@ from paw_lite.lora import write_peft_dir, LoraAdapter
 from paw_lite.program import Program
 
 from conftest import hf_greedy, make_program, random_lora
-from llama_oracle import llama_greedy
+from llama_oracle import assert_same_or_near_tie, llama_greedy
 
 INPUTS = ["disk usage at 99% on /var", "user logged in", "  leading spaces", "ünïcödé ✓", ""]
 
@@ -291,22 +291,6 @@ def _gguf_py_adapter(path) -> LoraAdapter:
     return LoraAdapter(pairs, alpha, next(iter(pairs.values()))[0].shape[0], "F32", str(path))
 
 
-def _assert_same_or_near_tie(ours: list[int], theirs: list[int], prompt_ids: list[int], hf, tol: float) -> None:
-    """Equal, or the first step where they part (EOS counts as a token) is a near-tie in the fp32
-    oracle: its logits of the two tokens within `tol`."""
-    import torch
-
-    a, b = ours + [50256], theirs + [50256]
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            with torch.no_grad():
-                logits = hf(torch.tensor([prompt_ids + ours[:i]])).logits[0, -1]
-            assert abs(float(logits[x] - logits[y])) < tol, (i, x, y, float(logits[x] - logits[y]))
-            return
-        if x == 50256:
-            return
-
-
 @pytest.mark.parametrize("kind", ["q4_0", "q8_0"])
 def test_quantized_adapters_equal_transformers_and_llama_cpp(kind, tiny_gguf, tiny_hf, tmp_path):
     """Programs ship Q4_0 adapters: the same adapter.gguf run by paw_lite, by transformers + PEFT
@@ -329,4 +313,4 @@ def test_quantized_adapters_equal_transformers_and_llama_cpp(kind, tiny_gguf, ti
             ours = f.generate_ids(text, max_tokens=20)
             assert ours == hf_greedy(hf, ids, 20), text
             theirs = llama_greedy(tiny_gguf, adapter_path, ids, 20, f.config.n_ctx)
-            _assert_same_or_near_tie(ours, theirs, ids, hf, QUANTIZED_ADAPTER_TIE)
+            assert_same_or_near_tie(ours, theirs, ids, hf, QUANTIZED_ADAPTER_TIE)
