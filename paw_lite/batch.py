@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ class ResultsFile:
             if torn and not _RECORD_START.startswith(torn[:len(_RECORD_START)]):
                 raise _not_results(path, len(lines) + 1, torn, "not a JSON record")
             self._kept = [line for line, record in zip(lines, records) if "error" not in record]
-            self._torn = torn
+            self._torn, self._complete = torn, end
             self.retried = len(lines) - len(self._kept)
             self.done: dict[int, Done] = {}
             for record in records:
@@ -138,15 +139,21 @@ class ResultsFile:
         return f
 
     def start(self) -> None:
-        """Drop the torn last line and the failed records; the old file stays whole until the new
-        one is complete."""
+        """Drop the torn last line and the failed records. Failed records go by an atomic rewrite of
+        the file (a symlink's target, keeping its permissions): the old file stays whole until the
+        new one is complete. A torn line alone is cut off in place."""
         if self._torn:
             log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path, len(self._torn))
-        if self._torn or self.retried:
-            with atomic_path(self.path) as tmp:
+        if self.retried:
+            target = self.path.resolve()
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+            with atomic_path(target) as tmp:
                 tmp.write_bytes(b"".join(line + b"\n" for line in self._kept))
+            os.chmod(target, mode)
             self._f.close()
             self._f = self._open_locked()
+        elif self._torn:
+            self._f.truncate(self._complete)
 
     def write(self, record: dict) -> None:
         self._f.write(encode_record(record))

@@ -197,6 +197,25 @@ def test_an_output_file_that_is_not_ours_is_refused(cli, tmp_path, content, mess
     assert out.read_bytes() == content
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks and permission bits")
+def test_dropping_failed_records_keeps_a_symlinked_output_and_its_permissions(tmp_path):
+    real = tmp_path / "real.jsonl"
+    good = b'{"index": 0, "input": "a", "output": "x", "run": "r"}\n'
+    real.write_bytes(good + b'{"index": 1, "input": null, "error": "line 2 is not valid UTF-8 (byte 0)", "run": "r"}\n')
+    real.chmod(0o640)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    results = ResultsFile(link)
+    try:
+        assert results.retried == 1 and set(results.done) == {0}
+        results.start()
+        results.write({"index": 1, "input": "b", "output": "y", "run": "r"})
+    finally:
+        results.close()
+    assert link.is_symlink() and real.stat().st_mode & 0o777 == 0o640
+    assert real.read_bytes() == good + b'{"index": 1, "input": "b", "output": "y", "run": "r"}\n'
+
+
 def test_an_output_with_more_lines_than_the_input_is_refused(cli, tmp_path):
     inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
     inp.write_text("alpha\nbeta\n", encoding="utf-8")
