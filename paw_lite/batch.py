@@ -3,9 +3,11 @@
 Results are JSONL, one record per input line (`index` is the 0-based line number; `run` names the
 program, interpreter and options that made it), appended and synced to disk as they are made. An
 interrupted run therefore keeps what it finished, and a rerun with the same output file skips
-those lines: nothing is redone or written twice. The output file is locked while a run writes it,
-and a rerun checks that its records were made from the same input lines by the same run, so
-results from another input file or another program are never silently mixed in."""
+those lines: nothing is redone, and nothing written is ever rewritten. Lines that failed are run
+again only when asked (`retry_failed`); their new records are appended, and the last record of a
+line is the one that counts. The output file is locked while a run writes it, and a rerun checks
+that its records were made from the same input lines by the same run, so results from another
+input file or another program are never silently mixed in."""
 
 from __future__ import annotations
 
@@ -13,14 +15,12 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .atomic import atomic_path
 from .errors import InvalidFileError, PawError
 
 log = logging.getLogger("paw_lite")
@@ -37,9 +37,10 @@ class BatchItem:
 
 @dataclass(frozen=True)
 class Done:
-    """What an existing output file says about one input line it holds a result for."""
+    """What an existing output file says about one input line (its last record)."""
 
     input: str | None
+    failed: bool
     run: str | None  # the `run` field of the record (None in records of paw-lite before it had one)
 
 
@@ -97,62 +98,38 @@ def encode_record(record: dict) -> bytes:
 class ResultsFile:
     """An append-only JSONL results file, locked against a second writer while open.
 
-    Opening reads the results already there into `done`; a file that does not hold paw-lite
-    results is refused untouched. `start`, called once the run is known to go ahead, drops two
-    kinds of lines by rewriting the file atomically: a torn last line (a record cut by a kill) and
-    the error records of inputs that failed, which the run retries (after the input file was fixed,
-    say); `retried` counts those."""
+    Opening reads the records already there into `done` (for a line with several records, the last
+    one: a retried line's result comes after its error record); a file that does not hold paw-lite
+    results is refused untouched. `start`, called once the run is known to go ahead, cuts off a torn
+    last line (a record cut by a kill) in place. Nothing already written is ever rewritten."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._f = self._open_locked()
-        try:
-            self._f.seek(0)
-            raw = self._f.read()
-            end = raw.rfind(b"\n") + 1
-            lines, torn = raw[:end].splitlines(), raw[end:]
-            records = [_parse_record(line, n, path) for n, line in enumerate(lines, 1)]
-            if torn and not _RECORD_START.startswith(torn[:len(_RECORD_START)]):
-                raise _not_results(path, len(lines) + 1, torn, "not a JSON record")
-            self._kept = [line for line, record in zip(lines, records) if "error" not in record]
-            self._torn, self._complete = torn, end
-            self.retried = len(lines) - len(self._kept)
-            self.done: dict[int, Done] = {}
-            for record in records:
-                if "error" not in record:
-                    self.done.setdefault(record["index"], Done(record.get("input"), record.get("run")))
-        except BaseException:
-            self._f.close()
-            raise
-
-    def _open_locked(self) -> BinaryIO:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            f: BinaryIO = open(self.path, "a+b")
+            self._f: BinaryIO = open(path, "a+b")
         except OSError as exc:
-            raise InvalidFileError(f"{self.path}: cannot open the output file: {exc.strerror}") from exc
+            raise InvalidFileError(f"{path}: cannot open the output file: {exc.strerror}") from exc
         try:
-            _lock(f, self.path)
+            _lock(self._f, path)
+            self._f.seek(0)
+            raw = self._f.read()
+            self._complete = raw.rfind(b"\n") + 1
+            lines, self._torn = raw[:self._complete].splitlines(), raw[self._complete:]
+            self.done: dict[int, Done] = {}
+            for n, line in enumerate(lines, 1):
+                record = _parse_record(line, n, path)
+                self.done[record["index"]] = Done(record.get("input"), "error" in record, record.get("run"))
+            if self._torn and not _RECORD_START.startswith(self._torn[:len(_RECORD_START)]):
+                raise _not_results(path, len(lines) + 1, self._torn, "not a JSON record")
         except BaseException:
-            f.close()
+            self._f.close()
             raise
-        return f
 
     def start(self) -> None:
-        """Drop the torn last line and the failed records. Failed records go by an atomic rewrite of
-        the file (a symlink's target, keeping its permissions): the old file stays whole until the
-        new one is complete. A torn line alone is cut off in place."""
+        """Cut off the torn last line, if any, before new records are appended."""
         if self._torn:
             log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path, len(self._torn))
-        if self.retried:
-            target = self.path.resolve()
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-            with atomic_path(target) as tmp:
-                tmp.write_bytes(b"".join(line + b"\n" for line in self._kept))
-            os.chmod(target, mode)
-            self._f.close()
-            self._f = self._open_locked()
-        elif self._torn:
             self._f.truncate(self._complete)
 
     def write(self, record: dict) -> None:
@@ -196,9 +173,11 @@ def _lock(f: BinaryIO, path: Path) -> None:
         raise PawError(f"{path}: another paw-lite run is writing this output file; wait for it or pick another --output") from None
 
 
-def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path, input_path: Path, run: str) -> None:
+def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path, input_path: Path, run: str,
+                    retry_failed: bool = False) -> None:
     """Refuse to resume when the output's records were made from different input lines, or by
-    another run (program, interpreter or options: see `run_id`)."""
+    another run (program, interpreter or options: see `run_id`). With retry_failed, a line whose
+    record is an error may have changed (fixed in the input file): it runs again."""
     for index, record in done.items():
         if record.run != run:
             raise InvalidFileError(f"{output}: the result for line {index + 1} was made by another program, interpreter or "
@@ -207,9 +186,11 @@ def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path,
         if index >= len(items):
             raise InvalidFileError(f"{output}: holds a result for line {index + 1}, but {input_path} has {len(items)} lines: "
                                    f"it was made from another input file; move it away or pick another --output")
-        if record.input != items[index].text:
+        if record.input != items[index].text and not (record.failed and retry_failed):
+            hint = "; it failed before: --retry-failed runs such lines again" if record.failed else ""
             raise InvalidFileError(f"{output}: the result for line {index + 1} is for input {record.input!r:.60}, but {input_path} "
-                                   f"line {index + 1} now reads {items[index].text!r:.60}; move the output away or pick another --output")
+                                   f"line {index + 1} now reads {items[index].text!r:.60}{hint}; move the output away or "
+                                   f"pick another --output")
 
 
 def run_id(fingerprint: str, max_tokens: int | None) -> str:
@@ -262,5 +243,6 @@ def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], wr
     return ok, failed
 
 
-def pending(items: list[BatchItem], done: dict[int, Done] | set[int]) -> Iterator[BatchItem]:
-    return (it for it in items if it.index not in done)
+def pending(items: list[BatchItem], done: dict[int, Done], retry_failed: bool = False) -> Iterator[BatchItem]:
+    """The lines still to run: those without a record, and with retry_failed those whose record is an error."""
+    return (it for it in items if it.index not in done or (retry_failed and done[it.index].failed))

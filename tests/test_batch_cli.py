@@ -67,7 +67,8 @@ def test_junk_lines_are_reported_and_every_other_result_is_kept(cli, fn, tmp_pat
     proc = cli("--input-file", inp, "--output", out, "--json", "--batch-size", "4")
     assert proc.returncode == 1, proc.stderr  # 1: some lines failed, the rest are done
     summary = json.loads(proc.stdout)
-    assert summary == {"inputs": 11, "already_done": 0, "retried": 0, "ok": 8, "failed": 3, "output": str(out)}
+    assert summary == {"inputs": 11, "already_done": 0, "failed_before": 0, "retried": 0, "ok": 8, "failed": 3,
+                       "output": str(out)}
     recs = records(out)
     assert [r["index"] for r in recs] == list(range(len(JUNK_LINES)))
     errors = {r["index"]: r["error"] for r in recs if "error" in r}
@@ -77,37 +78,27 @@ def test_junk_lines_are_reported_and_every_other_result_is_kept(cli, fn, tmp_pat
     good = [(i, line.decode().removesuffix("\r")) for i, line in enumerate(JUNK_LINES) if i not in errors]
     assert [(r["input"], r["output"]) for r in recs if "output" in r] == [(t, fn(t, max_tokens=MAX_TOKENS)) for _, t in good]
 
-    # A rerun retries the lines that failed (here they fail again); fixed, they run; each line keeps one record.
-    again = cli("--input-file", inp, "--output", out, "--json", "--batch-size", "4")
+    # A rerun has nothing to do and still says lines failed (exit 1). Once the input is fixed, a plain
+    # rerun refuses the changed lines; --retry-failed runs the failed lines again, appending their new
+    # records: for each line the last record counts, and nothing written before is changed.
+    again = cli("--input-file", inp, "--output", out, "--json")
     assert again.returncode == 1 and json.loads(again.stdout) == {
-        "inputs": 11, "already_done": 8, "retried": 3, "ok": 0, "failed": 3, "output": str(out)}
-    assert sorted(r["index"] for r in records(out)) == list(range(len(JUNK_LINES)))
+        "inputs": 11, "already_done": 11, "failed_before": 3, "retried": 0, "ok": 0, "failed": 0, "output": str(out)}
+    before = out.read_bytes()
     fixed = [b"fixed %d" % i if i in errors else line for i, line in enumerate(JUNK_LINES)]
     inp.write_bytes(b"\n".join(fixed))
-    third = cli("--input-file", inp, "--output", out, "--json", "--batch-size", "4")
-    assert third.returncode == 0 and json.loads(third.stdout) == {
-        "inputs": 11, "already_done": 8, "retried": 3, "ok": 3, "failed": 0, "output": str(out)}
-    final = {r["index"]: r for r in records(out)}
-    assert len(final) == len(records(out)) == len(JUNK_LINES) and not any("error" in r for r in final.values())
-    assert [final[i]["output"] for i in sorted(errors)] == [fn(f"fixed {i}", max_tokens=MAX_TOKENS) for i in sorted(errors)]
-
-
-def test_jsonl_junk_and_lone_surrogates(cli, fn, tmp_path):
-    """JSONL lines that are not JSON, lack a string text, or carry a lone surrogate escape: each is
-    an error record, the others run. (A lone surrogate used to crash the whole batch on writing.)"""
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("\n".join([
-        json.dumps({"text": "user logged in"}), "{not json", json.dumps({"txt": "x"}), json.dumps({"text": 5}),
-        '{"text": "bad \\ud800 surrogate"}', json.dumps({"text": "kernel panic", "id": 7}), "[" * 100_000,
-    ]) + "\n", encoding="utf-8")
-    proc = cli("--input-file", inp, "--output", out)
-    assert proc.returncode == 1, proc.stderr
-    recs = records(out)
-    assert [r["index"] for r in recs] == list(range(7))
-    assert [("output" in r) for r in recs] == [True, False, False, False, False, True, False]
-    assert recs[4]["input"] == "bad \ud800 surrogate" and "not valid Unicode" in recs[4]["error"]
-    assert recs[0]["output"] == fn("user logged in", max_tokens=MAX_TOKENS)
-    assert recs[5]["output"] == fn("kernel panic", max_tokens=MAX_TOKENS)
+    refused = cli("--input-file", inp, "--output", out)
+    assert refused.returncode == 2 and b"it failed before: --retry-failed runs such lines again" in refused.stderr
+    retry = cli("--input-file", inp, "--output", out, "--json", "--retry-failed", "--batch-size", "4")
+    assert retry.returncode == 0 and json.loads(retry.stdout) == {
+        "inputs": 11, "already_done": 8, "failed_before": 0, "retried": 3, "ok": 3, "failed": 0, "output": str(out)}
+    after = out.read_bytes()
+    assert after.startswith(before)
+    last = {r["index"]: r for r in records(out)}  # the last record of each line
+    assert len(records(out)) == len(JUNK_LINES) + 3 and not any("error" in r for r in last.values())
+    assert [last[i]["output"] for i in sorted(errors)] == [fn(f"fixed {i}", max_tokens=MAX_TOKENS) for i in sorted(errors)]
+    done = cli("--input-file", inp, "--output", out, "--json", "--retry-failed")  # nothing left to retry
+    assert done.returncode == 0 and json.loads(done.stdout)["retried"] == 0 and out.read_bytes() == after
 
 
 def test_results_go_to_stdout_as_utf8_whatever_the_locale(cli, fn, tmp_path):
@@ -172,11 +163,18 @@ def test_resuming_with_another_input_file_is_refused(cli, tmp_path):
     assert proc.returncode == 2
     assert b"the result for line 2 is for input 'beta'" in proc.stderr and b"now reads 'gamma'" in proc.stderr
     assert out.read_bytes() == before
-    # refused before anything is dropped: a failed record and a torn line stay as they were
-    torn = before + b'{"index": 2, "input": null, "error": "line 3 is not valid UTF-8 (byte 0)"}\n{"index": 3, "in'
+    # refused before anything is cut: a torn line stays as it was
+    torn = before + b'{"index": 3, "in'
     out.write_bytes(torn)
     assert cli("--input-file", inp, "--output", out).returncode == 2
     assert out.read_bytes() == torn
+    # an error record is checked like any other: one from another run (or another file) is refused
+    foreign = before + b'{"index": 2, "input": null, "error": "timeout", "host": "db1"}\n'
+    out.write_bytes(foreign)
+    inp.write_text("alpha\nbeta\ngamma\n", encoding="utf-8")  # lines 1 and 2 match their results again
+    proc = cli("--input-file", inp, "--output", out, "--retry-failed")
+    assert proc.returncode == 2 and b"the result for line 3 was made by another program" in proc.stderr
+    assert out.read_bytes() == foreign
 
 
 @pytest.mark.parametrize("content, message", [
@@ -195,25 +193,6 @@ def test_an_output_file_that_is_not_ours_is_refused(cli, tmp_path, content, mess
     proc = cli("--input-file", inp, "--output", out)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert out.read_bytes() == content
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="symlinks and permission bits")
-def test_dropping_failed_records_keeps_a_symlinked_output_and_its_permissions(tmp_path):
-    real = tmp_path / "real.jsonl"
-    good = b'{"index": 0, "input": "a", "output": "x", "run": "r"}\n'
-    real.write_bytes(good + b'{"index": 1, "input": null, "error": "line 2 is not valid UTF-8 (byte 0)", "run": "r"}\n')
-    real.chmod(0o640)
-    link = tmp_path / "link.jsonl"
-    link.symlink_to(real)
-    results = ResultsFile(link)
-    try:
-        assert results.retried == 1 and set(results.done) == {0}
-        results.start()
-        results.write({"index": 1, "input": "b", "output": "y", "run": "r"})
-    finally:
-        results.close()
-    assert link.is_symlink() and real.stat().st_mode & 0o777 == 0o640
-    assert real.read_bytes() == good + b'{"index": 1, "input": "b", "output": "y", "run": "r"}\n'
 
 
 def test_an_output_with_more_lines_than_the_input_is_refused(cli, tmp_path):

@@ -32,6 +32,13 @@ def test_run_text_may_follow_options(tiny_program, tiny_gguf, capsys, monkeypatc
                        ([str(tiny_program), "user in", "--max-tokens", "3", "--base-model", str(tiny_gguf), "--json", "-v"], "user in")):
         assert main(["run", *argv]) == 0
         assert json.loads(capsys.readouterr().out)["output"] == fn(text, max_tokens=3)
+    assert main(["run", str(tiny_program), "--max-tokens", "3", "--base-model", str(tiny_gguf), "--json", "-5"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == fn("-5", max_tokens=3)  # a number, as argparse reads it
+    assert main(["run", str(tmp_path / "missing.paw"), "--", "--json"]) == 2  # the TEXT "--json" is not the option
+    out, err = capsys.readouterr()
+    assert out == "" and "missing.paw: no such program" in err
+    assert main(["models", "list", "--models", str(tmp_path / "none"), "-v"]) == 0  # -v after a nested command
+    capsys.readouterr()
     assert main(["run", str(tiny_program), "--json", "one", "two"]) == 2
     out, err = capsys.readouterr()
     assert json.loads(out)["type"] == "UsageError" and "paw-lite run: error: unrecognized arguments: one two" in err

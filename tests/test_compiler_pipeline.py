@@ -394,9 +394,12 @@ def test_api_arguments_are_checked_before_the_compile(models, tmp_path):
     with pytest.raises(TypeError, match=r"pseudo_program must be str, not PosixPath; pass the text"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=tmp_path / "pseudo.txt", models=d)
     (tmp_path / "pseudo.txt").write_text(PSEUDO)
-    with pytest.raises(TypeError, match=r"pseudo_program is the text of the pseudo-program, but '.*pseudo.txt' names a "
-                                        r"file; pass Path\('.*pseudo.txt'\).read_text\(\)"):
+    with pytest.raises(PawError, match=r"the pseudo-program is one line, '.*pseudo.txt', which names a file: .*"
+                                       r"in Python pass Path\('.*pseudo.txt'\).read_text\(\)"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=str(tmp_path / "pseudo.txt"), models=d)
+    (tmp_path / "pp.txt").write_text(str(tmp_path / "pseudo.txt"))  # the CLI reads the file: one line, no traceback
+    assert main(["compile", SPEC, "--pseudo-program", str(tmp_path / "pp.txt"), "-o", str(tmp_path / "x.paw"),
+                 "--models", str(d)]) == 2
     with pytest.raises(TypeError, match="spec must be str, not bytes"):
         compile(SPEC.encode(), tmp_path / "x.paw", pseudo_program=PSEUDO, models=d)
     with pytest.raises(PawError, match="the spec is not valid Unicode"):

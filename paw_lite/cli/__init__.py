@@ -32,27 +32,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
-    for command in sub.choices.values():  # -v after the command too (SUPPRESS: absent, it leaves the top-level value)
-        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what paw_lite does")
+    _verbose_everywhere(parser)
     return parser
 
 
-def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[command]
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v after any command or subcommand too (SUPPRESS: when absent it leaves the value already set)."""
+    for command in _subcommands(parser).values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what paw_lite does")
+        _verbose_everywhere(command)
+
+
+def _is_positional(parser: argparse.ArgumentParser, arg: str) -> bool:
+    """Whether argparse reads arg as a value rather than an option (it does for "-5" when no option
+    looks like a negative number)."""
+    try:
+        return parser._parse_optional(arg) is None
+    except (AttributeError, TypeError):  # a future argparse without this helper
+        return not arg.startswith("-")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """parse_args, except that `run`'s TEXT may come after options (argparse fills PROGRAM and the
     optional TEXT together, so a later TEXT has no slot: `run p.paw --json "disk full"`)."""
     args, extra = parser.parse_known_args(argv)
+    command = _subcommands(parser)[args.command]
     if extra and args.command == "run" and args.text is None:
         rest = extra[1:] if extra[0] == "--" else extra
-        if len(rest) == 1 and (rest is not extra or not rest[0].startswith("-")):
+        if len(rest) == 1 and (rest is not extra or _is_positional(command, rest[0])):
             args.text = rest[0]
             extra = []
     if extra:
-        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 
@@ -66,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         refused_by, message = exc.args
         refused_by.print_usage(sys.stderr)
         return _fail(wants_json, f"{refused_by.prog}: error: {message}", message, "UsageError")
+    wants_json = bool(getattr(args, "json", False))  # parsed: a TEXT of "--json" after -- is not the option
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="paw-lite: %(message)s")
     try:
         code = int(args.func(args) or 0)

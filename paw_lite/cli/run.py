@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", help="the input (omit with --input-file)")
     p.add_argument("--input-file", type=Path, help="one input per line, or JSONL with a 'text' field")
     p.add_argument("--output", type=Path, help="JSONL results (default: stdout); an existing file is resumed")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="on resume, also run again the lines whose records are errors (their new records are appended)")
     p.add_argument("--base-model", help="interpreter GGUF or HF GPT-2 folder (default: the models directory)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after N output tokens (default: EOS or context end)")
     p.add_argument("--input-format", choices=batch.INPUT_FORMATS, default="auto",
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # Options that only mean something for a batch run, with their defaults.
-_BATCH_ONLY = {"output": None, "input_format": "auto", "batch_size": DEFAULT_BATCH_SIZE, "workers": None}
+_BATCH_ONLY = {"output": None, "retry_failed": False, "input_format": "auto", "batch_size": DEFAULT_BATCH_SIZE, "workers": None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,10 +54,13 @@ def run(args: argparse.Namespace) -> int:
         if args.output and args.output.resolve() == args.input_file.resolve():
             raise PawError(f"--output {args.output} is the input file; results need a file of their own")
         items = batch.read_inputs(args.input_file, args.input_format)
-        if args.output:
-            check_writable(args.output, "--output")
-            if args.output.exists() and not os.access(args.output, os.W_OK):
+        if args.output and args.output.exists():  # appended to: only the file itself must be writable
+            if args.output.is_dir():
+                raise PawError(f"--output {args.output} is a folder; give the path of a file to write")
+            if not os.access(args.output, os.W_OK):
                 raise PawError(f"--output {args.output}: the file is not writable; fix its permissions or pick another --output")
+        elif args.output:
+            check_writable(args.output, "--output")
     t0 = time.perf_counter()
     with function(args.program, base_model=args.base_model) as fn:
         load_s = time.perf_counter() - t0
@@ -82,9 +87,9 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
     try:
         done = results.done if results else {}
         if results:
-            batch.check_resumable(items, done, args.output, args.input_file, run_id)
+            batch.check_resumable(items, done, args.output, args.input_file, run_id, args.retry_failed)
             results.start()
-        todo = list(batch.pending(items, done))
+        todo = list(batch.pending(items, done, args.retry_failed))
         write = results.write if results else batch.stdout_writer()
         bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
         try:
@@ -96,14 +101,20 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
     finally:
         if results:
             results.close()
-    retried = results.retried if results else 0
-    summary = {"inputs": len(items), "already_done": len(done), "retried": retried, "ok": ok, "failed": failed,
-               "output": str(args.output) if args.output else None}
+    retried = sum(d.failed for d in done.values()) if args.retry_failed else 0
+    kept = len(done) - retried  # records this run left standing
+    failed_before = sum(d.failed for d in done.values()) - retried
+    summary = {"inputs": len(items), "already_done": kept, "failed_before": failed_before, "retried": retried,
+               "ok": ok, "failed": failed, "output": str(args.output) if args.output else None}
     text = f"{ok} done, {failed} failed"
-    if done or retried:
-        text += f"; {len(done)} already in {args.output}" + (f", {retried} that had failed run again" if retried else "")
+    if kept:
+        text += f"; {kept} already in {args.output} ({failed_before} of them failed"
+        text += "" if not failed_before or args.retry_failed else ": --retry-failed runs them again"
+        text += ")"
+    if retried:
+        text += f"; {retried} that had failed ran again"
     if args.output:
         emit(args, summary, text)
     else:
         print(text, file=sys.stderr)  # stdout carries the results
-    return 1 if failed else 0
+    return 1 if failed or failed_before else 0

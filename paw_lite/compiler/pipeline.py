@@ -337,8 +337,9 @@ def _refuse_file_name(name: str, value: str) -> None:
         except (OSError, ValueError):  # a name too long for the system, a NUL byte
             is_file = False
         if is_file:
-            raise TypeError(f"compile: {name} is the text of the pseudo-program, but {line!r} names a file; "
-                            f"pass Path({line!r}).read_text() to use what it holds")
+            raise PawError(f"the pseudo-program is one line, {line!r}, which names a file: a pseudo-program is text "
+                           f"(in Python pass Path({line!r}).read_text(); on the command line --pseudo-program FILE "
+                           f"reads the file)")
 
 
 def _check_text(name: str, value: object) -> None:
