@@ -17,7 +17,6 @@ import collections
 import math
 import os
 import pickletools
-import stat
 import struct
 import zipfile
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from paw_lite.errors import InvalidFileError
+from paw_lite.errors import InvalidFileError, regular_file_size
 from paw_lite.program import ZIP_ERRORS
 from paw_lite.safetensors_file import bf16_to_f32
 
@@ -282,10 +281,7 @@ class TorchCheckpoint:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         try:
-            st = os.stat(self.path)
-            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-                raise InvalidFileError(f"{self.path}: not a regular file")
-            self._size = st.st_size
+            self._size = regular_file_size(self.path)
             with open(self.path, "rb") as f:
                 head = f.read(16)
         except OSError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Iterator
 
 
@@ -43,6 +44,15 @@ def require(module: str, extra: str):
         if module == "llama_cpp":
             hint = f'CMAKE_ARGS="-DGGML_NATIVE=OFF" {hint}'
         raise MissingDependencyError(f"{module} is needed for this command and is not installed: {hint}") from exc
+
+
+def regular_file_size(path: str | os.PathLike[str]) -> int:
+    """The size of a file about to be read as untrusted input. A FIFO or device is refused: reading
+    it would block or never end. OSError (no such file, permissions) is left to the caller."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidFileError(f"{path}: not a regular file")
+    return st.st_size
 
 
 # What parsing code raises when a file's values have the wrong types or shapes: a list where a

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFReader, GGUFValueType, quants
 
-from .errors import InvalidFileError
+from .errors import InvalidFileError, regular_file_size
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -64,8 +63,7 @@ def check_header(path: str | os.PathLike[str], limits: GGUFLimits = MODEL_LIMITS
     bytes). Returns (version, n_tensors, n_kv)."""
     path = Path(path)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
-            raise InvalidFileError(f"{path}: not a regular file")
+        regular_file_size(path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(24)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-from .atomic import atomic_path
+from .atomic import atomic_dir, atomic_path, check_writable
 from .errors import IncompatibleModelError, InvalidFileError, PawError, malformed_file
 from .gguf_file import ADAPTER_LIMITS, ADAPTER_TYPES, get_float, get_str, numpy_shape, open_gguf, tensor_to_f32
 from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
@@ -196,8 +196,6 @@ PEFT_FOLDER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors
 def check_peft_folder(folder: str | os.PathLike[str], option: str = "peft") -> None:
     """Refuse, before any work, a PEFT output folder that cannot be written or that holds files
     other than a previous adapter's (they would be deleted with it)."""
-    from .atomic import check_writable
-
     folder = Path(folder)
     check_writable(folder, option, folder=True)
     if folder.is_dir():
@@ -217,8 +215,6 @@ def write_peft_dir(folder: str | os.PathLike[str], adapter: LoraAdapter, base_mo
     """Export the PEFT form (adapter_config.json + adapter_model.safetensors), replacing the
     folder as a whole (see `check_peft_folder`)."""
     from safetensors.numpy import save_file
-
-    from .atomic import atomic_dir
 
     folder = Path(folder).expanduser()
     check_peft_folder(folder)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import TMP_SUFFIX, atomic_path, remove_stale_temporaries
-from .errors import IncompatibleModelError, InvalidFileError, PawError
+from .errors import IncompatibleModelError, InvalidFileError, PawError, regular_file_size
 
 PLACEHOLDER = "{INPUT_PLACEHOLDER}"
 META = "meta.json"
@@ -220,11 +220,9 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, str
 
 
 def _read_bundle(path: Path) -> dict[str, bytes]:
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-        raise InvalidFileError(f"{path}: not a regular file")
-    if st.st_size > MAX_ARCHIVE_BYTES:
-        raise InvalidFileError(f"{path}: bundle is {st.st_size} bytes, more than the {MAX_ARCHIVE_BYTES}-byte limit")
+    size = regular_file_size(path)
+    if size > MAX_ARCHIVE_BYTES:
+        raise InvalidFileError(f"{path}: bundle is {size} bytes, more than the {MAX_ARCHIVE_BYTES}-byte limit")
     try:
         zf = zipfile.ZipFile(path)
     except PermissionError as exc:  # the file may be fine: say what is wrong

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidFileError
+from .errors import InvalidFileError, regular_file_size
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -35,10 +34,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         try:
-            st = os.stat(self.path)
-            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-                raise InvalidFileError(f"{self.path}: not a regular file")
-            size = st.st_size
+            size = regular_file_size(self.path)
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:

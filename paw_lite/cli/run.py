@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if args.output and args.output.resolve() == args.input_file.resolve():
             raise PawError(f"--output {args.output} is the input file; results need a file of their own")
         items = batch.read_inputs(args.input_file, args.input_format)
-        if args.output and args.output.exists():  # appended to: only the file itself must be writable
-            if args.output.is_dir():
-                raise PawError(f"--output {args.output} is a folder; give the path of a file to write")
+        if args.output and args.output.is_file():  # appended to: only the file itself must be writable
             if not os.access(args.output, os.W_OK):
                 raise PawError(f"--output {args.output}: the file is not writable; fix its permissions or pick another --output")
         elif args.output:
@@ -101,15 +99,16 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
     finally:
         if results:
             results.close()
-    retried = sum(d.failed for d in done.values()) if args.retry_failed else 0
+    failed_records = sum(d.failed for d in done.values())
+    retried = failed_records if args.retry_failed else 0
     kept = len(done) - retried  # records this run left standing
-    failed_before = sum(d.failed for d in done.values()) - retried
+    failed_before = failed_records - retried
     summary = {"inputs": len(items), "already_done": kept, "failed_before": failed_before, "retried": retried,
                "ok": ok, "failed": failed, "output": str(args.output) if args.output else None}
     text = f"{ok} done, {failed} failed"
     if kept:
         text += f"; {kept} already in {args.output} ({failed_before} of them failed"
-        text += "" if not failed_before or args.retry_failed else ": --retry-failed runs them again"
+        text += ": --retry-failed runs them again" if failed_before else ""
         text += ")"
     if retried:
         text += f"; {retried} that had failed ran again"

@@ -198,7 +198,7 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
         raise PawError("the spec is empty: describe the function to compile")
     if pseudo_program is not None:
         _check_text("pseudo_program", pseudo_program)
-        _refuse_file_name("pseudo_program", pseudo_program)
+        _refuse_file_name(pseudo_program)
     files = files.resolved(models, need_pseudo_compiler=pseudo_program is None)
     phases = _Phases(progress)
 
@@ -327,7 +327,7 @@ def compile_report(spec: str, out: PathLike | None, *, pseudo_program: str | Non
     return result
 
 
-def _refuse_file_name(name: str, value: str) -> None:
+def _refuse_file_name(value: str) -> None:
     """A pseudo-program is text over several lines; one line naming an existing file is a path
     passed by mistake (the CLI's --pseudo-program takes a FILE), not a program."""
     line = value.strip()
