@@ -3,9 +3,10 @@
 Writes a random bf16 Qwen3 folder with Qwen3-4B's widths (hidden 2560, 32/8 heads of 128, FFN 9728,
 151,733-token vocabulary with the real Qwen tokenizer) and `--layers` blocks (12 by default:
 3.2 GB of bf16) into benchmarks/.cache, then converts it in a child process per type while
-sampling /proc/<pid>/status. Reports peak RSS (VmHWM), its anonymous part (RssAnon: what the
-process allocated; the rest is file pages mapped from the source, which the kernel can drop), and
-the largest tensor, against the issue's bound "2 GB plus one tensor".
+sampling /proc/<pid>/status of it and its children (llama.cpp's quantizer). Reports peak RSS
+(the larger of one process's VmHWM and the tree's summed VmRSS), its anonymous part (RssAnon:
+what the processes allocated; the rest is file pages mapped from the source, which the kernel can
+drop), and the largest tensor, against the issue's bound "2 GB plus one tensor".
 
     python benchmarks/convert_rss.py [--layers 12] [--types q8_0 q4_k_m] [--keep]
 
@@ -122,19 +123,39 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (the K-quants run llama.cpp's quantizer in a child process)."""
+    pids = [pid]
+    for p in pids:
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return pids
+
+
 def measure(folder: Path, out: Path, qtype: str) -> dict[str, float]:
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(folder), str(out), qtype])
-    peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    peak = {"VmHWM": 0, "VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     start = time.perf_counter()
 
     def sample() -> None:
+        # Each process's own peak (VmHWM, exact), and the whole tree's resident memory summed per
+        # sample (the converter stays resident while its quantizer child runs).
         while proc.poll() is None:
-            try:
-                s = _status(proc.pid)
-            except (FileNotFoundError, ProcessLookupError):
-                break
-            for k in peak:
-                peak[k] = max(peak[k], s.get(k, 0))
+            total = dict.fromkeys(("VmRSS", "RssAnon", "RssFile"), 0)
+            for pid in _tree(proc.pid):
+                try:
+                    s = _status(pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                peak["VmHWM"] = max(peak["VmHWM"], s.get("VmHWM", 0))
+                for k in total:
+                    total[k] += s.get(k, 0)
+            for k in total:
+                peak[k] = max(peak[k], total[k])
             time.sleep(0.05)
 
     t = threading.Thread(target=sample)
@@ -143,7 +164,7 @@ def measure(folder: Path, out: Path, qtype: str) -> dict[str, float]:
     t.join()
     if rc != 0:
         raise SystemExit(f"conversion to {qtype} failed with exit status {rc}")
-    return {"type": qtype, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": peak["VmHWM"] / 1e9,
+    return {"type": qtype, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": max(peak["VmHWM"], peak["VmRSS"]) / 1e9,
             "peak_anon_gb": peak["RssAnon"] / 1e9, "peak_file_gb": peak["RssFile"] / 1e9, "out_gb": out.stat().st_size / 1e9}
 
 

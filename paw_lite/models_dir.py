@@ -273,7 +273,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
                     continue
                 quant = options.compiler_quant if role == "compiler" else options.quant
                 name = manifest[role].file_name(quant)
-                convert_qwen3(p, directory / name, quant, on_tensor)
+                convert_qwen3(p, directory / name, quant, on_tensor, on_tensor)
                 checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
                 done.append(_record(directory, name, role, str(p), f"paw-lite convert qwen3 --type {quant}"))
         if meta_src is not None and wanted("compiler_meta"):

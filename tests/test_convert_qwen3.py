@@ -351,3 +351,53 @@ def test_nan_in_a_bf16_source_is_refused_when_copied_as_bf16(tmp_path, qwen_bf16
     tensors[name][1, 2] = float("nan")
     save_file(tensors, str(shard))
     _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, "NaN or Inf", qtype="bf16")
+
+
+def test_k_quant_reports_each_tensor_as_llama_cpp_quantizes_it(tmp_path, qwen_bf16):
+    """The quantizer runs in a child process; its per-tensor log lines reach the parent as progress
+    (without them a 4B model showed a finished bar for minutes)."""
+    from paw_lite.convert.gguf_meta import read_gguf_meta
+    from paw_lite.convert.qwen3 import convert_qwen3
+
+    written, quantized = [], []
+    out = convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q6_k", written.append, quantized.append)
+    names = set(read_gguf_meta(out).tensors)
+    assert len(written) == len(names) and len(quantized) == len(names) and set(quantized) == names
+
+
+def test_an_interrupted_k_quant_kills_the_quantizer_and_leaves_nothing(tmp_path, qwen_bf16, monkeypatch):
+    """A KeyboardInterrupt in the parent (here raised from the progress callback, where a Ctrl-C
+    lands while the parent waits on the child) kills the quantizer at once: no output, no
+    intermediate, no temporary file, no process left running."""
+    import subprocess
+
+    from paw_lite.convert import llama_quantize
+    from paw_lite.convert.qwen3 import convert_qwen3
+
+    children = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            children.append(self)
+
+    monkeypatch.setattr(llama_quantize.subprocess, "Popen", Recorded)
+
+    def interrupt(name: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q4_k_m", on_quantize=interrupt)
+    assert len(children) == 1 and children[0].returncode is not None and children[0].returncode < 0  # killed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_quantizer_failure_is_one_error_naming_the_file(tmp_path):
+    from paw_lite.convert.llama_quantize import llama_quantize
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(InvalidFileError, match=r"bad\.gguf: llama\.cpp could not quantize it to Q4_K_M: ") as err:
+        llama_quantize(bad, tmp_path / "out.gguf", "q4_k_m")
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]

@@ -70,11 +70,18 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
     def on_item(name: str) -> None:
         _, st = source.tensors[name]
         on_tensor(f"{st.path.name}: {name}")  # which shard is being read, and the tensor
-        if bar.n == bar.total and args.type in K_QUANTS:
+
+    quantizing = []
+
+    def on_quantize(name: str) -> None:
+        if not quantizing:  # the second pass: the same tensors, quantized
+            quantizing.append(True)
+            bar.reset(total=len(source.tensors))
             bar.set_description(f"llama.cpp quantize to {args.type.upper()}")
+        on_tensor(name)
 
     try:
-        out = convert_qwen3(args.src, args.output, args.type, on_item)
+        out = convert_qwen3(args.src, args.output, args.type, on_item, on_quantize if args.type in K_QUANTS else None)
     finally:
         bar.close()
     return {"kind": "qwen3", "n_files": len(shards), **checked_or_removed(out, lambda: verify_gguf(out, qwen3_role(out)))}
