@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType, quants
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType, quants
 
 from paw_lite.atomic import atomic_path
 from paw_lite.errors import InvalidFileError, ModelNotFoundError
@@ -19,6 +19,10 @@ from paw_lite.gpt2_layout import ARCH, GPT2Config
 from paw_lite.tokenizer import hf_vocab
 
 GPT2_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+# general.file_type counts in llama.cpp's own enum, not the tensor types' (Q8_0 is tensor type 8 but
+# file type 7; 8 would be MOSTLY_Q5_0).
+_FILE_TYPES = {GGMLQuantizationType.F32: LlamaFileType.ALL_F32, GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
+               GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0}
 
 
 def tensor_type_for(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -45,7 +49,7 @@ def write_gpt2_gguf(out: str | os.PathLike[str], config: GPT2Config, tensors: It
         w.add_feed_forward_length(config.n_ff)
         w.add_head_count(config.n_head)
         w.add_layer_norm_eps(config.eps)
-        w.add_file_type(int(qtype))
+        w.add_file_type(int(_FILE_TYPES[qtype]))
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-2")
         w.add_token_list(tokens)

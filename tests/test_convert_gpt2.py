@@ -75,6 +75,25 @@ def test_bin_route_loads_in_llama_cpp(tmp_path, bin_folder):
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("qtype, desc", [("f32", "all F32"), ("f16", "F16"), ("q8_0", "Q8_0")])
+def test_file_type_is_what_llama_cpp_reports(tmp_path, tiny_hf, qtype, desc):
+    """general.file_type is llama.cpp's file-type enum: Q8_0 was written as 8 (the Q8_0 tensor type),
+    which llama.cpp reads as MOSTLY_Q5_0 and describes as "Q5_0"."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    out = convert_hf_gpt2(tiny_hf, tmp_path / f"{qtype}.gguf", qtype)
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(out).encode(), llama_cpp.llama_model_default_params())
+    assert model
+    try:
+        buf = ctypes.create_string_buffer(128)
+        llama_cpp.llama_model_desc(model, buf, len(buf))
+    finally:
+        llama_cpp.llama_model_free(model)
+    assert buf.value.decode().endswith(f" {desc}"), buf.value
+
+
 def test_bad_bins_refused(tmp_path, bin_folder):
     out = tmp_path / "x.gguf"
 
