@@ -441,8 +441,10 @@ def test_compile_and_load_keeps_every_cache_in_cache_dir(models, tmp_path, priva
 
 
 def test_spec_and_pseudo_program_files_may_start_with_a_bom(models, tmp_path, capsys):
+    """... and end with an editor's line ending, which is not part of the spec either (kept, it
+    reached the prompts: another program than the spec typed inline)."""
     d, _, _ = models
-    (tmp_path / "spec.txt").write_text("\ufeff" + SPEC, encoding="utf-8")
+    (tmp_path / "spec.txt").write_bytes(("\ufeff" + SPEC + "\r\n").encode())
     (tmp_path / "pseudo.txt").write_text("\ufeff" + PSEUDO, encoding="utf-8")
     out = tmp_path / "x.paw"
     assert main(["compile", "@" + str(tmp_path / "spec.txt"), "-o", str(out), "--models", str(d),

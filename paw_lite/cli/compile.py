@@ -16,7 +16,8 @@ from . import emit, require_positive
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a spec into a .paw program (needs the compile extra and the compiler models)")
-    p.add_argument("spec", help="what the function should do, in words (or @FILE to read it from a file)")
+    p.add_argument("spec", help="what the function should do, in words (or @FILE to read it from a file, "
+                                "without its final line endings)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.paw", help="the program to write")
     p.add_argument("--pseudo-program", type=Path, metavar="FILE", help="use this pseudo-program instead of generating one")
     p.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files (default: the models directory)")
@@ -51,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output, "-o")  # before the compile, which takes minutes on the real models
     if args.peft:
         check_peft_folder(args.peft, "--peft")
-    spec = _read_text(Path(args.spec[1:]), "spec") if args.spec.startswith("@") else args.spec
+    # The line ending an editor adds is not part of the spec, as with $(cat spec.txt): kept, it would
+    # reach the prompts and give another program than the same spec typed inline.
+    spec = _read_text(Path(args.spec[1:]), "spec").rstrip("\r\n") if args.spec.startswith("@") else args.spec
     pseudo = _read_text(args.pseudo_program, "pseudo-program") if args.pseudo_program else None
 
     def progress(message: str) -> None:
