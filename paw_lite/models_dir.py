@@ -51,6 +51,13 @@ class ManifestEntry:
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.name.replace("{quant}", "*"))
 
+    def quant_in(self, name: str) -> str | None:
+        """The quantization a matching file name states, for names with {quant}."""
+        if "{quant}" not in self.name or not self.matches(name):
+            return None
+        before, after = self.name.split("{quant}")
+        return name[len(before):len(name) - len(after)]
+
 
 def load_manifest(path: Path | None = None) -> dict[str, ManifestEntry]:
     """role -> entry."""
@@ -73,9 +80,13 @@ def read_installed(directory: Path) -> dict[str, dict[str, Any]]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError) as exc:
         raise InvalidFileError(f"{path}: unreadable record of installed models ({exc}); delete it and re-import") from exc
+    bad = [name for name, record in data.items() if not isinstance(record, dict)] if isinstance(data, dict) else ["(the whole file)"]
+    if bad:
+        raise InvalidFileError(f"{path}: malformed record of installed models (entry {bad[0]!r} is not an object); "
+                               f"delete it and re-import")
+    return data
 
 
 def _record(directory: Path, name: str, role: str, source: str, how: str) -> dict[str, Any]:
@@ -150,7 +161,7 @@ def _present(directory: Path, entry: ManifestEntry) -> list[Path]:
 def survey(directory: Path, *, verify: bool) -> list[FileStatus]:
     """Every manifest role with the files present for it; with verify, hashes and structural checks."""
     manifest = load_manifest()
-    records = read_installed(directory)
+    records = read_installed(directory) if verify else {}  # listing needs no records
     out = []
     for role, entry in manifest.items():
         files = _present(directory, entry)
@@ -179,11 +190,18 @@ def _verify_one(st: FileStatus, path: Path, entry: ManifestEntry, record: dict |
     try:
         with malformed_file(path, entry.role.replace("_", " ") + " file"):
             st.info = check_file(path, entry.role, directory)
+            named, held = entry.quant_in(path.name), gguf_quant(path) if path.suffix == ".gguf" else None
     except PawError as exc:
         st.status, st.detail = "bad", str(exc)
         return
+    if named and held and named != held:
+        st.status, st.detail = "bad", (f"named {named} but holds {held.upper()} weights (general.file_type and "
+                                       f"its tensors): rename it to {entry.file_name(held)}, or import the right file")
+        return
     st.status = "ok"
-    st.detail = "published sha256 matches" if entry.sha256 else ("sha256 as converted" if record else "structure checked; no recorded sha256")
+    st.detail = ("published sha256 matches" if entry.sha256 else
+                 f"sha256 as when paw-lite {'copied' if record.get('how') == 'copied' else 'converted'} it" if record else
+                 "structure checked; no recorded sha256")
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -198,19 +216,40 @@ def qwen3_folder_role(folder: Path) -> str:
     return "compiler" if any(a.get("content") == "<prefix_1>" for a in added) else "pseudo_compiler"
 
 
-def _gguf_role(path: Path) -> tuple[str, str | None]:
-    """(role, quant name) of a GGUF from its header."""
+# The file type a GGUF without general.file_type most likely has, from its most common matrix type.
+_MATRIX_QUANT = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q6_K": "q6_k", "Q5_K": "q5_k_m", "Q4_K": "q4_k_m"}
+
+
+def _quant_of(meta) -> str | None:
+    from collections import Counter
+
     from gguf import LlamaFileType
 
+    ftype = meta.fields.get("general.file_type")
+    try:
+        if ftype is not None:
+            return LlamaFileType(ftype).name.lower().replace("mostly_", "").replace("all_", "")
+    except ValueError:
+        pass
+    matrices = Counter(t.qtype.name for t in meta.tensors.values() if len(t.shape) >= 2)
+    return _MATRIX_QUANT.get(matrices.most_common(1)[0][0]) if matrices else None
+
+
+def gguf_quant(path: Path) -> str | None:
+    """A GGUF's quantization as the models directory names it (q8_0, q4_k_m, ...): its
+    general.file_type, else its most common matrix type; None when neither tells."""
+    from .convert.gguf_meta import read_gguf_meta
+
+    return _quant_of(read_gguf_meta(path))
+
+
+def _gguf_role(path: Path) -> tuple[str, str | None]:
+    """(role, quant name) of a GGUF from its header."""
     from .convert.gguf_meta import read_gguf_meta
 
     meta = read_gguf_meta(path)
     arch = meta.fields.get("general.architecture")
-    ftype = meta.fields.get("general.file_type")
-    try:
-        quant = LlamaFileType(ftype).name.lower().replace("mostly_", "").replace("all_", "") if ftype is not None else None
-    except ValueError:
-        quant = None
+    quant = _quant_of(meta)
     if arch == "gpt2":
         return "interpreter", quant
     if arch == "qwen3":
@@ -233,64 +272,113 @@ class ImportOptions:
     roles: tuple[str, ...] = ROLES
 
 
+@dataclass(frozen=True)
+class _Source:
+    role: str
+    path: Path
+    quant: str | None = None  # a GGUF's, from its header
+
+
+def _download_roots(src: Path) -> list[Path]:
+    """src, and its subfolders that are not a model themselves: the published repos copied in side by
+    side (`by-hand/paw-4b-gpt2/compiler/...`) are found as well as their files copied into src."""
+    return [src, *(p for p in sorted(src.iterdir()) if p.is_dir() and not p.name.startswith(".") and not _is_qwen3_folder(p))]
+
+
+def find_sources(src: Path, manifest: dict[str, ManifestEntry]) -> list[_Source]:
+    """What `src` holds for each role, from headers and names only (nothing converted yet)."""
+    found: list[_Source] = []
+    meta_names = ("meta.json", manifest["compiler_meta"].file_name())
+    candidates = [src] if _is_qwen3_folder(src) else []
+    for root in _download_roots(src):
+        candidates += sorted(root.iterdir())
+    for p in candidates:
+        if p.is_file() and p.suffix == ".gguf":
+            role, quant = _gguf_role(p)
+            found.append(_Source(role, p, quant))
+        elif _is_qwen3_folder(p):
+            found.append(_Source(qwen3_folder_role(p), p))
+        elif p.is_file() and p.name in meta_names:
+            found.append(_Source("compiler_meta", p))
+        elif p.is_file() and p.name == "lora_mapper.pt":
+            found.append(_Source("mapper", p))
+    return found
+
+
 def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOptions = ImportOptions(),
                on_tensor: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Bring files from `src` (downloads copied by hand, or a hub snapshot) into the models directory:
-    published GGUFs are verified and copied, HF folders and lora_mapper.pt are converted."""
+    published GGUFs are verified and copied, HF folders and lora_mapper.pt are converted. Everything
+    cheap to check (headers, meta.json, the interpreter's hash, installed.json) is checked before
+    the first conversion, which takes minutes on the real models."""
     from .convert.mapper import convert_mapper
-    from .convert.qwen3 import convert_qwen3
+    from .convert.qwen3 import Qwen3Source, convert_qwen3
 
-    src = Path(src).expanduser()
+    src = Path(src).expanduser().absolute()  # recorded in installed.json: not relative to today's folder
     if not src.is_dir():
         raise ModelNotFoundError(f"{src}: not a folder; pass the folder holding the downloaded model files")
     manifest = load_manifest()
+    found = find_sources(src, manifest)
+    sources: dict[str, _Source] = {}
+    for f in found:
+        if f.role not in options.roles:
+            continue
+        if f.role in sources:  # which one was meant cannot be guessed
+            raise PawError(f"{src}: two candidates for the {f.role.replace('_', ' ')} ({sources[f.role].path}, {f.path}); "
+                           f"keep one, or import each from a folder of its own")
+        sources[f.role] = f
+    if not sources:
+        raise ModelNotFoundError(
+            f"{src}: nothing to import. Expected any of: gpt2-q8_0.gguf; a Qwen3 GGUF; the paw-4b-gpt2 download "
+            "(compiler/ folder, lora_mapper.pt, meta.json); a Qwen3-4B-Instruct-2507 HF folder")
+    read_installed(directory)  # a broken record fails now, not after the conversions
+    for role, f in sources.items():
+        if f.path.suffix == ".gguf":
+            check_file(f.path, role, directory)
+            entry = manifest[role]
+            if "{quant}" in entry.name and f.quant is None:
+                raise InvalidFileError(f"{f.path}: cannot tell its quantization (no general.file_type, and its matrices are "
+                                       f"of no single known type); convert the HF folder with `paw-lite convert qwen3` instead")
+            if entry.sha256 and file_sha256(f.path) != entry.sha256:
+                raise IncompatibleModelError(f"{f.path}: not the published {entry.name} (sha256 differs from the manifest); "
+                                             "use your own interpreter with --base-model PATH instead")
+        elif role == "compiler_meta":
+            check_file(f.path, role, directory)
+        elif role in ("compiler", "pseudo_compiler"):
+            Qwen3Source(f.path)  # config, tokenizer and shard headers
+
+    done: list[dict[str, Any]] = []
     with created_folder(directory):  # a failed import does not leave an empty models folder behind
-        done: list[dict[str, Any]] = []
-        candidates = [src, *sorted(src.iterdir())]
-
-        def wanted(role: str) -> bool:
-            return role in options.roles
-
-        meta_src = next((p for p in candidates if p.is_file() and p.name in ("meta.json", manifest["compiler_meta"].file_name())), None)
         # Models first: the mapper is checked against the compiler's width and the interpreter's modules.
-        for p in candidates:
-            if p.is_file() and p.suffix == ".gguf":
-                role, quant = _gguf_role(p)
-                if not wanted(role):
-                    continue
-                entry = manifest[role]
-                name = entry.file_name(quant if "{quant}" in entry.name else None)
-                check_file(p, role, directory)
-                if entry.sha256 and file_sha256(p) != entry.sha256:
-                    raise IncompatibleModelError(f"{p}: not the published {entry.name} (sha256 differs from the manifest); "
-                                                 "use your own interpreter with --base-model PATH instead")
+        for role in ("interpreter", "compiler", "pseudo_compiler"):
+            f = sources.get(role)
+            if f is None:
+                continue
+            entry = manifest[role]
+            if f.path.suffix == ".gguf":
+                name = entry.file_name(f.quant if "{quant}" in entry.name else None)
                 with atomic_path(directory / name) as tmp:
-                    shutil.copyfile(p, tmp)
-                done.append(_record(directory, name, role, str(p), "copied"))
-            elif _is_qwen3_folder(p):
-                role = qwen3_folder_role(p)
-                if not wanted(role):
-                    continue
+                    shutil.copyfile(f.path, tmp)
+                done.append(_record(directory, name, role, str(f.path), "copied"))
+            else:
                 quant = options.compiler_quant if role == "compiler" else options.quant
-                name = manifest[role].file_name(quant)
-                convert_qwen3(p, directory / name, quant, on_tensor, on_tensor)
+                name = entry.file_name(quant)
+                convert_qwen3(f.path, directory / name, quant, on_tensor, on_tensor)
                 checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
-                done.append(_record(directory, name, role, str(p), f"paw-lite convert qwen3 --type {quant}"))
-        if meta_src is not None and wanted("compiler_meta"):
-            check_file(meta_src, "compiler_meta", directory)
+                done.append(_record(directory, name, role, str(f.path), f"paw-lite convert qwen3 --type {quant}"))
+        meta = sources.get("compiler_meta")
+        if meta is not None:
             name = manifest["compiler_meta"].file_name()
             with atomic_path(directory / name) as tmp:
-                shutil.copyfile(meta_src, tmp)
-            done.append(_record(directory, name, "compiler_meta", str(meta_src), "copied"))
-        mapper_src = src / "lora_mapper.pt"
-        if mapper_src.is_file() and wanted("mapper"):
+                shutil.copyfile(meta.path, tmp)
+            done.append(_record(directory, name, "compiler_meta", str(meta.path), "copied"))
+        mapper = sources.get("mapper")
+        if mapper is not None:
             name = manifest["mapper"].file_name()
-            convert_mapper(mapper_src, directory / name, installed_mapper_shape(directory, meta_src), on_tensor)
-            done.append(_record(directory, name, "mapper", str(mapper_src), "paw-lite convert mapper"))
-        if not done:
-            raise ModelNotFoundError(
-                f"{src}: nothing to import. Expected any of: gpt2-q8_0.gguf; a Qwen3 GGUF; the paw-4b-gpt2 download "
-                "(compiler/ folder, lora_mapper.pt, meta.json); a Qwen3-4B-Instruct-2507 HF folder")
+            # the download's meta.json gives the mapper's rank and bases, imported or not
+            meta_path = next((f.path for f in found if f.role == "compiler_meta"), None)
+            convert_mapper(mapper.path, directory / name, installed_mapper_shape(directory, meta_path), on_tensor)
+            done.append(_record(directory, name, "mapper", str(mapper.path), "paw-lite convert mapper"))
     return done
 
 

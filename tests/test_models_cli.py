@@ -18,7 +18,7 @@ from paw_lite.base_model import file_sha256
 from compiler_fixtures import random_mapper_state, write_compiler_meta
 from paw_lite import models_dir
 from paw_lite.cli import main
-from paw_lite.errors import IncompatibleModelError
+from paw_lite.errors import IncompatibleModelError, PawError
 from paw_lite.gpt2_layout import GPT2Config
 from qwen_fixtures import make_tiny_qwen3
 
@@ -249,3 +249,112 @@ def test_a_failed_import_leaves_no_empty_models_folder(tmp_path, capsys):
     rc, error = cli(capsys, "models", "import", str(tmp_path / "empty"), "--models", str(tmp_path / "new-models"))
     assert rc == 2 and "nothing to import" in error["error"]
     assert not (tmp_path / "new-models").exists()
+
+
+def test_import_finds_the_downloads_copied_in_as_folders_and_says_what_it_did_not_find(tmp_path, capsys, manifest,
+                                                                                       downloads):
+    """The published repos copied side by side into one folder: everything is imported, not only the
+    Qwen3 folder one level down (the compiler, mapper and meta.json were skipped, with exit 0)."""
+    src = tmp_path / "by-hand"
+    src.mkdir()
+    for repo, folder in downloads.items():
+        shutil.copytree(folder, src / folder.name)
+    md = tmp_path / "models"
+    rc, done = cli(capsys, "models", "import", str(src), "--models", str(md), "--quant", "q8_0")
+    assert rc == 0 and done["not_found"] == []
+    assert sorted(d["role"] for d in done["written"]) == sorted(models_dir.ROLES)
+    assert all(Path(d["source"]).is_absolute() for d in done["written"])
+
+    rc, done = cli(capsys, "models", "import", str(src / "Qwen3-4B-Instruct-2507"), "--models", str(tmp_path / "m2"))
+    assert rc == 0 and done["not_found"] == ["interpreter", "compiler", "mapper", "compiler_meta"]
+    assert main(["models", "import", str(src / "Qwen3-4B-Instruct-2507"), "--models", str(tmp_path / "m3"),
+                 "--only", "compiler", "pseudo_compiler"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"not found in {src / 'Qwen3-4B-Instruct-2507'} or its subfolders: compiler")
+
+    shutil.copytree(downloads["programasweights/paw-4b-gpt2"] / "compiler", src / "another-compiler")
+    rc, error = cli(capsys, "models", "import", str(src), "--models", str(tmp_path / "m3"))
+    assert rc == 2 and "two candidates for the compiler" in error["error"]
+
+
+def test_import_checks_what_is_cheap_before_converting(tmp_path, manifest, downloads, monkeypatch):
+    """A bad meta.json, a broken installed.json or an unofficial interpreter was refused only after
+    the compiler conversion (minutes and GBs on the real models)."""
+    from paw_lite.convert import qwen3
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted before the cheap checks")
+
+    monkeypatch.setattr(qwen3, "convert_qwen3", no_conversion)
+    src = tmp_path / "src"
+    shutil.copytree(downloads["programasweights/paw-4b-gpt2"], src)
+    (src / "meta.json").write_text("{}")
+    with pytest.raises(PawError, match="meta.json"):
+        models_dir.import_dir(src, tmp_path / "m1")
+
+    shutil.copy(downloads["programasweights/paw-4b-gpt2"] / "meta.json", src / "meta.json")
+    (tmp_path / "m2").mkdir()
+    (tmp_path / "m2" / "installed.json").write_text('{"paw-4b-gpt2-meta.json": 5}')
+    with pytest.raises(PawError, match="installed.json: malformed record"):
+        models_dir.import_dir(src, tmp_path / "m2")
+
+    data = bytearray((downloads["programasweights/GPT2-GGUF-Q8_0"] / "gpt2-q8_0.gguf").read_bytes())
+    data[-10] ^= 1  # a weight changed: not the pinned interpreter
+    (src / "gpt2-q8_0.gguf").write_bytes(bytes(data))
+    with pytest.raises(IncompatibleModelError, match="not the published"):
+        models_dir.import_dir(src, tmp_path / "m3")
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m3").exists()
+
+
+def test_verify_compares_the_quantization_a_name_states_with_the_file(tmp_path, capsys, downloads):
+    """A Q8_0 file copied in as ...-q6_k.gguf was "ok"; a GGUF without general.file_type was imported
+    under the default (Q4_K_M) name whatever it held."""
+    from paw_lite.convert.qwen3 import convert_qwen3
+
+    q8 = convert_qwen3(downloads["Qwen/Qwen3-4B-Instruct-2507"], tmp_path / "stock-q8_0.gguf", "q8_0")
+    md = tmp_path / "models"
+    md.mkdir()
+    shutil.copy(q8, md / "qwen3-4b-instruct-2507-q6_k.gguf")
+    rc, listing = cli(capsys, "models", "verify", "--models", str(md))
+    pseudo = by_role(listing)["pseudo_compiler"]
+    assert rc == 1 and pseudo["status"] == "bad"
+    assert "named q6_k but holds Q8_0" in pseudo["detail"] and "qwen3-4b-instruct-2507-q8_0.gguf" in pseudo["detail"]
+
+    no_type = _without_file_type(q8, tmp_path / "src" / "stock.gguf")
+    assert models_dir.gguf_quant(no_type) == "q8_0"  # from its matrices
+    done = models_dir.import_dir(no_type.parent, tmp_path / "m2")
+    assert [d["name"] for d in done] == ["qwen3-4b-instruct-2507-q8_0.gguf"]
+
+
+def _without_file_type(src: Path, out: Path) -> Path:
+    """A copy of a GGUF with general.file_type dropped (older converters did not write it)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = GGUFWriter(out, arch=str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8"))
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        kind = f.types[0]
+        if kind == GGUFValueType.ARRAY:
+            w.add_key_value(name, f.contents(), kind, sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, f.contents(), kind)
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_a_malformed_installed_record_is_one_line_and_list_does_not_need_it(tmp_path, capsys):
+    md = tmp_path / "models"
+    md.mkdir()
+    (md / "installed.json").write_text('{"qwen3-4b-instruct-2507-q4_k_m.gguf": 5}')
+    (md / "qwen3-4b-instruct-2507-q4_k_m.gguf").write_bytes(b"GGUF")
+    rc, listing = cli(capsys, "models", "list", "--models", str(md))
+    assert rc == 0 and by_role(listing)["pseudo_compiler"]["status"] == "present"
+    rc, error = cli(capsys, "models", "verify", "--models", str(md))
+    assert rc == 2 and "installed.json: malformed record of installed models" in error["error"]

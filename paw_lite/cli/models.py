@@ -61,7 +61,14 @@ def _fetch(args: argparse.Namespace, directory) -> int:
     finally:
         bar.close()
     lines = [f"{d['name']:<40} {d['bytes']:>15,} bytes  {d['how']}" for d in done]
-    emit(args, {"models_dir": str(directory), "written": done}, "\n".join([f"models directory {directory}", *lines]))
+    # Importing part of the set is normal (running programs needs only the interpreter), but a file
+    # left out unnoticed shows up only when compile fails: say which were not there.
+    not_found = [r for r in args.only if r not in {d["role"] for d in done}]
+    if not_found:
+        where = "in the download" if args.action == "pull" else f"in {args.src} or its subfolders"
+        lines.append(f"not found {where}: {', '.join(not_found)}")
+    emit(args, {"models_dir": str(directory), "written": done, "not_found": not_found},
+         "\n".join([f"models directory {directory}", *lines]))
     return 0
 
 
