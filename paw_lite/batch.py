@@ -211,19 +211,27 @@ def stdout_writer() -> Callable[[dict], None]:
 
 
 def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], write: Callable[[dict], None],
-              chunk: int = 16, on_progress: Callable[[int], None] | None = None, run: str | None = None) -> tuple[int, int]:
+              chunk: int = 16, on_progress: Callable[[int], None] | None = None, run: str | None = None,
+              check: Callable[[str], object] | None = None) -> tuple[int, int]:
     """Run `call` over the items in chunks, writing one record per item (with `run`, see `run_id`).
-    Returns (ok, failed)."""
+    `check(text)` raises PawError for an input `call` would refuse (too long, ...): such an input
+    gets its error record and the rest of its chunk still runs as one batch. Returns (ok, failed)."""
     tag = {} if run is None else {"run": run}
     ok = failed = 0
     for start in range(0, len(items), chunk):
         group = items[start:start + chunk]
-        good = [it for it in group if it.error is None]
         errors: dict[int, str] = {}
+        for it in group:
+            if it.error is None and check is not None:
+                try:
+                    check(it.text)
+                except PawError as exc:
+                    errors[it.index] = str(exc)
+        good = [it for it in group if it.error is None and it.index not in errors]
         try:
             outputs = dict(zip((it.index for it in good), call([it.text for it in good]), strict=True)) if good else {}
         except PawError:
-            # one bad input must not cost the others: retry the chunk one input at a time
+            # one bad input `check` did not catch must not cost the others: one input at a time
             outputs = {}
             for it in good:
                 try:

@@ -13,6 +13,7 @@ generated token; many sequences share that stream in `generate`, which is where 
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,6 +29,10 @@ MAX_ROWS = 2048
 # Query tokens of one sequence per step: bounds the attention score buffer (heads x CHUNK x context).
 PREFILL_CHUNK = 512
 _KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
+
+
+class Stopped(Exception):
+    """`Engine.generate` was asked to stop (another worker failed or was interrupted)."""
 
 
 @dataclass(frozen=True)
@@ -302,15 +307,17 @@ class Engine:
     # -- generation ---------------------------------------------------------------------------
 
     def generate(self, seqs: list[Sequence], eos: int, capacity: int | None = None,
-                 on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
+                 on_tokens: Callable[[int], None] | None = None,
+                 stop: threading.Event | None = None) -> list[list[int]]:
         """Greedy continuations of every sequence, each stopping at EOS or its limit; on_tokens is
-        called after each step that made tokens, with how many it made (for progress).
+        called after each step that made tokens, with how many it made (for progress). Once `stop`
+        is set, the next step raises Stopped instead of running.
 
         Up to `capacity` sequences (all by default) are in flight, each in a slot of the batch's
         cache. A finished sequence's slot goes to the next waiting one, and every step evaluates
         one token of each decoding sequence together with prompt tokens of newly admitted ones:
         when outputs end at different steps, the slots stay full and the matmuls large."""
-        return self._run(seqs, eos, capacity, on_tokens=on_tokens)
+        return self._run(seqs, eos, capacity, on_tokens=on_tokens, stop=stop)
 
     def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Logits after the last token of each sequence (n_seqs, n_vocab): what generation
@@ -320,7 +327,8 @@ class Engine:
         return logits
 
     def _run(self, seqs: list[Sequence], eos: int, capacity: int | None,
-             first_logits: np.ndarray | None = None, on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
+             first_logits: np.ndarray | None = None, on_tokens: Callable[[int], None] | None = None,
+             stop: threading.Event | None = None) -> list[list[int]]:
         """`generate`; with first_logits, also the logits each sequence's first token came from."""
         if not seqs:
             return []
@@ -337,6 +345,8 @@ class Engine:
         fed: dict[int, int] = {}  # prompt tokens evaluated, per admitted sequence still in its prompt
         decoding: dict[int, tuple[int, int]] = {}  # sequence -> (next token to evaluate, its own index)
         while waiting or fed or decoding:
+            if stop is not None and stop.is_set():
+                raise Stopped
             while waiting and free:
                 i = waiting.popleft()
                 slot_of[i] = free.popleft()

@@ -6,7 +6,8 @@ import hashlib
 import operator
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import blas_threads, paths, prefix_cache
 from .base_model import BaseModel
-from .engine import Engine, Sequence, Weights, kv_bytes_per_position, own_positions
+from .engine import Engine, Sequence, Stopped, Weights, kv_bytes_per_position, own_positions
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
 from .lora import LoraAdapter
 from .program import ADAPTER, Program
@@ -70,6 +71,7 @@ class PawFunction:
                 f"{program.source}: the template alone is {len(self._prefix_ids) + len(self._suffix_ids)} tokens; "
                 f"the interpreter's context holds {self.config.n_ctx}")
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread in a call, to refuse a call from inside it
         adapter_sha = hashlib.sha256(program.adapter_gguf).hexdigest()
         self.prefix_cache_key = prefix_cache.cache_key(base.fingerprint, adapter_sha, self._prefix_ids)
         # What decides the outputs, so stored results can tell which function made them.
@@ -96,10 +98,13 @@ class PawFunction:
                      on_tokens: Callable[[int], None] | None = None) -> list[int]:
         """The greedy output token ids for one input (EOS not included)."""
         self._live_engine()  # a closed function refuses every call, even one with nothing to generate
+        if on_tokens is not None and not callable(on_tokens):
+            raise TypeError(f"on_tokens must be a function taking the number of new tokens, or None; "
+                            f"got {type(on_tokens).__name__}")
         seq = self._sequence(self.prompt_ids(text), _checked_max_tokens(max_tokens))
         if seq is None:
             return []
-        with self._lock:
+        with self._exclusive():
             return self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
 
     def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -135,7 +140,7 @@ class PawFunction:
         todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
         if not todo:
             return outs
-        with self._lock:
+        with self._exclusive():
             engine = self._live_engine()
             # batch_size bounds the sequences in flight (and so the memory), whatever the worker count.
             wanted = blas_threads.map_workers() if workers is None else workers
@@ -146,18 +151,32 @@ class PawFunction:
                 return outs
             while len(self._forks) < n_workers - 1:
                 self._forks.append(engine.fork())
-            # Workers take turns at pieces of the work, so an error or Ctrl-C stops them within one piece.
+            # Workers take turns at pieces of the work, so one that finishes early takes more.
             piece = min(_PIECES_PER_CAPACITY * capacity, -(-len(todo) // n_workers))
             pieces = [todo[p:p + piece] for p in range(0, len(todo), piece)]
             with blas_threads.single_threaded():
                 _run_workers([engine, *self._forks[:n_workers - 1]], pieces,
-                             lambda eng, group: self._generate(eng, group, seqs, outs, capacity))
+                             lambda eng, group, stop: self._generate(eng, group, seqs, outs, capacity, stop))
         return outs
 
     def _generate(self, engine: Engine, group: list[int], seqs: list[Sequence | None], outs: list[list[int]],
-                  capacity: int) -> None:
-        for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id, capacity)):
+                  capacity: int, stop: threading.Event | None = None) -> None:
+        for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id, capacity, stop=stop)):
             outs[i] = ids
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One call at a time uses the engine's buffers; other threads wait their turn. A call from
+        inside a call (its on_tokens callback) would wait for itself for ever: refused."""
+        if self._holder == threading.get_ident():
+            raise PawError("the function was called from inside one of its own calls (an on_tokens callback?); "
+                           "call it again after that call returns")
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._holder = None
 
     def close(self) -> None:
         self._engine = None
@@ -271,10 +290,12 @@ def _checked_integer(name: str, value: object, minimum: int, expected: str) -> i
     return number
 
 
-def _run_workers(engines: list[Engine], groups: list[list[int]], work: Callable[[Engine, list[int]], None]) -> None:
+def _run_workers(engines: list[Engine], groups: list[list[int]],
+                 work: Callable[[Engine, list[int], threading.Event], None]) -> None:
     """Each engine in its own thread (the first in this one) takes the next group until none are
     left. NumPy releases the GIL in its loops and BLAS calls, so the threads share the cores.
-    The first error stops the others taking new groups and is raised here."""
+    The first error (a Ctrl-C lands in this thread's) sets the event `work` gets, which stops the
+    others within one step, and is raised here."""
     pending = iter(groups)
     take = threading.Lock()
     failed = threading.Event()
@@ -286,9 +307,11 @@ def _run_workers(engines: list[Engine], groups: list[list[int]], work: Callable[
             if group is None:
                 return
             try:
-                work(engine, group)
+                work(engine, group, failed)
+            except Stopped:  # another worker failed: its error is the one raised
+                return
             except BaseException:
-                failed.set()
+                failed.set()  # the others stop at their next step (a Ctrl-C waited for whole groups)
                 raise
 
     with ThreadPoolExecutor(max_workers=len(engines) - 1, thread_name_prefix="paw-map") as pool:

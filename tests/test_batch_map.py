@@ -19,6 +19,7 @@ from paw_lite.base_model import BaseModel
 from paw_lite.engine import Engine, Sequence, Weights
 from paw_lite.gpt2 import KVCache, forward
 from paw_lite.lora import LoraAdapter
+from paw_lite.errors import PawError
 
 from conftest import TEMPLATE, make_hf_gpt2, make_program, random_lora
 
@@ -427,3 +428,50 @@ def test_on_tokens_reports_every_token_of_a_call(tiny_fn):
         assert counts == [1] * len(ids)  # one call per step, one token each
         seen: list[int] = []
         assert tiny_fn(text, max_tokens=3, on_tokens=seen.append) == tiny_fn(text, max_tokens=3) and seen == [1, 1, 1]
+
+
+def test_an_interrupt_stops_every_worker_within_one_step(tiny_fn, monkeypatch):
+    """A Ctrl-C lands in the calling thread; the other worker used to finish its whole piece (up to
+    64 inputs run to the context end: a minute in a batch run) before the KeyboardInterrupt was raised."""
+    import threading
+
+    from paw_lite import blas_threads, engine as engine_module
+
+    monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
+    tiny_fn.map_ids(TEXTS, batch_size=4)  # creates the second worker's engine
+    steps = {"main": 0, "other": 0, "other after": 0}
+    interrupted = threading.Event()
+    real_step = engine_module.Engine._step
+
+    def step(self, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            steps["main"] += 1
+            if steps["main"] == 3:
+                interrupted.set()
+                raise KeyboardInterrupt
+        else:
+            steps["other after" if interrupted.is_set() else "other"] += 1
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_fn.map_ids(TEXTS * 16, batch_size=8)  # two pieces of 32 inputs x 4 in flight, run to the context end
+    assert steps["other"] > 0 and steps["other after"] <= 1, steps
+    monkeypatch.setattr(engine_module.Engine, "_step", real_step)
+    assert tiny_fn.map_ids(TEXTS, max_tokens=4, batch_size=4) == [tiny_fn.generate_ids(t, max_tokens=4) for t in TEXTS]
+
+
+def test_a_call_from_inside_a_call_is_refused_not_a_deadlock(tiny_fn):
+    def reenter(n: int) -> None:
+        tiny_fn("again", max_tokens=1)
+
+    with pytest.raises(PawError, match="called from inside one of its own calls"):
+        tiny_fn("x", max_tokens=3, on_tokens=reenter)
+    with pytest.raises(PawError, match="called from inside"):
+        tiny_fn("x", max_tokens=3, on_tokens=lambda n: tiny_fn.map(["a"]))
+    assert tiny_fn("x", max_tokens=3) == tiny_fn("x", max_tokens=3)  # the lock was released
+
+
+def test_on_tokens_must_be_callable_before_any_work(tiny_fn):
+    with pytest.raises(TypeError, match="on_tokens must be a function"):
+        tiny_fn("x", on_tokens=5)

@@ -93,7 +93,8 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
         try:
             ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
                                                                            workers=args.workers),
-                                         write, chunk=args.batch_size, on_progress=bar.update, run=run_id)
+                                         write, chunk=args.batch_size, on_progress=bar.update, run=run_id,
+                                         check=fn.prompt_ids)
         finally:
             bar.close()
     finally:
