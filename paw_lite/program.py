@@ -114,16 +114,19 @@ class Program:
         return cls(meta=meta, template=template, adapter_gguf=adapter, pseudo_program=pseudo, source=source)
 
     @contextlib.contextmanager
-    def adapter_file(self, scratch_dir: Path) -> Iterator[Path]:
+    def adapter_file(self, scratch_dir: Path | None) -> Iterator[Path]:
         """The adapter as a private temporary file (gguf-py reads from paths) inside scratch_dir,
-        removed afterwards; leftovers of killed processes there are cleared after an hour.
+        removed afterwards; leftovers of killed processes there are cleared after an hour. With
+        scratch_dir None, in a private folder of the system's temporary directory (nothing swept).
         Errors raised inside name the program's member instead of the temporary path."""
         try:
-            scratch_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(scratch_dir)
+            if scratch_dir is not None:
+                scratch_dir.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(scratch_dir)
             scratch = tempfile.TemporaryDirectory(prefix=".adapter.", suffix=TMP_SUFFIX, dir=scratch_dir)
         except OSError as exc:
-            raise PawError(f"{scratch_dir}: cannot write the program's {ADAPTER} there to read it ({exc.strerror or exc}); "
+            where = scratch_dir or tempfile.gettempdir()
+            raise PawError(f"{where}: cannot write the program's {ADAPTER} there to read it ({exc.strerror or exc}); "
                            f"set PAW_LITE_CACHE (or cache_dir=) to a writable folder") from None
         with scratch as tmp:
             path = Path(tmp) / ADAPTER

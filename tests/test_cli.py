@@ -93,6 +93,34 @@ def test_inspect_does_not_print_terminal_escapes(tiny_program, tmp_path, capsys,
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["spec"] == "evil\x1b[2J\x1b]0;owned\x07"  # JSON escapes it
 
+    # every field printed, not only the texts: Program.save refuses such a program_id, a stranger's zip need not
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    meta = json.loads(members["meta.json"])
+    meta.update(program_id="\x1b]0;PWNED\x07", runtime_id="gpt2-q8_0\x1b[31m")
+    members["meta.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(tmp_path / "worse.paw", "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "hostile.paw"))  # a file: inspecting needs no writable cache
+    assert main(["inspect", str(tmp_path / "worse.paw")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "PWNED" in out
+
+
+def test_run_shows_control_characters_of_an_output_only_to_pipes(tiny_program, tiny_gguf, tmp_path, capsys, monkeypatch):
+    """GPT-2's byte-level vocabulary can write ESC: on a terminal it is shown as U+FFFD."""
+    from paw_lite import runtime
+
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime.PawFunction, "__call__", lambda self, text, **kw: "out\x1b[2J\x07 put")
+    for tty, want in ((False, "out\x1b[2J\x07 put"), (True, "out\ufffd[2J\ufffd put")):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+        assert main(["run", str(tiny_program), "x", "--base-model", str(tiny_gguf)]) == 0
+        assert capsys.readouterr().out == want + "\n"
+
 
 def test_usage_errors_are_json_with_json(tiny_program, capsys):
     assert main(["run", str(tiny_program), "x", "--max-tokens", "abc", "--json"]) == 2

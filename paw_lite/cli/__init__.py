@@ -114,6 +114,15 @@ def _fail(wants_json: bool, text: str, message: str, kind: str, code: int = 2) -
     return code
 
 
+# Program text and outputs come from strangers: never send their control characters (terminal
+# escapes) to a terminal. Tab and newline stay.
+_CONTROL = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127, *range(0x80, 0xA0)]}
+
+
+def printable(text: str | None) -> str:
+    return "(none)" if text is None else text.translate(_CONTROL)
+
+
 def emit(args: argparse.Namespace, data: dict, text: str) -> None:
     """Print JSON with --json, else the human-readable text."""
     print(json.dumps(data, ensure_ascii=False) if getattr(args, "json", False) else text)

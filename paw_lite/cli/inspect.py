@@ -9,15 +9,7 @@ from pathlib import Path
 from .. import paths
 from ..lora import describe_adapter_gguf
 from ..program import Program
-from . import emit
-
-
-# Program text comes from strangers: never send its control characters (terminal escapes) to a terminal.
-_CONTROL = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127, *range(0x80, 0xA0)]}
-
-
-def _printable(text: str | None) -> str:
-    return "(none)" if text is None else text.translate(_CONTROL)
+from . import emit, printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prog = Program.load(args.program)
-    with prog.adapter_file(paths.cache_dir() / "tmp") as tmp:
+    with prog.adapter_file(None) as tmp:  # the system's temp folder: inspecting needs no writable cache
         adapter = describe_adapter_gguf(tmp)
     src = Path(args.program)
     info = {
@@ -47,14 +39,14 @@ def run(args: argparse.Namespace) -> int:
     }
     kinds = ", ".join(f"{n} {t}" for t, n in adapter["tensor_types"].items())
     text = "\n".join([
-        f"program      {info['program']}",
-        f"program id   {info['program_id']}",
-        f"spec         {_printable(prog.spec)}",
-        f"interpreter  {info['interpreter']} (runtime {info['runtime_id']})",
-        f"adapter      rank {adapter['rank']}, alpha {adapter['alpha']:g}, {adapter['n_tensors']} tensors ({kinds}), {len(prog.adapter_gguf):,} bytes",
+        f"program      {printable(info['program'])}",
+        f"program id   {printable(info['program_id'])}",
+        f"spec         {printable(prog.spec)}",
+        f"interpreter  {printable(str(info['interpreter']))} (runtime {printable(str(info['runtime_id']))})",
+        f"adapter      rank {adapter['rank']}, alpha {adapter['alpha']:g}, {adapter['n_tensors']} tensors ({printable(kinds)}), {len(prog.adapter_gguf):,} bytes",
         f"bundle       {info['sizes']['bundle_bytes']:,} bytes" if info["sizes"]["bundle_bytes"] else "bundle       (folder)",
         "pseudo-program:",
-        *("  " + line for line in _printable(prog.pseudo_program).splitlines()),
+        *("  " + line for line in printable(prog.pseudo_program).splitlines()),
     ])
     emit(args, info, text)
     return 0

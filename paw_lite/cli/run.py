@@ -12,7 +12,7 @@ from .. import batch
 from ..atomic import check_writable
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function
-from . import emit, require_positive
+from . import emit, printable, require_positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
             # end, minutes on a slow CPU) and only on a terminal.
             with tqdm(desc="output", unit="token", file=sys.stderr, disable=None, delay=2, leave=False) as bar:
                 out = fn(args.text, max_tokens=args.max_tokens, on_tokens=bar.update)
+            # On a terminal the output's control characters (GPT-2 can write ESC) are shown as U+FFFD;
+            # a pipe gets the exact text.
             emit(args, {"input": args.text, "output": out, "load_s": round(load_s, 3),
-                        "call_s": round(time.perf_counter() - t1, 3)}, out)
+                        "call_s": round(time.perf_counter() - t1, 3)}, printable(out) if sys.stdout.isatty() else out)
             return 0
         return _run_file(args, fn, items)
 
