@@ -39,6 +39,9 @@ class SafetensorsFile:
                 head = f.read(8)
                 if len(head) < 8:
                     raise InvalidFileError(f"{self.path}: {size} bytes is too short for a safetensors file")
+                if head[:4] in (b"GGUF", b"PK\x03\x04"):  # the two other formats users mix it up with
+                    kind = "a GGUF" if head[:4] == b"GGUF" else "a zip (a torch checkpoint or a .paw?)"
+                    raise InvalidFileError(f"{self.path}: this is {kind} file, not a safetensors file")
                 (n,) = struct.unpack("<Q", head)
                 if n > min(MAX_HEADER_BYTES, size - 8):
                     raise InvalidFileError(f"{self.path}: header length {n} exceeds the file or the {MAX_HEADER_BYTES}-byte limit")

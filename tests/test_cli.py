@@ -204,3 +204,10 @@ def test_counts_below_one_are_refused(tmp_path, capsys):
                          (["convert", "mapper", out, "--meta", out, "-o", out, "--hidden", "0"], "--hidden")):
         assert main(argv) == 2
         assert f"{option} must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_text_bytes_the_locale_cannot_decode_get_a_hint(tiny_program, tiny_gguf, tmp_path):
+    env = {**os.environ, "PAW_LITE_CACHE": str(tmp_path / "cache"), "LC_ALL": "C.UTF-8"}
+    r = subprocess.run([os.fsencode(sys.executable), b"-m", b"paw_lite", b"run", os.fsencode(tiny_program), b"ab\xffc",
+                        b"--base-model", os.fsencode(tiny_gguf)], capture_output=True, env=env, timeout=120)
+    assert r.returncode == 2 and b"at character 2: use a UTF-8 locale" in r.stderr, r.stderr

@@ -218,6 +218,7 @@ def test_cli_compile_end_to_end(models, interp, tmp_path, capsys):
     assert [p["name"] for p in summary["phases"]] == ["check", "pseudo-program", "encoder", "mapper", "bundle"]
     assert all(p["seconds"] > 0 and p["peak_rss_mb"] > 0 for p in summary["phases"])
     assert summary["pseudo_program_strategy"] == "examples" and summary["pseudo_attempts"] >= 1
+    assert summary["runtime_id"] == "gpt2-q8_0" and summary["peft"] == str(tmp_path / "peft")
 
     with zipfile.ZipFile(out) as zf:
         assert sorted(zf.namelist()) == sorted(MEMBERS)
@@ -418,7 +419,7 @@ def test_api_arguments_are_checked_before_the_compile(models, tmp_path):
 def test_a_rank_q4_0_cannot_hold_is_refused_in_the_check(models, tmp_path):
     d, _, _ = models
     meta = write_compiler_meta(tmp_path / "meta.json", rank=16)
-    with pytest.raises(IncompatibleModelError, match="lora_rank 16 is not a multiple of 32.*adapter_type f16 or f32"):
+    with pytest.raises(IncompatibleModelError, match="lora_rank 16 is not a multiple of 32.*adapter type f16 or f32"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, compiler_meta=meta)
 
 
@@ -430,6 +431,26 @@ def test_an_interpreter_file_name_that_cannot_be_a_runtime_id_is_refused(models,
         compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, interpreter=odd)
     path = compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, interpreter=odd, runtime_id="gpt2-mine")
     assert Program.load(path).meta["runtime_id"] == "gpt2-mine"
+
+
+def test_the_published_interpreter_under_another_name_is_still_named_gpt2_q8_0(models, interp, tmp_path, monkeypatch):
+    """Programs name the runtime they need; a renamed copy of the published file named its copy's
+    name, which `paw-lite run` then asked for and `models pull` could not fetch."""
+    from paw_lite import models_dir
+    from paw_lite.base_model import file_sha256
+
+    d, _, _ = models
+    renamed = tmp_path / "my-gpt2.gguf"
+    renamed.write_bytes(interp[1].read_bytes())
+    data = json.loads(models_dir.MANIFEST_PATH.read_text())
+    entry = next(e for e in data["files"] if e["role"] == "interpreter")
+    entry["bytes"], entry["sha256"] = renamed.stat().st_size, file_sha256(renamed)
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    path = compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, interpreter=renamed)
+    assert Program.load(path).meta["runtime_id"] == "my-gpt2"  # not the pinned file: its own name
+    monkeypatch.setattr(models_dir, "MANIFEST_PATH", tmp_path / "manifest.json")
+    path = compile(SPEC, tmp_path / "y.paw", pseudo_program=PSEUDO, models=d, interpreter=renamed)
+    assert Program.load(path).meta["runtime_id"] == "gpt2-q8_0"
 
 
 def test_compile_and_load_keeps_every_cache_in_cache_dir(models, tmp_path, private_cache):

@@ -42,6 +42,14 @@ def test_malformed_safetensors_headers(tmp_path, header, data, match):
         SafetensorsFile(path)
 
 
+def test_a_gguf_or_a_zip_given_as_safetensors_is_named_as_such(tmp_path, tiny_gguf, tiny_program):
+    """--mapper pointing at a GGUF said "header length 14064895815 exceeds ..."."""
+    with pytest.raises(InvalidFileError, match="this is a GGUF file, not a safetensors file"):
+        SafetensorsFile(tiny_gguf)
+    with pytest.raises(InvalidFileError, match=r"this is a zip \(a torch checkpoint or a \.paw\?\) file, not a safetensors"):
+        SafetensorsFile(tiny_program)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
 def test_a_fifo_safetensors_is_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "model.safetensors")

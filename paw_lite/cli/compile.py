@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"wrote {result.path} (program {result.program.program_id}, {len(result.program.adapter_gguf):,}-byte adapter)",
              *(f"  {p['name']:<15} {p['seconds']:7.1f} s   peak RSS {p['peak_rss_mb']} MB" for p in result.phases),
              f"  {'total':<15} {result.seconds:7.1f} s   peak RSS {result.peak_rss_mb} MB"]
+    lines.append(f"  runs on      {summary['runtime_id']}.gguf (the interpreter runtimes look up)")
     if args.peft:
         lines.append(f"PEFT adapter in {args.peft}")
+        summary["peft"] = str(args.peft)
     if args.run is not None:
         t0 = time.perf_counter()
         try:

@@ -46,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
         given = [f"--{name.replace('_', '-')}" for name, default in _BATCH_ONLY.items() if getattr(args, name) != default]
         if given:
             raise PawError(f"{', '.join(given)} only apply with --input-file; for one TEXT the output is printed")
+        try:
+            args.text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # argv bytes the locale could not decode arrive as lone surrogates
+            raise PawError(f"TEXT holds bytes that are not valid in this terminal's encoding ({sys.getfilesystemencoding()}) "
+                           f"at character {exc.start}: use a UTF-8 locale (e.g. LANG=C.UTF-8), or put the input in a "
+                           f"UTF-8 file for --input-file") from None
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
     require_positive(args, "batch_size", "workers")

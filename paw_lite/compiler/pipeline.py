@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import paths
 from ..atomic import check_writable
-from ..base_model import read_header
+from ..base_model import file_sha256, read_header
 from ..errors import ContextOverflowError, IncompatibleModelError, PawError
 from ..lora import LoraAdapter, check_peft_folder, write_peft_dir
 from ..program import Program
@@ -94,6 +94,7 @@ class CompileResult:
             "pseudo_program_tokens": self.pseudo.n_tokens if self.pseudo else None,
             "pseudo_generated_tokens": self.pseudo.generated_tokens if self.pseudo else 0,
             "encoder_tokens": self.encoder_tokens, "adapter_bytes": len(self.program.adapter_gguf),
+            "runtime_id": self.program.meta.get("runtime_id"),
             "phases": self.phases, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
             "files": {k: (str(v) if v else None) for k, v in vars(self.files).items()},
         }
@@ -161,12 +162,23 @@ def compiler_fingerprint(files: ModelFiles) -> str:
     return h.hexdigest()[:16]
 
 
+def _is_published_interpreter(path: Path) -> bool:
+    """The published gpt2-q8_0.gguf under another name (size, then sha256, as the manifest pins them)."""
+    from ..models_dir import load_manifest
+
+    entry = load_manifest()["interpreter"]
+    try:
+        return path.is_file() and path.stat().st_size == entry.bytes and file_sha256(path) == entry.sha256
+    except OSError:
+        return False
+
+
 def _runtime_id(interpreter: Path, options: CompileOptions) -> str:
     """The interpreter a program names (runtimes look for `<runtime_id>.gguf`): the published one
     unless the program is compiled for another file, whose name then has to be usable as one."""
     if options.runtime_id:
         return options.runtime_id
-    if interpreter.name == DEFAULT_FILES["interpreter"]:
+    if interpreter.name == DEFAULT_FILES["interpreter"] or _is_published_interpreter(interpreter):
         return paths.DEFAULT_RUNTIME_ID
     rid = interpreter.stem if interpreter.suffix == ".gguf" else interpreter.name
     if not paths.is_safe_name(rid):
@@ -207,11 +219,11 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
         interp_config, interp_tokenizer = read_header(files.interpreter)
         limit = interp_config.n_ctx - options.input_reserve
         if limit <= 0:
-            raise PawError(f"input_reserve {options.input_reserve} leaves no room for a pseudo-program in the "
-                           f"interpreter's {interp_config.n_ctx}-token context")
+            raise PawError(f"input_reserve={options.input_reserve} leaves no room for a pseudo-program in the "
+                           f"{interp_config.n_ctx}-token context of {files.interpreter}; lower it (default {INPUT_RESERVE})")
         if options.adapter_type == "q4_0" and meta.lora_rank % 32:
             raise IncompatibleModelError(f"{files.compiler_meta}: lora_rank {meta.lora_rank} is not a multiple of 32, "
-                                         f"which a Q4_0 adapter needs (blocks of 32); use adapter_type f16 or f32")
+                                         f"which a Q4_0 adapter needs (blocks of 32); use adapter type f16 or f32 (--adapter-type / adapter_type=)")
         runtime_id = _runtime_id(files.interpreter, options)
         with LlamaModel(files.compiler, vocab_only=True) as vocab:
             compiler_width = vocab.n_embd
@@ -315,7 +327,7 @@ def compile_report(spec: str, out: PathLike | None, *, pseudo_program: str | Non
     opts = CompileOptions(adapter_type=adapter_type, **options)
     out = None if out is None else Path(out).expanduser()
     if out is not None:
-        check_writable(out, "out")
+        check_writable(out, "out=")
     if peft is not None:
         check_peft_folder(Path(peft).expanduser(), "peft")
     result = compile_program(spec, pseudo_program=pseudo_program, models=models, files=files, options=opts,
