@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"paw-lite: {message}", file=sys.stderr)
 
+    # Progress goes to stderr with --json too: stdout carries the JSON, and a compile takes minutes.
     bar = None
-    if not args.json and pseudo is None:
+    if pseudo is None:
         from tqdm import tqdm
 
         bar = tqdm(total=args.max_new_tokens, desc="pseudo-program tokens", unit="tok", file=sys.stderr, disable=None, leave=False)
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         result = compile_report(
             spec, args.output, pseudo_program=pseudo, models=args.models, compiler=args.compiler, mapper=args.mapper,
             compiler_meta=args.compiler_meta, pseudo_compiler=args.pseudo_compiler, interpreter=args.interpreter,
-            adapter_type=args.adapter_type, peft=args.peft, progress=None if args.json else progress,
+            adapter_type=args.adapter_type, peft=args.peft, progress=progress,
             on_token=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
             max_new_tokens=args.max_new_tokens, n_threads=args.threads,
             pseudo_tokenizer=args.pseudo_tokenizer, compiler_tokenizer=args.compiler_tokenizer)
