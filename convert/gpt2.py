@@ -22,7 +22,7 @@ GPT2_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, 
 # general.file_type counts in llama.cpp's own enum, not the tensor types' (Q8_0 is tensor type 8 but
 # file type 7; 8 would be MOSTLY_Q5_0).
 _FILE_TYPES = {GGMLQuantizationType.F32: LlamaFileType.ALL_F32, GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
-               GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0}
+               GGMLQuantizationType.BF16: LlamaFileType.MOSTLY_BF16, GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0}
 
 
 def tensor_type_for(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:

@@ -386,7 +386,7 @@ def test_api_arguments_are_checked_before_the_compile(models, tmp_path):
     phases = []
     folder = tmp_path / "a-folder"
     folder.mkdir()
-    with pytest.raises(PawError, match="out .*a-folder is a folder; give the path of a file to write"):
+    with pytest.raises(PawError, match="out= .*a-folder is a folder; give the path of a file to write"):
         compile(SPEC, folder, pseudo_program=PSEUDO, models=d, progress=phases.append)
     with pytest.raises(TypeError, match="out is the path of the .paw to write"):
         compile(SPEC, None, pseudo_program=PSEUDO, models=d)

@@ -247,9 +247,9 @@ def test_long_inputs_run_fewer_at_a_time(fn, monkeypatch):
     capacities = []
     real_generate = Engine.generate
 
-    def spy(self, seqs, eos, capacity=None):
+    def spy(self, seqs, eos, capacity=None, **kwargs):
         capacities.append(capacity)
-        return real_generate(self, seqs, eos, capacity)
+        return real_generate(self, seqs, eos, capacity, **kwargs)
 
     monkeypatch.setattr(Engine, "generate", spy)
     c = fn.config
