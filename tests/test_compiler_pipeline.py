@@ -408,7 +408,7 @@ def test_api_arguments_are_checked_before_the_compile(models, tmp_path):
     for option, value in (("n_threads", -4), ("max_new_tokens", "32"), ("n_ubatch", 1.5), ("input_reserve", -1)):
         with pytest.raises(PawError, match=f"{option} must be an integer >= "):
             compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, **{option: value})
-    with pytest.raises(PawError, match="input_reserve 600 leaves no room .* 512-token context"):
+    with pytest.raises(PawError, match="input_reserve=600 leaves no room .* 512-token context of .*gpt2-q8_0.gguf; lower it"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, input_reserve=600, progress=phases.append)
     assert phases and not any("pseudo-program" in p or "encoder" in p for p in phases)  # stopped in the check
     with pytest.raises(PawError, match="runtime_id '../x' is not a valid model file name"):
