@@ -306,11 +306,15 @@ def find_sources(src: Path, manifest: dict[str, ManifestEntry]) -> list[_Source]
 
 
 def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOptions = ImportOptions(),
-               on_tensor: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+               on_tensor: Callable[[str], None] | None = None,
+               on_step: Callable[[str, int | None], None] | None = None) -> list[dict[str, Any]]:
     """Bring files from `src` (downloads copied by hand, or a hub snapshot) into the models directory:
     published GGUFs are verified and copied, HF folders and lora_mapper.pt are converted. Everything
     cheap to check (headers, meta.json, the interpreter's hash, installed.json) is checked before
-    the first conversion, which takes minutes on the real models."""
+    the first conversion, which takes minutes on the real models.
+
+    Progress: `on_step(what, n_tensors or None)` as each conversion pass starts (writing a file,
+    llama.cpp's quantize pass), then `on_tensor(name)` per tensor of that pass."""
     from .convert.mapper import convert_mapper
     from .convert.qwen3 import Qwen3Source, convert_qwen3
 
@@ -332,6 +336,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             f"{src}: nothing to import. Expected any of: gpt2-q8_0.gguf; a Qwen3 GGUF; the paw-4b-gpt2 download "
             "(compiler/ folder, lora_mapper.pt, meta.json); a Qwen3-4B-Instruct-2507 HF folder")
     read_installed(directory)  # a broken record fails now, not after the conversions
+    n_tensors: dict[str, int] = {}
     for role, f in sources.items():
         if f.path.suffix == ".gguf":
             check_file(f.path, role, directory)
@@ -345,7 +350,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
         elif role == "compiler_meta":
             check_file(f.path, role, directory)
         elif role in ("compiler", "pseudo_compiler"):
-            Qwen3Source(f.path)  # config, tokenizer and shard headers
+            n_tensors[role] = len(Qwen3Source(f.path).tensors)  # config, tokenizer and shard headers
 
     done: list[dict[str, Any]] = []
     with created_folder(directory):  # a failed import does not leave an empty models folder behind
@@ -363,7 +368,18 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             else:
                 quant = options.compiler_quant if role == "compiler" else options.quant
                 name = entry.file_name(quant)
-                convert_qwen3(f.path, directory / name, quant, on_tensor, on_tensor)
+                step = on_step or (lambda what, n: None)
+                step(f"{name}: writing", n_tensors[role])
+                quantizing: list[bool] = []
+
+                def on_quantize(tensor: str, name: str = name, role: str = role) -> None:
+                    if not quantizing:
+                        quantizing.append(True)
+                        step(f"{name}: llama.cpp quantize", n_tensors[role])
+                    if on_tensor is not None:
+                        on_tensor(tensor)
+
+                convert_qwen3(f.path, directory / name, quant, on_tensor, on_quantize)
                 checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
                 done.append(_record(directory, name, role, str(f.path), f"paw-lite convert qwen3 --type {quant}"))
         meta = sources.get("compiler_meta")
@@ -377,6 +393,8 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             name = manifest["mapper"].file_name()
             # the download's meta.json gives the mapper's rank and bases, imported or not
             meta_path = next((f.path for f in found if f.role == "compiler_meta"), None)
+            if on_step is not None:
+                on_step(f"{name}: converting", None)
             convert_mapper(mapper.path, directory / name, installed_mapper_shape(directory, meta_path), on_tensor)
             done.append(_record(directory, name, "mapper", str(mapper.path), "paw-lite convert mapper"))
     return done
@@ -402,7 +420,8 @@ def _check_online(hub: Any, timeout: float = 5.0) -> None:
 
 
 def pull(directory: Path, options: ImportOptions = ImportOptions(), *, hub: Any = None,
-         on_tensor: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+         on_tensor: Callable[[str], None] | None = None,
+         on_step: Callable[[str, int | None], None] | None = None) -> list[dict[str, Any]]:
     """Download the published repos (resumable: the hub cache lives in `<models>/.hub-cache`) and import them.
     `hub` is the huggingface_hub module (tests pass a stand-in)."""
     if hub is None:
@@ -423,7 +442,7 @@ def pull(directory: Path, options: ImportOptions = ImportOptions(), *, hub: Any 
             raise ModelNotFoundError(f"{repo}: download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
                                      f"{_OFFLINE_HINT}") from exc
         roles = tuple(r for r in options.roles if manifest[r].source["repo"] == repo)
-        done += import_dir(snap, directory, ImportOptions(options.quant, options.compiler_quant, roles), on_tensor)
+        done += import_dir(snap, directory, ImportOptions(options.quant, options.compiler_quant, roles), on_tensor, on_step)
     return done
 
 

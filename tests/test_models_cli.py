@@ -358,3 +358,14 @@ def test_a_malformed_installed_record_is_one_line_and_list_does_not_need_it(tmp_
     assert rc == 0 and by_role(listing)["pseudo_compiler"]["status"] == "present"
     rc, error = cli(capsys, "models", "verify", "--models", str(md))
     assert rc == 2 and "installed.json: malformed record of installed models" in error["error"]
+
+
+def test_import_progress_restarts_for_each_conversion_pass(tmp_path, downloads):
+    """The bar was one bare count over everything; now each pass (writing a file, llama.cpp's
+    quantize) is named and counts its own tensors."""
+    steps, tensors = [], []
+    models_dir.import_dir(downloads["Qwen/Qwen3-4B-Instruct-2507"], tmp_path / "models",
+                          on_tensor=tensors.append, on_step=lambda what, n: steps.append((what, n, len(tensors))))
+    name = "qwen3-4b-instruct-2507-q4_k_m.gguf"
+    n = steps[0][1]
+    assert steps == [(f"{name}: writing", n, 0), (f"{name}: llama.cpp quantize", n, n)] and len(tensors) == 2 * n

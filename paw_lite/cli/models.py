@@ -35,15 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _progress():
+    """A bar that restarts for each conversion pass, named after the file it writes."""
     from tqdm import tqdm
 
     bar = tqdm(unit="tensor", file=sys.stderr, leave=False, disable=None)
+
+    def on_step(what: str, n_tensors: int | None) -> None:
+        bar.reset(total=n_tensors)
+        bar.set_description(what, refresh=False)
+        bar.set_postfix_str("", refresh=False)
 
     def on_tensor(name: str) -> None:
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
 
-    return bar, on_tensor
+    return bar, on_tensor, on_step
 
 
 def _fetch(args: argparse.Namespace, directory) -> int:
@@ -51,13 +57,13 @@ def _fetch(args: argparse.Namespace, directory) -> int:
 
     options = ImportOptions(quant=args.quant, compiler_quant=args.compiler_quant, roles=tuple(args.only))
     check_writable(directory, "--models", into=True)  # before any download or conversion
-    bar, on_tensor = _progress()
+    bar, on_tensor, on_step = _progress()
     try:
         if args.action == "pull":
-            done = pull(directory, options, on_tensor=on_tensor)
+            done = pull(directory, options, on_tensor=on_tensor, on_step=on_step)
         else:
             with malformed_file(args.src, "model download (a file in it)"):
-                done = import_dir(args.src, directory, options, on_tensor=on_tensor)
+                done = import_dir(args.src, directory, options, on_tensor=on_tensor, on_step=on_step)
     finally:
         bar.close()
     lines = [f"{d['name']:<40} {d['bytes']:>15,} bytes  {d['how']}" for d in done]
