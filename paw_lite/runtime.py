@@ -318,6 +318,10 @@ def _run_workers(engines: list[Engine], groups: list[list[int]],
         others = [pool.submit(worker, engine) for engine in engines[1:]]
         try:
             worker(engines[0])
+            wait(others)
+        except BaseException:  # also a Ctrl-C while this thread waits for the others' last groups
+            failed.set()
+            raise
         finally:
             wait(others)  # no worker outlives the call
         for future in others:

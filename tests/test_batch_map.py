@@ -475,3 +475,37 @@ def test_a_call_from_inside_a_call_is_refused_not_a_deadlock(tiny_fn):
 def test_on_tokens_must_be_callable_before_any_work(tiny_fn):
     with pytest.raises(TypeError, match="on_tokens must be a function"):
         tiny_fn("x", on_tokens=5)
+
+
+def test_an_interrupt_while_waiting_for_the_other_worker_stops_it(tiny_fn, monkeypatch):
+    """The calling thread may run out of groups first and wait for the other worker: a Ctrl-C then
+    lands in that wait, which also has to stop the other worker, not wait for its piece."""
+    import threading
+    import time
+
+    from paw_lite import blas_threads, engine as engine_module, runtime
+
+    monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
+    tiny_fn.map_ids(TEXTS, batch_size=4)
+    after = {"other": 0}
+    interrupted = threading.Event()
+    real_step, real_wait = engine_module.Engine._step, runtime.wait
+
+    def step(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.002)  # the other worker lags, so this thread finishes its groups first
+            if interrupted.is_set():
+                after["other"] += 1
+        return real_step(self, *args, **kwargs)
+
+    def wait(futures):
+        if not interrupted.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt
+        return real_wait(futures)
+
+    monkeypatch.setattr(engine_module.Engine, "_step", step)
+    monkeypatch.setattr(runtime, "wait", wait)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_fn.map_ids(TEXTS * 16, batch_size=8)
+    assert interrupted.is_set() and after["other"] <= 1, after
