@@ -49,6 +49,8 @@ def write_gpt2_gguf(out: str | os.PathLike[str], config: GPT2Config, tensors: It
         w.add_feed_forward_length(config.n_ff)
         w.add_head_count(config.n_head)
         w.add_layer_norm_eps(config.eps)
+        if qtype not in _FILE_TYPES:
+            raise ValueError(f"GPT-2 GGUF matrices can be {', '.join(t.name for t in _FILE_TYPES)}, not {qtype.name}")
         w.add_file_type(int(_FILE_TYPES[qtype]))
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-2")

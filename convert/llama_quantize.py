@@ -4,8 +4,9 @@ gguf-py cannot encode K-quants, and a NumPy copy of llama.cpp's mixed Q4_K_M rec
 get Q6_K, which fall back) would drift from the real one; so the real one is called.
 
 It runs in a child process. Quantizing a 4B model takes minutes in one native call that cannot be
-stopped half-way from Python; a child can be killed at once on Ctrl-C. The child reports each
-tensor as llama.cpp starts it (parsed from llama.cpp's log) as one JSON line on stdout."""
+stopped half-way from Python; a child can be killed at once on Ctrl-C, and it ends by itself when
+its parent is killed. The child reports each tensor as llama.cpp starts it (parsed from llama.cpp's
+log) as one JSON line on stdout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,14 +39,16 @@ K_QUANTS: dict[str, LlamaFileType] = {
 # llama.cpp's quantizer logs "[  12/ 398]   blk.0.attn_q.weight - [ 2560,  4096, ...], type = ..."
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _STDERR_TAIL = 2000  # bytes of a crashed child's stderr read for its last line
-# By its full name: the parent may have imported this file under another one.
-_CHILD_MODULE = "paw_lite.convert.llama_quantize"
+# Run with -c, not -m: -m puts the working folder first on sys.path, where a stray gguf.py (or a
+# source checkout's paw_lite/) would shadow the installed modules; the paw-lite command has no such entry.
+_CHILD = ("import sys; del sys.path[0]; from paw_lite.convert.llama_quantize import _child_main; "
+          "sys.exit(_child_main(sys.argv[1:]))")
 
 
 def llama_quantize(src: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str, nthread: int = 0,
-                   on_tensor: Callable[[str], None] | None = None) -> Path:
+                   on_tensor: Callable[[str, int, int], None] | None = None) -> Path:
     """Quantize a GGUF (F32/F16/BF16 matrices) to one of K_QUANTS with llama.cpp; written atomically.
-    `on_tensor(name)` is called as llama.cpp starts each tensor."""
+    `on_tensor(name, index, count)` is called as llama.cpp starts each tensor (index from 1)."""
     require("llama_cpp", "compile")
     if qtype not in K_QUANTS:
         raise InvalidFileError(f"--type {qtype!r}: llama.cpp quantization here supports {', '.join(K_QUANTS)}")
@@ -54,11 +58,13 @@ def llama_quantize(src: str | os.PathLike[str], out: str | os.PathLike[str], qty
     return out
 
 
-def _run_child(src: Path, tmp: Path, qtype: str, nthread: int, on_tensor: Callable[[str], None] | None) -> None:
-    cmd = [sys.executable, "-m", _CHILD_MODULE, str(src), str(tmp), qtype, str(nthread)]
+def _run_child(src: Path, tmp: Path, qtype: str, nthread: int, on_tensor: Callable[[str, int, int], None] | None) -> None:
+    cmd = [sys.executable, "-c", _CHILD, str(src), str(tmp), qtype, str(nthread)]
     error = None
     with tempfile.TemporaryFile() as stderr:
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+        # The child's stdin is a pipe nothing is written to: it closes when this process ends,
+        # however it ends (a kill included), and the child then exits too.
+        child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                  text=True, encoding="utf-8", errors="replace")
         try:
             assert child.stdout is not None
@@ -70,7 +76,7 @@ def _run_child(src: Path, tmp: Path, qtype: str, nthread: int, on_tensor: Callab
                 if not isinstance(message, dict):
                     continue
                 if "tensor" in message and on_tensor is not None:
-                    on_tensor(str(message["tensor"]))
+                    on_tensor(str(message["tensor"]), int(message["index"]), int(message["count"]))
                 elif "error" in message:
                     error = str(message["error"])
             rc = child.wait()
@@ -78,6 +84,9 @@ def _run_child(src: Path, tmp: Path, qtype: str, nthread: int, on_tensor: Callab
             child.kill()
             child.wait()
             raise
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
         if rc != 0 and error is None:  # killed, or crashed in native code
             stderr.seek(0, os.SEEK_END)
             stderr.seek(max(0, stderr.tell() - _STDERR_TAIL))
@@ -111,10 +120,19 @@ class _LogRelay:
         return "; ".join(hits[-3:] or lines[-1:]) or "no log output"
 
 
+def _exit_when_orphaned() -> None:
+    """End at once when the parent's end of stdin closes: the parent is gone (killed, crashed), and
+    minutes of quantizing into a file nobody will rename would follow."""
+    while os.read(0, 4096):  # the raw fd: a thread blocked in sys.stdin's buffer aborts interpreter shutdown
+        pass
+    os._exit(1)
+
+
 def _child_main(argv: list[str]) -> int:
     # The terminal's Ctrl-C reaches the whole process group: the parent handles it by killing this
     # process, which meanwhile must not die half-way through its own cleanup.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, daemon=True).start()
     src, tmp, qtype, nthread = argv
     import llama_cpp
 
@@ -127,7 +145,3 @@ def _child_main(argv: list[str]) -> int:
         print(json.dumps({"error": f"rc {rc}: {logs.errors()}"}), flush=True)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

@@ -282,12 +282,12 @@ def _write_gguf(source: Qwen3Source, out: Path, qtype: str, on_tensor: Callable[
 
 def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str = "q8_0",
                   on_tensor: Callable[[str], None] | None = None,
-                  on_quantize: Callable[[str], None] | None = None) -> Path:
+                  on_quantize: Callable[[str, int, int], None] | None = None) -> Path:
     """Convert an HF Qwen3 folder to a GGUF file of type `qtype` (one of QWEN3_TYPES); returns `out`.
 
     `on_tensor(name)` is called after each tensor is written. K-quants first write a lossless
     intermediate GGUF (the source dtype) beside `out`, then run llama.cpp's quantizer on it, which
-    calls `on_quantize(name)` as it starts each tensor (GGUF names)."""
+    calls `on_quantize(name, index, count)` as it starts each tensor (GGUF names, index from 1)."""
     out = Path(out)
     qtype = qtype.lower()
     if qtype not in QWEN3_TYPES:

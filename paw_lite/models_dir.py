@@ -194,7 +194,7 @@ def _verify_one(st: FileStatus, path: Path, entry: ManifestEntry, record: dict |
     except PawError as exc:
         st.status, st.detail = "bad", str(exc)
         return
-    if named and held and named != held:
+    if named and held and named.lower() != held:
         st.status, st.detail = "bad", (f"named {named} but holds {held.upper()} weights (general.file_type and "
                                        f"its tensors): rename it to {entry.file_name(held)}, or import the right file")
         return
@@ -294,7 +294,11 @@ def find_sources(src: Path, manifest: dict[str, ManifestEntry]) -> list[_Source]
         candidates += sorted(root.iterdir())
     for p in candidates:
         if p.is_file() and p.suffix == ".gguf":
-            role, quant = _gguf_role(p)
+            try:
+                role, quant = _gguf_role(p)
+            except IncompatibleModelError as exc:  # another model kept beside the downloads: not ours to refuse
+                log.warning("%s; skipped", exc)
+                continue
             found.append(_Source(role, p, quant))
         elif _is_qwen3_folder(p):
             found.append(_Source(qwen3_folder_role(p), p))
@@ -368,14 +372,12 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             else:
                 quant = options.compiler_quant if role == "compiler" else options.quant
                 name = entry.file_name(quant)
-                step = on_step or (lambda what, n: None)
-                step(f"{name}: writing", n_tensors[role])
-                quantizing: list[bool] = []
+                if on_step is not None:
+                    on_step(f"{name}: converting", n_tensors[role])
 
-                def on_quantize(tensor: str, name: str = name, role: str = role) -> None:
-                    if not quantizing:
-                        quantizing.append(True)
-                        step(f"{name}: llama.cpp quantize", n_tensors[role])
+                def on_quantize(tensor: str, index: int, count: int, name: str = name) -> None:
+                    if index == 1 and on_step is not None:
+                        on_step(f"{name}: llama.cpp quantize", count)
                     if on_tensor is not None:
                         on_tensor(tensor)
 

@@ -168,6 +168,7 @@ class PawFunction:
     def _exclusive(self) -> Iterator[None]:
         """One call at a time uses the engine's buffers; other threads wait their turn. A call from
         inside a call (its on_tokens callback) would wait for itself for ever: refused."""
+        # Read without the lock: only the thread holding it can find its own id there.
         if self._holder == threading.get_ident():
             raise PawError("the function was called from inside one of its own calls (an on_tokens callback?); "
                            "call it again after that call returns")

@@ -210,4 +210,4 @@ def test_text_bytes_the_locale_cannot_decode_get_a_hint(tiny_program, tiny_gguf,
     env = {**os.environ, "PAW_LITE_CACHE": str(tmp_path / "cache"), "LC_ALL": "C.UTF-8"}
     r = subprocess.run([os.fsencode(sys.executable), b"-m", b"paw_lite", b"run", os.fsencode(tiny_program), b"ab\xffc",
                         b"--base-model", os.fsencode(tiny_gguf)], capture_output=True, env=env, timeout=120)
-    assert r.returncode == 2 and b"at character 2: use a UTF-8 locale" in r.stderr, r.stderr
+    assert r.returncode == 2 and b"at character 2: the input is not valid UTF-8, or put the input in a UTF-8 file" in r.stderr, r.stderr

@@ -7,6 +7,7 @@ left are the weight type and llama.cpp's own arithmetic."""
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 from pathlib import Path
@@ -353,16 +354,23 @@ def test_nan_in_a_bf16_source_is_refused_when_copied_as_bf16(tmp_path, qwen_bf16
     _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, "NaN or Inf", qtype="bf16")
 
 
-def test_k_quant_reports_each_tensor_as_llama_cpp_quantizes_it(tmp_path, qwen_bf16):
+def test_k_quant_reports_each_tensor_as_llama_cpp_quantizes_it(tmp_path, qwen_bf16, monkeypatch):
     """The quantizer runs in a child process; its per-tensor log lines reach the parent as progress
-    (without them a 4B model showed a finished bar for minutes)."""
+    (without them a 4B model showed a finished bar for minutes). A module in the working folder
+    does not shadow the child's imports (as it would with `python -m`)."""
     from paw_lite.convert.gguf_meta import read_gguf_meta
     from paw_lite.convert.qwen3 import convert_qwen3
 
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "gguf.py").write_text("raise ImportError('the working folder shadowed gguf')\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+
     written, quantized = [], []
-    out = convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q6_k", written.append, quantized.append)
+    out = convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q6_k", written.append,
+                        lambda name, index, count: quantized.append((name, index, count)))
     names = set(read_gguf_meta(out).tensors)
-    assert len(written) == len(names) and len(quantized) == len(names) and set(quantized) == names
+    assert len(written) == len(names) and {name for name, _, _ in quantized} == names
+    assert [(index, count) for _, index, count in quantized] == [(i, len(names)) for i in range(1, len(names) + 1)]
 
 
 def test_an_interrupted_k_quant_kills_the_quantizer_and_leaves_nothing(tmp_path, qwen_bf16, monkeypatch):
@@ -383,7 +391,7 @@ def test_an_interrupted_k_quant_kills_the_quantizer_and_leaves_nothing(tmp_path,
 
     monkeypatch.setattr(llama_quantize.subprocess, "Popen", Recorded)
 
-    def interrupt(name: str) -> None:
+    def interrupt(name: str, index: int, count: int) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -401,3 +409,27 @@ def test_a_quantizer_failure_is_one_error_naming_the_file(tmp_path):
         llama_quantize(bad, tmp_path / "out.gguf", "q4_k_m")
     assert "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
+def test_the_quantizer_child_ends_when_its_parent_is_gone(tmp_path):
+    """A killed parent skips its cleanup; the child, reading its stdin to the end, exits once the
+    parent's end closes instead of quantizing on for minutes into a file nobody renames."""
+    import subprocess
+    import sys
+    import time
+
+    from paw_lite.convert import llama_quantize
+
+    fifo = tmp_path / "source.gguf"
+    os.mkfifo(fifo)  # llama.cpp blocks opening it: a quantization that is still running
+    child = subprocess.Popen([sys.executable, "-c", llama_quantize._CHILD, str(fifo), str(tmp_path / "o.gguf"), "q4_k_m", "1"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(3)
+        assert child.poll() is None
+        child.stdin.close()  # what the parent's death does to the pipe
+        assert child.wait(timeout=30) == 1
+    finally:
+        child.kill()
+        child.wait()

@@ -368,4 +368,24 @@ def test_import_progress_restarts_for_each_conversion_pass(tmp_path, downloads):
                           on_tensor=tensors.append, on_step=lambda what, n: steps.append((what, n, len(tensors))))
     name = "qwen3-4b-instruct-2507-q4_k_m.gguf"
     n = steps[0][1]
-    assert steps == [(f"{name}: writing", n, 0), (f"{name}: llama.cpp quantize", n, n)] and len(tensors) == 2 * n
+    assert steps == [(f"{name}: converting", n, 0), (f"{name}: llama.cpp quantize", n, n)] and len(tensors) == 2 * n
+
+
+def test_another_model_kept_beside_the_downloads_is_skipped(tmp_path, manifest, downloads, caplog):
+    """With subfolders searched, `models import ~/models` meets other GGUFs: they are skipped with a
+    warning, not a reason to refuse the whole import."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    src = tmp_path / "src"
+    shutil.copytree(downloads["programasweights/GPT2-GGUF-Q8_0"], src)
+    (src / "llama").mkdir()
+    w = GGUFWriter(src / "llama" / "other.gguf", "llama")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    done = models_dir.import_dir(src, tmp_path / "models")
+    assert [d["role"] for d in done] == ["interpreter"]
+    assert "other.gguf: architecture 'llama' is neither" in caplog.text and "skipped" in caplog.text

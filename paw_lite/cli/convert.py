@@ -71,12 +71,9 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
         _, st = source.tensors[name]
         on_tensor(f"{st.path.name}: {name}")  # which shard is being read, and the tensor
 
-    quantizing = []
-
-    def on_quantize(name: str) -> None:
-        if not quantizing:  # the second pass: the same tensors, quantized
-            quantizing.append(True)
-            bar.reset(total=len(source.tensors))
+    def on_quantize(name: str, index: int, count: int) -> None:
+        if index == 1:  # the second pass: llama.cpp's quantizer
+            bar.reset(total=count)
             bar.set_description(f"llama.cpp quantize to {args.type.upper()}")
         on_tensor(name)
 

@@ -49,9 +49,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             args.text.encode("utf-8")
         except UnicodeEncodeError as exc:  # argv bytes the locale could not decode arrive as lone surrogates
-            raise PawError(f"TEXT holds bytes that are not valid in this terminal's encoding ({sys.getfilesystemencoding()}) "
-                           f"at character {exc.start}: use a UTF-8 locale (e.g. LANG=C.UTF-8), or put the input in a "
-                           f"UTF-8 file for --input-file") from None
+            encoding = sys.getfilesystemencoding()
+            fix = ("the input is not valid UTF-8" if encoding.lower().replace("-", "") == "utf8" else
+                   "use a UTF-8 locale (e.g. LANG=C.UTF-8)")
+            raise PawError(f"TEXT holds bytes that are not valid in this terminal's encoding ({encoding}) at character "
+                           f"{exc.start}: {fix}, or put the input in a UTF-8 file for --input-file") from None
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
     require_positive(args, "batch_size", "workers")
