@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,14 +211,20 @@ def stdout_writer() -> Callable[[dict], None]:
     return write
 
 
-def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], write: Callable[[dict], None],
+# call(texts, on_output) -> outputs; on_output(k, output) as texts[k] finishes (see PawFunction.map).
+BatchCall = Callable[[list[str], Callable[[int, str], None] | None], list[str]]
+
+
+def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], None],
               chunk: int = 16, on_progress: Callable[[int], None] | None = None, run: str | None = None,
               check: Callable[[str], object] | None = None) -> tuple[int, int]:
-    """Run `call` over the items in chunks, writing one record per item (with `run`, see `run_id`).
-    `check(text)` raises PawError for an input `call` would refuse (too long, ...): such an input
-    gets its error record and the rest of its chunk still runs as one batch. Returns (ok, failed)."""
+    """Run `call` over the items in chunks, writing one record per item (with `run`, see `run_id`)
+    in input order, each as soon as it and the records before it are done: an interrupted chunk
+    keeps what it finished. `check(text)` raises PawError for an input `call` would refuse (too
+    long, ...): such an input gets its error record and the rest of its chunk still runs as one
+    batch. Returns (ok, failed)."""
     tag = {} if run is None else {"run": run}
-    ok = failed = 0
+    counts = {"ok": 0, "failed": 0}
     for start in range(0, len(items), chunk):
         group = items[start:start + chunk]
         errors: dict[int, str] = {}
@@ -228,27 +235,46 @@ def run_batch(items: list[BatchItem], call: Callable[[list[str]], list[str]], wr
                 except PawError as exc:
                     errors[it.index] = str(exc)
         good = [it for it in group if it.error is None and it.index not in errors]
+        outputs: dict[int, str] = {}
+        unwritten = list(reversed(group))  # the next record to write is the last entry
+        lock = threading.Lock()
+
+        def flush() -> None:
+            while unwritten:
+                it = unwritten[-1]
+                err = it.error or errors.get(it.index)
+                if err is None and it.index not in outputs:
+                    return
+                unwritten.pop()
+                if err is None:
+                    write({"index": it.index, "input": it.text, "output": outputs[it.index], **tag})
+                    counts["ok"] += 1
+                else:
+                    write({"index": it.index, "input": it.text, "error": err, **tag})
+                    counts["failed"] += 1
+                if on_progress:
+                    on_progress(1)
+
+        def on_output(k: int, output: str, good: list[BatchItem] = good) -> None:
+            with lock:
+                outputs[good[k].index] = output
+                flush()
+
         try:
-            outputs = dict(zip((it.index for it in good), call([it.text for it in good]), strict=True)) if good else {}
+            if good:
+                for it, output in zip(good, call([it.text for it in good], on_output), strict=True):
+                    outputs.setdefault(it.index, output)
         except PawError:
             # one bad input `check` did not catch must not cost the others: one input at a time
-            outputs = {}
             for it in good:
-                try:
-                    outputs[it.index] = call([it.text])[0]
-                except PawError as exc:
-                    errors[it.index] = str(exc)
-        for it in group:
-            err = it.error or errors.get(it.index)
-            if err is None:
-                write({"index": it.index, "input": it.text, "output": outputs[it.index], **tag})
-                ok += 1
-            else:
-                write({"index": it.index, "input": it.text, "error": err, **tag})
-                failed += 1
-        if on_progress:
-            on_progress(len(group))
-    return ok, failed
+                if it.index not in outputs:
+                    try:
+                        outputs[it.index] = call([it.text], None)[0]
+                    except PawError as exc:
+                        errors[it.index] = str(exc)
+        with lock:
+            flush()
+    return counts["ok"], counts["failed"]
 
 
 def pending(items: list[BatchItem], done: dict[int, Done], retry_failed: bool = False) -> Iterator[BatchItem]:

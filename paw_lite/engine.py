@@ -308,16 +308,18 @@ class Engine:
 
     def generate(self, seqs: list[Sequence], eos: int, capacity: int | None = None,
                  on_tokens: Callable[[int], None] | None = None,
-                 stop: threading.Event | None = None) -> list[list[int]]:
+                 stop: threading.Event | None = None,
+                 on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
         """Greedy continuations of every sequence, each stopping at EOS or its limit; on_tokens is
-        called after each step that made tokens, with how many it made (for progress). Once `stop`
-        is set, the next step raises Stopped instead of running.
+        called after each step that made tokens, with how many it made (for progress), and
+        on_done(i, ids) as sequence i finishes. Once `stop` is set, the next step raises Stopped
+        instead of running.
 
         Up to `capacity` sequences (all by default) are in flight, each in a slot of the batch's
         cache. A finished sequence's slot goes to the next waiting one, and every step evaluates
         one token of each decoding sequence together with prompt tokens of newly admitted ones:
         when outputs end at different steps, the slots stay full and the matmuls large."""
-        return self._run(seqs, eos, capacity, on_tokens=on_tokens, stop=stop)
+        return self._run(seqs, eos, capacity, on_tokens=on_tokens, stop=stop, on_done=on_done)
 
     def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Logits after the last token of each sequence (n_seqs, n_vocab): what generation
@@ -328,7 +330,8 @@ class Engine:
 
     def _run(self, seqs: list[Sequence], eos: int, capacity: int | None,
              first_logits: np.ndarray | None = None, on_tokens: Callable[[int], None] | None = None,
-             stop: threading.Event | None = None) -> list[list[int]]:
+             stop: threading.Event | None = None,
+             on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
         """`generate`; with first_logits, also the logits each sequence's first token came from."""
         if not seqs:
             return []
@@ -391,6 +394,8 @@ class Engine:
                 if token == eos or len(outs[i]) >= seqs[i].limit:
                     decoding.pop(i, None)
                     free.append(slot)
+                    if on_done is not None:
+                        on_done(i, outs[i])
                 else:
                     decoding[i] = (token, first + len(ids))
             if made and on_tokens is not None:

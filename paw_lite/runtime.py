@@ -108,7 +108,7 @@ class PawFunction:
             return self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
 
     def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-            workers: int | None = None) -> list[str]:
+            workers: int | None = None, on_result: Callable[[int, str], None] | None = None) -> list[str]:
         """Outputs for many inputs, the same as calling the function on each. Up to batch_size
         inputs are in flight at once, evaluated together against the shared prefix, each stopping
         at its own EOS and handing its place to the next input. Fewer are in flight when their keys
@@ -116,11 +116,16 @@ class PawFunction:
 
         workers: threads sharing the inputs; None for one per core. With more than one, NumPy's
         BLAS is held at one thread while they run (process-wide, see `paw_lite.blas_threads`), so
-        other NumPy work in the process runs single-threaded meanwhile; workers=1 leaves it alone."""
-        return [self.tokenizer.decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size, workers)]
+        other NumPy work in the process runs single-threaded meanwhile; workers=1 leaves it alone.
+
+        on_result(i, output): called as input i's output is final, in the order they finish, from
+        the worker that made it (calls never overlap): to keep results before the whole map ends."""
+        decode = self.tokenizer.decode
+        done = None if on_result is None else (lambda i, ids: on_result(i, decode(ids).strip()))
+        return [decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size, workers, done)]
 
     def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                workers: int | None = None) -> list[list[int]]:
+                workers: int | None = None, on_result: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
         """The greedy output token ids of many inputs (see `map`)."""
         if isinstance(texts, (str, bytes)):
             raise TypeError(f"texts must be a list (or other iterable) of str, not one {type(texts).__name__}: "
@@ -136,6 +141,16 @@ class PawFunction:
             except (PawError, TypeError) as exc:  # which of thousands of inputs it was
                 raise type(exc)(f"input {i} of the map: {exc}") from None
         outs: list[list[int]] = [[] for _ in seqs]
+        report = None
+        if on_result is not None:
+            for i, s in enumerate(seqs):
+                if s is None:  # nothing to generate (max_tokens 0, or the context is full)
+                    on_result(i, [])
+            lock = threading.Lock()
+
+            def report(i: int, ids: list[int]) -> None:
+                with lock:
+                    on_result(i, ids)
         # Similar lengths batched together waste less attention padding; the order does not change results.
         todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
         if not todo:
@@ -147,7 +162,7 @@ class PawFunction:
             n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
             capacity = min(batch_size // n_workers, self._kv_capacity(seqs, todo, n_workers))
             if n_workers == 1:
-                self._generate(engine, todo, seqs, outs, capacity)
+                self._generate(engine, todo, seqs, outs, capacity, report=report)
                 return outs
             while len(self._forks) < n_workers - 1:
                 self._forks.append(engine.fork())
@@ -156,12 +171,15 @@ class PawFunction:
             pieces = [todo[p:p + piece] for p in range(0, len(todo), piece)]
             with blas_threads.single_threaded():
                 _run_workers([engine, *self._forks[:n_workers - 1]], pieces,
-                             lambda eng, group, stop: self._generate(eng, group, seqs, outs, capacity, stop))
+                             lambda eng, group, stop: self._generate(eng, group, seqs, outs, capacity, stop, report))
         return outs
 
     def _generate(self, engine: Engine, group: list[int], seqs: list[Sequence | None], outs: list[list[int]],
-                  capacity: int, stop: threading.Event | None = None) -> None:
-        for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id, capacity, stop=stop)):
+                  capacity: int, stop: threading.Event | None = None,
+                  report: Callable[[int, list[int]], None] | None = None) -> None:
+        on_done = None if report is None else (lambda k, ids: report(group[k], ids))
+        for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id, capacity, stop=stop,
+                                                 on_done=on_done)):
             outs[i] = ids
 
     @contextmanager

@@ -297,7 +297,7 @@ def test_an_input_the_check_refuses_does_not_send_its_chunk_one_at_a_time():
 
     calls, recs = [], []
 
-    def call(texts: list[str]) -> list[str]:
+    def call(texts: list[str], on_output) -> list[str]:
         calls.append(texts)
         return [t.upper() for t in texts]
 
@@ -307,3 +307,25 @@ def test_an_input_the_check_refuses_does_not_send_its_chunk_one_at_a_time():
     assert recs == [{"index": 0, "input": "a", "output": "A"}, {"index": 1, "input": "b", "output": "B"},
                     {"index": 2, "input": "too long", "error": "too long"}, {"index": 3, "input": "c", "output": "C"},
                     {"index": 4, "input": "d", "output": "D"}]
+
+
+def test_records_are_written_in_order_as_soon_as_they_are_done():
+    """A chunk's records used to be written only when its whole map returned: an interrupt lost
+    every finished input of the chunk. Now each record goes out once it and those before it are
+    done, so an interrupted chunk keeps its finished prefix."""
+    from paw_lite.batch import BatchItem, run_batch
+
+    recs = []
+
+    def call(texts: list[str], on_output) -> list[str]:
+        on_output(1, "B")  # finishes before input 0: held back, the file stays in input order
+        assert recs == []
+        on_output(0, "A")
+        assert [r["index"] for r in recs] == [0, 1]
+        on_output(3, "D")
+        raise KeyboardInterrupt  # input 2 never finishes
+
+    items = [BatchItem(i, t, None) for i, t in enumerate("abcd")]
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(items, call, recs.append, chunk=4)
+    assert recs == [{"index": 0, "input": "a", "output": "A"}, {"index": 1, "input": "b", "output": "B"}]

@@ -509,3 +509,19 @@ def test_an_interrupt_while_waiting_for_the_other_worker_stops_it(tiny_fn, monke
     with pytest.raises(KeyboardInterrupt):
         tiny_fn.map_ids(TEXTS * 16, batch_size=8)
     assert interrupted.is_set() and after["other"] <= 1, after
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_map_reports_each_result_as_it_finishes(tiny_fn, workers):
+    results = {}
+
+    def on_result(i: int, output: str) -> None:
+        assert i not in results
+        results[i] = output
+
+    texts = TEXTS * 3
+    outs = tiny_fn.map(texts, max_tokens=5, batch_size=4, workers=workers, on_result=on_result)
+    assert results == dict(enumerate(outs)) and outs == [tiny_fn(t, max_tokens=5) for t in texts]
+    seen = []
+    assert tiny_fn.map(["a", "b"], max_tokens=0, on_result=lambda i, out: seen.append((i, out))) == ["", ""]
+    assert seen == [(0, ""), (1, "")]

@@ -101,8 +101,9 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
         write = results.write if results else batch.stdout_writer()
         bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
         try:
-            ok, failed = batch.run_batch(todo, lambda texts: fn.map(texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                                                                           workers=args.workers),
+            ok, failed = batch.run_batch(todo, lambda texts, on_output: fn.map(
+                                             texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                             workers=args.workers, on_result=on_output),
                                          write, chunk=args.batch_size, on_progress=bar.update, run=run_id,
                                          check=fn.prompt_ids)
         finally:
