@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +210,8 @@ def stdout_writer() -> Callable[[dict], None]:
     return write
 
 
-# call(texts, on_output) -> outputs; on_output(k, output) as texts[k] finishes (see PawFunction.map).
+# call(texts, on_output) -> outputs; on_output(k, output) as texts[k] finishes, calls never
+# overlapping and all made before call returns (as PawFunction.map's on_result).
 BatchCall = Callable[[list[str], Callable[[int, str], None] | None], list[str]]
 
 
@@ -237,7 +237,6 @@ def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], N
         good = [it for it in group if it.error is None and it.index not in errors]
         outputs: dict[int, str] = {}
         unwritten = list(reversed(group))  # the next record to write is the last entry
-        lock = threading.Lock()
 
         def flush() -> None:
             while unwritten:
@@ -256,9 +255,8 @@ def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], N
                     on_progress(1)
 
         def on_output(k: int, output: str, good: list[BatchItem] = good) -> None:
-            with lock:
-                outputs[good[k].index] = output
-                flush()
+            outputs[good[k].index] = output
+            flush()
 
         try:
             if good:
@@ -272,8 +270,7 @@ def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], N
                         outputs[it.index] = call([it.text], None)[0]
                     except PawError as exc:
                         errors[it.index] = str(exc)
-        with lock:
-            flush()
+        flush()
     return counts["ok"], counts["failed"]
 
 
