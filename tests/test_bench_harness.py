@@ -47,7 +47,8 @@ def test_report_shows_ratios_and_targets(bench):
         "rows": [_row("cold_start_s", 1.2, 0.6), _row("prefix_eval_s", 0.2, 0.4), _row("one_call_s", 0.15, 0.2),
                  _row("decode_tok_s", 50.0, 80.0, False), _row("prefill_tok_s", 900.0, 600.0, False),
                  _row("throughput_calls_s", 30.0, 5.0, False), _row("peak_rss_one_program_mb", 700.0, 300.0),
-                 _row("peak_rss_run_mb", 900.0, 310.0), _row("cold_start_cached_prefix_s", 0.9, None)],
+                 _row("peak_rss_run_mb", 900.0, 310.0), _row("cold_start_cached_prefix_s", 0.9, None),
+                 _row("one_call_floor_s", 0.1, 0.2), _row("decode_floor_tok_s", 60.0, 80.0, False)],
         "agreement": {"inputs": 20, "tokens_each": 16, "identical_sequences": 15, "matching_tokens": 300,
                       "total_tokens": 320, "mean_tokens_before_first_difference": 13.5},
         "map_equals_one_by_one": "32/32",
@@ -63,6 +64,9 @@ def test_report_shows_ratios_and_targets(bench):
     assert "target throughput_calls_s: ratio >= 5: met (6.00)" in text
     assert "target peak_rss_one_program_mb: paw_lite <= 800: met (700.00)" in text
     assert "15/20 identical sequences" in text
+    assert "| one_call_floor_s | 100 ms | 200 ms | 0.50x |" in text
+    result["rows"][2] = _row("one_call_s", 0.25, 0.2)
+    assert "target one_call_s: ratio <= 1: NOT met (1.25); paw_lite's float32 products alone: 0.50" in bench.format_table(result)
     agree = bench._agreement([[1, 2, 3], [1, 2, 3]], [[1, 2, 3], [1, 5, 3]])
     assert agree["identical_sequences"] == 1 and agree["matching_tokens"] == 5
     assert agree["mean_tokens_before_first_difference"] == 2.0
@@ -79,3 +83,15 @@ def test_bench_output_paths_are_checked_before_it_runs(tmp_path, capsys):
     assert main(["bench", "--cache", str(tmp_path / "cache"), "--output", str(folder), "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["error"] == f"--output {folder} is a folder; give the path of a file to write"
     assert not (tmp_path / "cache").exists()  # nothing generated
+
+
+def test_product_floor_times_the_engine_products_on_loaded_weights(bench, tiny_gguf):
+    """The floor rows: every matrix and the head, in the engine's product forms, on real weights.
+    Only that it runs and reports what it says: its numbers are measurements, never asserted."""
+    from paw_lite.base_model import BaseModel
+    from paw_lite.engine import Weights
+
+    base = BaseModel.load(tiny_gguf)
+    floor = bench.product_floor(Weights.from_gguf_names(base.weights, base.config), n_prompt=5, n_out=3, reps=2)
+    assert set(floor) == {"one_call_floor_s", "decode_floor_tok_s"}
+    assert floor["one_call_floor_s"] > 2 / floor["decode_floor_tok_s"] > 0  # the prompt plus two decoded tokens
