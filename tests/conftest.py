@@ -12,6 +12,18 @@ import pytest
 from vocab_source import gpt2_vocab as _read_gpt2_vocab, vocab_dir as _vocab_dir
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own SIGINT handler, as in a terminal: a runner started in the background (nohup,
+    `cmd &` without job control) inherits SIGINT ignored, and `interrupts.deferred` leaves such a
+    setup alone."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     """llama.cpp's real GPT-2 and Qwen2 vocabularies with their reference tokenization cases."""

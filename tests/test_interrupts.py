@@ -14,16 +14,9 @@ import pytest
 
 from paw_lite import interrupts
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32" or not ctypes.util.find_library("c"),
-                                reason="needs POSIX signals and libc's qsort")
-
-@pytest.fixture(autouse=True)
-def _python_handles_ctrl_c():
-    """Python's own SIGINT handler, as in a terminal: a runner started in the background (nohup,
-    `cmd &` without job control) inherits SIGINT ignored, and the guard leaves such a setup alone."""
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
+pytestmark = [pytest.mark.skipif(sys.platform == "win32" or not ctypes.util.find_library("c"),
+                                 reason="needs POSIX signals and libc's qsort"),
+              pytest.mark.usefixtures("python_ctrl_c")]
 
 
 _COMPARE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))

@@ -61,7 +61,10 @@ class LlamaModel:
         params.vocab_only = vocab_only
         params.use_extra_bufts = repack
         self._lib = lib
-        with interrupts.deferred():  # llama.cpp logs through a Python callback while it loads
+        with interrupts.deferred() as interrupted:  # llama.cpp logs through a Python callback while it loads
+            # Returning false from the progress callback makes llama.cpp stop loading (and return NULL).
+            keep_loading = lib.llama_progress_callback(lambda progress, data: not interrupted())
+            params.progress_callback = keep_loading
             self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise InvalidFileError(f"{self.path}: llama.cpp could not load this GGUF (run with -v to see its log)")
@@ -194,11 +197,16 @@ class LlamaContext:
             params.type_k = params.type_v = lib.GGML_TYPE_F32
         if settings.flash_attn is not None:
             params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        # The callback object must outlive the context: keep a reference.
+        # The callback objects must outlive the context: keep references.
         self._cb = lib.ggml_backend_sched_eval_callback(cb_eval) if cb_eval is not None else None
         if self._cb is not None:
             params.cb_eval = self._cb
             params.cb_eval_user_data = None
+        # llama.cpp asks this between graph nodes; `decode` points it at a pending Ctrl-C.
+        self._interrupted: Callable[[], bool] = interrupts.never
+        self._abort = lib.ggml_abort_callback(lambda data: self._interrupted())
+        params.abort_callback = self._abort
+        params.abort_callback_data = None
         with interrupts.deferred():
             self._ctx = lib.llama_init_from_model(model._model, params)
         if not self._ctx:
@@ -245,8 +253,12 @@ class LlamaContext:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
             b.logits[i] = outputs == "all" or (outputs == "last" and i == n - 1)
-        with interrupts.deferred():  # the evaluation callback runs Python inside the call
-            rc = self._lib.llama_decode(self._ctx, b)
+        with interrupts.deferred() as interrupted:  # the evaluation callback runs Python inside the call
+            self._interrupted = interrupted  # a Ctrl-C aborts the evaluation at the next graph node
+            try:
+                rc = self._lib.llama_decode(self._ctx, b)
+            finally:
+                self._interrupted = interrupts.never
         if rc != 0:
             raise PawError(f"{self.model.path}: llama_decode failed with code {rc} at positions {self.n_past}..{self.n_past + n - 1}")
         self.n_past += n
