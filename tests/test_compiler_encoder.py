@@ -114,3 +114,36 @@ def test_hidden_states_equal_transformers(qwen, hf_model, n_ubatch, repeat):
         assert err < 1e-4, (i, t, err)
     # the last block is read after the final norm: it is transformers' last hidden state
     assert np.abs(got[-1] - out[-1][0, -64:].numpy()).max() < 1e-4
+
+
+def test_hidden_states_report_progress_layer_by_layer_with_the_same_result(qwen):
+    """on_progress(done, total) in token-layers: rises with every layer of every chunk (the encoder
+    pass is one ~30 s evaluation on a 4B model), ends at the total, and changes no number."""
+    from paw_lite.compiler.llama import LlamaModel
+
+    spec, pseudo = CASES[0]
+    with LlamaModel(qwen[1]) as model:
+        ids = encoder_token_ids(model, spec, pseudo * 3, 64)
+        layers = depth_layers(model.n_layer, 12)
+        plain = hidden_states(model, ids, layers, 64, n_ubatch=48)
+        seen = []
+        reported = hidden_states(model, ids, layers, 64, n_ubatch=48, on_progress=lambda done, total: seen.append((done, total)))
+    assert np.array_equal(plain, reported)
+    total = len(ids) * model.n_layer
+    assert {t for _, t in seen} == {total} and seen[-1][0] == total
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[0] > 0
+    n_chunks = -(-(len(ids) - 64) // 48) + -(-64 // 48)
+    assert len(set(done)) >= n_chunks * (model.n_layer - 1)  # a step per layer, not per chunk
+
+
+def test_an_error_in_the_progress_callback_is_raised_after_the_evaluation(qwen):
+    from paw_lite.compiler.llama import LlamaModel
+
+    def fail(done, total):
+        raise ValueError("progress display broke")
+
+    with LlamaModel(qwen[1]) as model:
+        ids = encoder_token_ids(model, *CASES[2], 64)
+        with pytest.raises(ValueError, match="progress display broke"):
+            hidden_states(model, ids, depth_layers(model.n_layer, 12), 64, on_progress=fail)

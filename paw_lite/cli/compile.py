@@ -61,22 +61,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"paw-lite: {message}", file=sys.stderr)
 
     # Progress goes to stderr with --json too: stdout carries the JSON, and a compile takes minutes.
+    from tqdm import tqdm
+
     bar = None
     if pseudo is None:
-        from tqdm import tqdm
-
         bar = tqdm(total=args.max_new_tokens, desc="pseudo-program tokens", unit="tok", file=sys.stderr, disable=None, leave=False)
+    encoder_bar = None
+
+    def on_encoder(done: int, total: int) -> None:  # token-layers of the ~30 s encoder pass, shown as a percentage
+        nonlocal encoder_bar
+        if encoder_bar is None:
+            if bar is not None:
+                bar.close()  # the pseudo-program is written by now
+            encoder_bar = tqdm(total=total, desc="encoder", file=sys.stderr, disable=None, leave=False,
+                               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        encoder_bar.update(done - encoder_bar.n)
+
     try:
         result = compile_report(
             spec, args.output, pseudo_program=pseudo, models=args.models, compiler=args.compiler, mapper=args.mapper,
             compiler_meta=args.compiler_meta, pseudo_compiler=args.pseudo_compiler, interpreter=args.interpreter,
             adapter_type=args.adapter_type, peft=args.peft, progress=progress,
-            on_token=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
+            on_token=(lambda n: bar.update(n - bar.n)) if bar is not None else None, on_encoder=on_encoder,
             max_new_tokens=args.max_new_tokens, n_threads=args.threads,
             pseudo_tokenizer=args.pseudo_tokenizer, compiler_tokenizer=args.compiler_tokenizer)
     finally:
-        if bar is not None:
-            bar.close()
+        for b in (bar, encoder_bar):
+            if b is not None:
+                b.close()
     summary = result.summary()
     lines = [f"wrote {result.path} (program {result.program.program_id}, {len(result.program.adapter_gguf):,}-byte adapter)",
              *(f"  {p['name']:<15} {p['seconds']:7.1f} s   peak RSS {p['peak_rss_mb']} MB" for p in result.phases),

@@ -4,6 +4,7 @@ prefix tokens; the hidden states of depth-matched layers at the prefix positions
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -61,14 +62,18 @@ def depth_layers(n_compiler_layers: int, n_interpreter_layers: int) -> list[int]
 
 
 def hidden_states(model: LlamaModel, ids: list[int], layers: list[int], n_last: int, *,
-                  n_ubatch: int = 512, n_threads: int | None = None) -> np.ndarray:
+                  n_ubatch: int = 512, n_threads: int | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(len(layers), n_last, n_embd) float32: the output of decoder block t at the last n_last
     positions for each t in layers (transformers' `hidden_states[t + 1]`); the last block is read
     after the final norm (`hidden_states[-1]`), from llama.cpp's embeddings.
 
     The positions before the last n_last are evaluated without any output; the last n_last are
     evaluated with embeddings on and the layer callback active, in chunks of n_ubatch, each chunk
-    one graph whose rows are the chunk's positions in order."""
+    one graph whose rows are the chunk's positions in order.
+
+    on_progress(done, total): called as each layer of each chunk is evaluated, in token-layers
+    (total = len(ids) * n_layer): one evaluation of a few hundred tokens takes ~30 s on a 4B model."""
     n = len(ids)
     if not 0 < n_last <= n:
         raise ValueError(f"cannot read the last {n_last} positions of {n} tokens")
@@ -77,7 +82,13 @@ def hidden_states(model: LlamaModel, ids: list[int], layers: list[int], n_last: 
     if bad:
         raise ValueError(f"layers {bad} are outside 0..{final}")
     inner = sorted({t for t in layers if t != final})
-    capture = LayerCapture(inner, model.n_embd)
+    total = n * model.n_layer
+    chunk = [0, 0]  # first position and length of the chunk being evaluated
+
+    def layer_done(i: int) -> None:
+        on_progress(chunk[0] * model.n_layer + chunk[1] * (i + 1), total)
+
+    capture = LayerCapture(inner, model.n_embd, model.n_layer, layer_done if on_progress is not None else None)
     rows = {t: np.empty((n_last, model.n_embd), dtype=np.float32) for t in set(layers)}
     n_ubatch = min(n_ubatch, n)
     settings = ContextSettings(n_ctx=n, n_ubatch=n_ubatch, n_threads=n_threads, embeddings=True,
@@ -86,19 +97,26 @@ def hidden_states(model: LlamaModel, ids: list[int], layers: list[int], n_last: 
     with model.context(settings, capture) as ctx:
         ctx.set_embeddings(False)  # the positions before the prefix need no output at all
         for s in range(0, start, n_ubatch):
-            ctx.decode(ids[s:min(s + n_ubatch, start)], outputs="none")
+            chunk[:] = s, min(n_ubatch, start - s)
+            ctx.decode(ids[s:s + chunk[1]], outputs="none")
+            capture.check()
+            if on_progress is not None:  # the last layer's output may be skipped for rows nobody reads
+                on_progress((s + chunk[1]) * model.n_layer, total)
         ctx.set_embeddings(True)
         capture.active = True
         for s in range(start, n, n_ubatch):
-            chunk = ids[s:min(s + n_ubatch, n)]
-            ctx.decode(chunk, outputs="all")
+            part = ids[s:min(s + n_ubatch, n)]
+            chunk[:] = s, len(part)
+            ctx.decode(part, outputs="all")
             got = capture.take()
-            at = slice(s - start, s - start + len(chunk))
+            at = slice(s - start, s - start + len(part))
             for t in inner:
-                if t not in got or got[t].shape[0] != len(chunk):
+                if t not in got or got[t].shape[0] != len(part):
                     shape = None if t not in got else got[t].shape
-                    raise InvalidFileError(f"{model.path}: llama.cpp gave layer output l_out-{t} with shape {shape} for a chunk of {len(chunk)} tokens")
+                    raise InvalidFileError(f"{model.path}: llama.cpp gave layer output l_out-{t} with shape {shape} for a chunk of {len(part)} tokens")
                 rows[t][at] = got[t]
             if final in rows:
-                rows[final][at] = np.stack([ctx.embeddings(i) for i in range(len(chunk))])
+                rows[final][at] = np.stack([ctx.embeddings(i) for i in range(len(part))])
+            if on_progress is not None:
+                on_progress((s + len(part)) * model.n_layer, total)
     return np.stack([rows[t] for t in layers])

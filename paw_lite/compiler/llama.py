@@ -342,27 +342,38 @@ def ggml() -> _GGML:
 
 
 class LayerCapture:
-    """A `cb_eval` callback that copies the outputs of chosen layers (`l_out-{i}`) while `active`.
+    """A `cb_eval` callback that copies the outputs of chosen layers (`l_out-{i}`) while `active`,
+    and, with on_layer, reports each layer output of every evaluation as it is computed (asking
+    for them splits the graph at each layer, a few microseconds each).
 
     Exceptions cannot cross the C boundary: the first one is kept and re-raised by `check()`."""
 
-    def __init__(self, layers: Sequence[int], width: int):
+    def __init__(self, layers: Sequence[int], width: int, n_layer: int = 0,
+                 on_layer: Callable[[int], None] | None = None):
         self._wanted = {f"l_out-{i}": i for i in layers}
+        self._layers = {f"l_out-{i}": i for i in range(n_layer)} if on_layer is not None else {}
+        self._on_layer = on_layer
         self._width = width
         self._ggml = ggml()
         self.active = False
         self.got: dict[int, np.ndarray] = {}
         self._error: BaseException | None = None
+        self._caller_error: BaseException | None = None  # raised by on_layer, not by the capture
 
     def __call__(self, tensor: int, ask: bool, user_data: int) -> bool:
         try:
-            if not self.active or self._error is not None:
+            if self._error is not None or not (self.active or self._layers):
                 return False if ask else True
             name = self._ggml.name(tensor)
             if ask:
-                return name in self._wanted
-            if name in self._wanted:
+                return name in self._layers or (self.active and name in self._wanted)
+            if self.active and name in self._wanted:
                 self.got[self._wanted[name]] = self._ggml.rows_f32(tensor, self._width)
+            if name in self._layers:
+                try:
+                    self._on_layer(self._layers[name])
+                except Exception as exc:  # noqa: BLE001 - the caller's own error: re-raised as it is
+                    self._error = self._caller_error = exc
             return True
         except BaseException as exc:  # noqa: BLE001 - stored, re-raised by check()
             self._error = exc
@@ -375,8 +386,9 @@ class LayerCapture:
         return got
 
     def check(self) -> None:
-        if isinstance(self._error, KeyboardInterrupt):  # a Ctrl-C is not a failure to report
-            self._error, interrupt = None, self._error
-            raise interrupt
+        error = self._error
+        if error is not None and (isinstance(error, KeyboardInterrupt) or error is self._caller_error):
+            self._error = self._caller_error = None  # a Ctrl-C, or on_layer's own error: not a capture failure
+            raise error
         if self._error is not None:
             raise PawError(f"reading layer outputs from llama.cpp failed: {self._error}") from self._error

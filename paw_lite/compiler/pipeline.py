@@ -203,8 +203,12 @@ def _text_model(model: LlamaModel, hf_folder: Path | None) -> TextModel:
 def compile_program(spec: str, *, pseudo_program: str | None = None, models: PathLike | None = None,
                     files: ModelFiles = ModelFiles(), options: CompileOptions = CompileOptions(),
                     progress: Callable[[str], None] | None = None,
-                    on_token: Callable[[int], None] | None = None) -> CompileResult:
-    """Compile a spec into a Program in memory (see `compile` for the file-writing form)."""
+                    on_token: Callable[[int], None] | None = None,
+                    on_encoder: Callable[[int, int], None] | None = None) -> CompileResult:
+    """Compile a spec into a Program in memory (see `compile` for the file-writing form).
+
+    progress(message): phase starts and ends. on_token(n): pseudo-program tokens generated so far.
+    on_encoder(done, total): the encoder pass, in token-layers, as each layer is evaluated."""
     _check_text("spec", spec)
     if not spec.strip():
         raise PawError("the spec is empty: describe the function to compile")
@@ -265,7 +269,8 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
             text = _text_model(model, options.compiler_tokenizer)
             ids = encoder_token_ids(text, spec, pseudo_text, meta.prefix_steps)
             layers = depth_layers(model.n_layer, interp_config.n_layer)
-            states = hidden_states(model, ids, layers, meta.prefix_steps, n_ubatch=options.n_ubatch, n_threads=options.n_threads)
+            states = hidden_states(model, ids, layers, meta.prefix_steps, n_ubatch=options.n_ubatch, n_threads=options.n_threads,
+                                   on_progress=on_encoder)
 
     with phases("mapper"):
         tensors = Mapper.load(files.mapper, mapper_shape)(states)
@@ -315,7 +320,7 @@ def compile_report(spec: str, out: PathLike | None, *, pseudo_program: str | Non
                    pseudo_compiler: PathLike | None = None, interpreter: PathLike | None = None,
                    adapter_type: str = "q4_0", peft: PathLike | None = None,
                    progress: Callable[[str], None] | None = None, on_token: Callable[[int], None] | None = None,
-                   **options: Any) -> CompileResult:
+                   on_encoder: Callable[[int, int], None] | None = None, **options: Any) -> CompileResult:
     """`compile`, returning the program, the files used and the per-phase timings and peak RSS.
     The output paths are checked before the compile; the bundle is written before the PEFT folder."""
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(CompileOptions)})
@@ -331,7 +336,7 @@ def compile_report(spec: str, out: PathLike | None, *, pseudo_program: str | Non
     if peft is not None:
         check_peft_folder(Path(peft).expanduser(), "peft")
     result = compile_program(spec, pseudo_program=pseudo_program, models=models, files=files, options=opts,
-                             progress=progress, on_token=on_token)
+                             progress=progress, on_token=on_token, on_encoder=on_encoder)
     if out is not None:
         result.path = result.program.save(out)
     if peft is not None:
