@@ -213,7 +213,14 @@ def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bo
             assert len(out) == OUTPUT_TOKENS, out
             i[0] += 1
 
-        res["one_call_s"] = _median_time(one_call, inner)
+        # The floor is sampled between the calls, so both see the host as it is at that moment.
+        floor = ProductFloor(fn._engine.w, len(calls[0]["ids"]) - len(w.prefix_ids))
+        call_times = []
+        for _ in range(inner):
+            call_times.append(_median_time(one_call, 1))
+            floor.sample()
+        res["one_call_s"] = statistics.median(call_times)
+        res.update(floor.result(OUTPUT_TOKENS))
         res["peak_rss_one_program_mb"] = _peak_rss_mb()
         res["prefix_eval_s"] = _median_time(lambda: fn._engine.eval_prefix(fn._prefix_ids), inner)
         text = calls[0]["text"]
@@ -228,8 +235,6 @@ def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bo
         res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
         assert all(len(o) == OUTPUT_TOKENS for o in outs)
         res["peak_rss_run_mb"] = _peak_rss_mb()
-        n_prompt = len(calls[0]["ids"]) - len(w.prefix_ids)
-        res.update(product_floor(fn._engine.w, n_prompt, OUTPUT_TOKENS, inner))
         if agree:
             res["agree_ids"] = [fn.generate_ids(c["text"], max_tokens=AGREE_TOKENS) for c in calls[:AGREE_INPUTS]]
             one_by_one = [fn.generate_ids(t, max_tokens=OUTPUT_TOKENS) for t in texts[:32]]
@@ -243,36 +248,51 @@ def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bo
     return res
 
 
-def product_floor(weights, n_prompt: int, n_out: int, reps: int) -> dict:
-    """The float32 products one call cannot do without, timed alone on the loaded weights, in the
+class ProductFloor:
+    """The float32 products one call cannot do without, timed alone on the loaded weights in the
     engine's own product forms: the prompt's rows through every matrix (the last block's attention
     output and MLP for the last row only, as the engine skips the rest), one head product per output
     token, and every matrix once per decoded token. Nothing else: no attention, norms, GELU or
-    Python between them. The time NumPy's BLAS needs to stream the float32 weights and do the
-    multiplications of a call, so no NumPy interpreter of these weights is faster than this."""
-    from paw_lite.engine import _SMALL_PRODUCT_ROWS, _project
+    Python between them. What these products cost on this host at this moment, which an
+    interpreter computing them with NumPy's float32 BLAS does not get below; a measurement, as
+    noisy as the host, so it is sampled alongside the calls it is compared with."""
 
-    layers = weights.layers
-    d, n_ff = layers[0].ffn_up.shape[1], layers[0].ffn_up.shape[0]
-    rng = np.random.default_rng(0)
-    x_d = rng.standard_normal((n_prompt, d), dtype=np.float32)
-    x_ff = rng.standard_normal((n_prompt, n_ff), dtype=np.float32)
-    out = np.empty((n_prompt, max(3 * d, n_ff)), np.float32)
-    scratch = np.empty(max(3 * d, n_ff) * min(n_prompt, _SMALL_PRODUCT_ROWS), np.float32)
-    logits = np.empty(weights.head.shape[0], np.float32)
+    def __init__(self, weights, n_prompt: int):
+        from paw_lite.engine import _SMALL_PRODUCT_ROWS
 
-    def products(n: int, n_last: int) -> None:
+        self.weights, self.n_prompt = weights, n_prompt
+        layer = weights.layers[0]
+        d, n_ff = layer.ffn_up.shape[1], layer.ffn_up.shape[0]
+        self.d, self.n_ff = d, n_ff
+        rng = np.random.default_rng(0)
+        self.x_d = rng.standard_normal((n_prompt, d), dtype=np.float32)
+        self.x_ff = rng.standard_normal((n_prompt, n_ff), dtype=np.float32)
+        self.out = np.empty((n_prompt, max(3 * d, n_ff)), np.float32)
+        self.scratch = np.empty(max(3 * d, n_ff) * min(n_prompt, _SMALL_PRODUCT_ROWS), np.float32)
+        self.logits = np.empty(weights.head.shape[0], np.float32)
+        self.prompt_s: list[float] = []
+        self.token_s: list[float] = []
+
+    def _products(self, n: int) -> None:
+        from paw_lite.engine import _project
+
+        layers, d, n_ff, out = self.weights.layers, self.d, self.n_ff, self.out
         for i, layer in enumerate(layers):
-            m = n_last if i == len(layers) - 1 else n
-            _project(x_d[:n], layer.attn_qkv, out[:n, :3 * d], scratch)
-            _project(x_d[:m], layer.attn_output, out[:m, :d], scratch)
-            _project(x_d[:m], layer.ffn_up, out[:m, :n_ff], scratch)
-            _project(x_ff[:m], layer.ffn_down, out[:m, :d], scratch)
-        np.matmul(weights.head, x_d[0], out=logits)
+            m = 1 if i == len(layers) - 1 else n
+            _project(self.x_d[:n], layer.attn_qkv, out[:n, :3 * d], self.scratch)
+            _project(self.x_d[:m], layer.attn_output, out[:m, :d], self.scratch)
+            _project(self.x_d[:m], layer.ffn_up, out[:m, :n_ff], self.scratch)
+            _project(self.x_ff[:m], layer.ffn_down, out[:m, :d], self.scratch)
+        np.matmul(self.weights.head, self.x_d[0], out=self.logits)
 
-    prompt_s = _median_time(lambda: products(n_prompt, 1), reps)
-    token_s = _median_time(lambda: products(1, 1), reps)
-    return {"one_call_floor_s": prompt_s + (n_out - 1) * token_s, "decode_floor_tok_s": 1.0 / token_s}
+    def sample(self) -> None:
+        """Time the prompt's products once and one decoded token's once."""
+        self.prompt_s.append(_median_time(lambda: self._products(self.n_prompt), 1))
+        self.token_s.append(_median_time(lambda: self._products(1), 1))
+
+    def result(self, n_out: int) -> dict:
+        prompt, token = statistics.median(self.prompt_s), statistics.median(self.token_s)
+        return {"one_call_floor_s": prompt + (n_out - 1) * token, "decode_floor_tok_s": 1.0 / token}
 
 
 class _Llama:

@@ -85,13 +85,17 @@ def test_bench_output_paths_are_checked_before_it_runs(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()  # nothing generated
 
 
-def test_product_floor_times_the_engine_products_on_loaded_weights(bench, tiny_gguf):
+def test_the_product_floor_times_the_engine_products_on_loaded_weights(bench, tiny_gguf):
     """The floor rows: every matrix and the head, in the engine's product forms, on real weights.
     Only that it runs and reports what it says: its numbers are measurements, never asserted."""
     from paw_lite.base_model import BaseModel
     from paw_lite.engine import Weights
 
     base = BaseModel.load(tiny_gguf)
-    floor = bench.product_floor(Weights.from_gguf_names(base.weights, base.config), n_prompt=5, n_out=3, reps=2)
+    sampler = bench.ProductFloor(Weights.from_gguf_names(base.weights, base.config), n_prompt=5)
+    for _ in range(2):
+        sampler.sample()
+    floor = sampler.result(n_out=3)
+    assert len(sampler.prompt_s) == len(sampler.token_s) == 2
     assert set(floor) == {"one_call_floor_s", "decode_floor_tok_s"}
     assert floor["one_call_floor_s"] > 2 / floor["decode_floor_tok_s"] > 0  # the prompt plus two decoded tokens

@@ -77,3 +77,30 @@ def test_ctrl_c_cancels_a_model_load(gguf, monkeypatch):
     monkeypatch.undo()
     with LlamaModel(gguf) as model:  # nothing left behind that stops the next load
         assert model.n_layer == 4
+
+
+def test_under_another_sigint_handler_no_python_runs_between_graph_nodes(gguf):
+    """A handler someone else installed (asyncio's, an application's) must not run inside C, where
+    ctypes would swallow what it raises: the abort callback is only installed while the Ctrl-C is
+    paw_lite's to record, and removed after the call."""
+    calls = []
+
+    def counting() -> bool:
+        calls.append(1)
+        return False
+
+    def theirs(signum, frame):
+        raise RuntimeError("their handler")
+
+    with LlamaModel(gguf) as model, model.context(ContextSettings(n_ctx=64, n_ubatch=32)) as ctx:
+        ids = _ids(model)
+        old = signal.signal(signal.SIGINT, theirs)
+        try:
+            ctx._interrupted = counting  # what llama.cpp would call per node, had it a callback
+            ctx.decode(ids[:8])
+        finally:
+            signal.signal(signal.SIGINT, old)
+        assert calls == [] and ctx.n_past == 8
+        ctx._interrupted = counting
+        ctx.decode(ids[8:16])  # Python's own handler: the callback is installed for the call ...
+        assert ctx._interrupted is not counting and ctx.n_past == 16  # ... and taken away after it

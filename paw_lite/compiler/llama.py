@@ -61,11 +61,17 @@ class LlamaModel:
         params.vocab_only = vocab_only
         params.use_extra_bufts = repack
         self._lib = lib
-        with interrupts.deferred() as interrupted:  # llama.cpp logs through a Python callback while it loads
-            # Returning false from the progress callback makes llama.cpp stop loading (and return NULL).
-            keep_loading = lib.llama_progress_callback(lambda progress, data: not interrupted())
-            params.progress_callback = keep_loading
-            self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        self._model = None
+        try:
+            with interrupts.deferred() as interrupted:  # llama.cpp logs through a Python callback while it loads
+                if interrupted is not interrupts.never:  # only where the Ctrl-C is ours to record
+                    # Returning false from the progress callback makes llama.cpp stop loading (NULL).
+                    keep_loading = lib.llama_progress_callback(lambda progress, data: not interrupted())
+                    params.progress_callback = keep_loading
+                self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        except KeyboardInterrupt:  # arrived as the load finished: not a model nobody can free
+            self.close()
+            raise
         if not self._model:
             raise InvalidFileError(f"{self.path}: llama.cpp could not load this GGUF (run with -v to see its log)")
         self._vocab = lib.llama_model_get_vocab(self._model)
@@ -202,13 +208,19 @@ class LlamaContext:
         if self._cb is not None:
             params.cb_eval = self._cb
             params.cb_eval_user_data = None
-        # llama.cpp asks this between graph nodes; `decode` points it at a pending Ctrl-C.
+        # `decode` installs this for the length of a call where a Ctrl-C is recorded (llama.cpp asks
+        # it between graph nodes); elsewhere no abort callback runs Python, whose SIGINT handler
+        # may be someone else's and must not run inside C.
         self._interrupted: Callable[[], bool] = interrupts.never
         self._abort = lib.ggml_abort_callback(lambda data: self._interrupted())
-        params.abort_callback = self._abort
-        params.abort_callback_data = None
-        with interrupts.deferred():
-            self._ctx = lib.llama_init_from_model(model._model, params)
+        self._ctx = None
+        self._batch = None
+        try:
+            with interrupts.deferred():
+                self._ctx = lib.llama_init_from_model(model._model, params)
+        except KeyboardInterrupt:
+            self.close()
+            raise
         if not self._ctx:
             raise PawError(f"{model.path}: llama.cpp could not create a context of {settings.n_ctx} tokens (out of memory?)")
         self.n_ctx = lib.llama_n_ctx(self._ctx)
@@ -217,7 +229,9 @@ class LlamaContext:
 
     def close(self) -> None:
         if self._ctx:
-            self._lib.llama_batch_free(self._batch)
+            if self._batch is not None:
+                self._lib.llama_batch_free(self._batch)
+                self._batch = None
             self._lib.llama_free(self._ctx)
             self._ctx = None
 
@@ -253,15 +267,22 @@ class LlamaContext:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
             b.logits[i] = outputs == "all" or (outputs == "last" and i == n - 1)
+        lib = self._lib
         with interrupts.deferred() as interrupted:  # the evaluation callback runs Python inside the call
-            self._interrupted = interrupted  # a Ctrl-C aborts the evaluation at the next graph node
+            abortable = interrupted is not interrupts.never
+            if abortable:  # a Ctrl-C aborts the evaluation at the next graph node (llama_decode returns 2)
+                self._interrupted = interrupted
+                lib.llama_set_abort_callback(self._ctx, self._abort, None)
             try:
-                rc = self._lib.llama_decode(self._ctx, b)
+                rc = lib.llama_decode(self._ctx, b)
+                if rc == 0:  # evaluated, even if a Ctrl-C arrived after the last node: positions taken
+                    self.n_past += n
             finally:
-                self._interrupted = interrupts.never
+                if abortable:
+                    lib.llama_set_abort_callback(self._ctx, ctypes.cast(None, lib.ggml_abort_callback), None)
+                    self._interrupted = interrupts.never
         if rc != 0:
             raise PawError(f"{self.model.path}: llama_decode failed with code {rc} at positions {self.n_past}..{self.n_past + n - 1}")
-        self.n_past += n
 
     def logits(self, i: int = -1) -> np.ndarray:
         ptr = self._lib.llama_get_logits_ith(self._ctx, i)
