@@ -472,3 +472,22 @@ def test_spec_and_pseudo_program_files_may_start_with_a_bom(models, tmp_path, ca
                  "--pseudo-program", str(tmp_path / "pseudo.txt")]) == 0
     prog = Program.load(out)
     assert prog.spec == SPEC and prog.pseudo_program == PSEUDO.strip()
+
+
+def test_on_a_terminal_compile_shows_the_pseudo_program_and_encoder_bars(models, tmp_path, monkeypatch):
+    """The bars are off when stderr is not a terminal (as in every other test): here it claims to
+    be one, so the pseudo-program bar and then the encoder's percentage bar actually draw."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    d, _, _ = models
+    assert main(["compile", SPEC, "-o", str(tmp_path / "x.paw"), "--models", str(d), "--max-new-tokens", "16"]) == 0
+    drawn = err.getvalue()
+    assert "pseudo-program tokens" in drawn
+    assert "encoder: 100%" in drawn
