@@ -26,13 +26,14 @@ def gguf(tmp_path_factory, vocab_dir):
     return tiny_qwen(tmp_path_factory, vocab_dir)[1]
 
 
-def _ctrl_c_then(monkeypatch, name: str, results: list) -> None:
+def _ctrl_c_then(monkeypatch, name: str, results: list, ctrl_c: bool = True) -> None:
     """Replace llama_cpp.<name> by a call that first sends this process SIGINT (a Ctrl-C that
-    arrives as the C call starts) and records what the real call returns."""
+    arrives as the C call starts; not with ctrl_c=False) and records what the real call returns."""
     real = getattr(llama_cpp, name)
 
     def call(*args):
-        os.kill(os.getpid(), signal.SIGINT)
+        if ctrl_c:
+            os.kill(os.getpid(), signal.SIGINT)
         results.append(real(*args))
         return results[-1]
 
@@ -46,8 +47,7 @@ def _ids(model: LlamaModel) -> list[int]:
 def test_an_evaluation_runs_to_its_end_without_an_interrupt(gguf, monkeypatch):
     """The control: the same wrapper without the signal sees llama_decode succeed."""
     results = []
-    real = llama_cpp.llama_decode
-    monkeypatch.setattr(llama_cpp, "llama_decode", lambda *a: results.append(real(*a)) or results[-1])
+    _ctrl_c_then(monkeypatch, "llama_decode", results, ctrl_c=False)
     with LlamaModel(gguf) as model, model.context(ContextSettings(n_ctx=64, n_ubatch=32)) as ctx:
         ctx.decode(_ids(model))
     assert results == [0]
