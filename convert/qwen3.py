@@ -282,12 +282,13 @@ def _write_gguf(source: Qwen3Source, out: Path, qtype: str, on_tensor: Callable[
 
 def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str = "q8_0",
                   on_tensor: Callable[[str], None] | None = None,
-                  on_quantize: Callable[[str, int, int], None] | None = None) -> Path:
+                  on_pass: Callable[[int], None] | None = None) -> Path:
     """Convert an HF Qwen3 folder to a GGUF file of type `qtype` (one of QWEN3_TYPES); returns `out`.
 
-    `on_tensor(name)` is called after each tensor is written. K-quants first write a lossless
-    intermediate GGUF (the source dtype) beside `out`, then run llama.cpp's quantizer on it, which
-    calls `on_quantize(name, index, count)` as it starts each tensor (GGUF names, index from 1)."""
+    `on_tensor(name)` is called after each tensor is written (source names). K-quants first write a
+    lossless intermediate GGUF (the source dtype) beside `out`, then run llama.cpp's quantizer on
+    it: a second pass, announced by `on_pass(n_tensors)`, in which `on_tensor(name)` is called as
+    the quantizer starts each tensor (GGUF names)."""
     out = Path(out)
     qtype = qtype.lower()
     if qtype not in QWEN3_TYPES:
@@ -305,5 +306,12 @@ def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent) as tmp_dir:
         intermediate = Path(tmp_dir) / f"intermediate-{base}.gguf"
         _write_gguf(source, intermediate, base, on_tensor)
+
+        def on_quantize(name: str, index: int, count: int) -> None:
+            if index == 1 and on_pass is not None:  # llama.cpp counts its tensors from 1
+                on_pass(count)
+            if on_tensor is not None:
+                on_tensor(name)
+
         llama_quantize(intermediate, out, qtype, on_tensor=on_quantize)
     return out

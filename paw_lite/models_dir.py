@@ -375,13 +375,11 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
                 if on_step is not None:
                     on_step(f"{name}: converting", n_tensors[role])
 
-                def on_quantize(tensor: str, index: int, count: int, name: str = name) -> None:
-                    if index == 1 and on_step is not None:
+                def on_pass(count: int, name: str = name) -> None:
+                    if on_step is not None:
                         on_step(f"{name}: llama.cpp quantize", count)
-                    if on_tensor is not None:
-                        on_tensor(tensor)
 
-                convert_qwen3(f.path, directory / name, quant, on_tensor, on_quantize)
+                convert_qwen3(f.path, directory / name, quant, on_tensor, on_pass)
                 checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
                 done.append(_record(directory, name, role, str(f.path), f"paw-lite convert qwen3 --type {quant}"))
         meta = sources.get("compiler_meta")

@@ -365,12 +365,33 @@ def test_k_quant_reports_each_tensor_as_llama_cpp_quantizes_it(tmp_path, qwen_bf
     (tmp_path / "cwd" / "gguf.py").write_text("raise ImportError('the working folder shadowed gguf')\n")
     monkeypatch.chdir(tmp_path / "cwd")
 
-    written, quantized = [], []
+    written, passes = [], []
     out = convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q6_k", written.append,
-                        lambda name, index, count: quantized.append((name, index, count)))
+                        lambda count: passes.append((count, len(written))))
     names = set(read_gguf_meta(out).tensors)
-    assert len(written) == len(names) and {name for name, _, _ in quantized} == names
-    assert [(index, count) for _, index, count in quantized] == [(i, len(names)) for i in range(1, len(names) + 1)]
+    # the intermediate's tensors (source names), then the quantize pass announced and its GGUF names
+    assert passes == [(len(names), len(names))]
+    assert len(written) == 2 * len(names) and set(written[len(names):]) == names
+
+
+def test_on_a_terminal_a_k_quant_conversion_shows_both_passes(tmp_path, qwen_bf16, monkeypatch):
+    """The bar names the shard each tensor is read from, then restarts for llama.cpp's quantizer
+    (stderr claims to be a terminal, so the bar draws)."""
+    import io
+    import sys
+
+    from paw_lite.cli import main
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["convert", "qwen3", str(qwen_bf16), "-o", str(tmp_path / "q.gguf"), "--type", "q6_k"]) == 0
+    reading, _, quantizing = err.getvalue().partition("llama.cpp quantize to Q6_K")
+    assert "model-00001-of-00002.safetensors: " in reading and quantizing
+    assert ".safetensors" not in quantizing  # the quantizer reads the intermediate file, not a shard
 
 
 def test_an_interrupted_k_quant_kills_the_quantizer_and_leaves_nothing(tmp_path, qwen_bf16, monkeypatch):
@@ -391,11 +412,11 @@ def test_an_interrupted_k_quant_kills_the_quantizer_and_leaves_nothing(tmp_path,
 
     monkeypatch.setattr(llama_quantize.subprocess, "Popen", Recorded)
 
-    def interrupt(name: str, index: int, count: int) -> None:
+    def interrupt(count: int) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q4_k_m", on_quantize=interrupt)
+        convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q4_k_m", on_pass=interrupt)
     assert len(children) == 1 and children[0].returncode is not None and children[0].returncode < 0  # killed
     assert list(tmp_path.iterdir()) == []
 

@@ -54,7 +54,6 @@ def _progress(total: int, unit: str) -> tuple[Any, Callable[[str], None]]:
 
 
 def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
-    from ..convert.llama_quantize import K_QUANTS
     from ..convert.qwen3 import Qwen3Source, convert_qwen3
     from ..convert.verify import verify_gguf
 
@@ -67,18 +66,24 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
     bar, on_tensor = _progress(len(source.tensors), "tensor")
     bar.set_description(f"{len(shards)} file(s)")
 
+    quantizing = False
+
     def on_item(name: str) -> None:
+        if quantizing:  # GGUF names, from llama.cpp's quantizer
+            on_tensor(name)
+            return
         _, st = source.tensors[name]
         on_tensor(f"{st.path.name}: {name}")  # which shard is being read, and the tensor
 
-    def on_quantize(name: str, index: int, count: int) -> None:
-        if index == 1:  # the second pass: llama.cpp's quantizer
-            bar.reset(total=count)
-            bar.set_description(f"llama.cpp quantize to {args.type.upper()}")
-        on_tensor(name)
+    def on_pass(count: int) -> None:
+        nonlocal quantizing
+        quantizing = True
+        bar.reset(total=count)
+        bar.set_postfix_str("", refresh=False)
+        bar.set_description(f"llama.cpp quantize to {args.type.upper()}")
 
     try:
-        out = convert_qwen3(args.src, args.output, args.type, on_item, on_quantize if args.type in K_QUANTS else None)
+        out = convert_qwen3(args.src, args.output, args.type, on_item, on_pass)
     finally:
         bar.close()
     return {"kind": "qwen3", "n_files": len(shards), **checked_or_removed(out, lambda: verify_gguf(out, qwen3_role(out)))}
