@@ -116,6 +116,12 @@ class ResultsFile:
             raw = self._f.read()
             self._complete = raw.rfind(b"\n") + 1
             lines, self._torn = raw[:self._complete].splitlines(), raw[self._complete:]
+            self._unterminated = False
+            if self._torn and _whole_record(self._torn):
+                # a record cut just before its newline, or written by a tool that ends files without
+                # one: it is complete, so it counts and stays; the next record starts a new line
+                lines.append(self._torn)
+                self._torn, self._unterminated = b"", True
             self.done: dict[int, Done] = {}
             for n, line in enumerate(lines, 1):
                 record = _parse_record(line, n, path)
@@ -127,10 +133,14 @@ class ResultsFile:
             raise
 
     def start(self) -> None:
-        """Cut off the torn last line, if any, before new records are appended."""
+        """Cut off the torn last line, if any, or end a complete last line without its newline,
+        before new records are appended."""
         if self._torn:
             log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path, len(self._torn))
             self._f.truncate(self._complete)
+        elif self._unterminated:
+            self._f.write(b"\n")
+            self._unterminated = False
 
     def write(self, record: dict) -> None:
         self._f.write(encode_record(record))
@@ -144,6 +154,14 @@ class ResultsFile:
 # How every record paw-lite writes starts (see `run_batch`): a torn last line is dropped only if it
 # is the beginning of one, so the last line of someone else's file is never cut off.
 _RECORD_START = b'{"index": '
+
+
+def _whole_record(line: bytes) -> bool:
+    """A JSON object, not the start of one cut short (which does not parse)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _parse_record(line: bytes, n: int, path: Path) -> dict:

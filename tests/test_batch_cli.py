@@ -153,6 +153,25 @@ def test_sigkill_half_way_then_resume(cli, fn, tmp_path):
     assert out.read_bytes() == after
 
 
+def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
+    """A kill between a record's closing brace and its newline (or another tool that ends files
+    without one) leaves a complete record: it counts as done and stays; the next record starts on
+    a new line. Only a record cut short is dropped."""
+    out = tmp_path / "out.jsonl"
+    first = b'{"index": 0, "input": "a", "output": "x", "run": "r"}\n'
+    last = b'{"index": 1, "input": "b", "output": "y", "run": "r"}'
+    out.write_bytes(first + last)
+    results = ResultsFile(out)
+    try:
+        assert sorted(results.done) == [0, 1] and results.done[1].input == "b"
+        results.start()
+        results.write({"index": 2, "input": "c", "output": "z", "run": "r"})
+    finally:
+        results.close()
+    assert out.read_bytes().startswith(first + last + b"\n")
+    assert [json.loads(line)["index"] for line in out.read_bytes().splitlines()] == [0, 1, 2]
+
+
 def test_resuming_with_another_input_file_is_refused(cli, tmp_path):
     inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
     inp.write_text("alpha\nbeta\n", encoding="utf-8")
