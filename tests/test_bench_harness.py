@@ -5,6 +5,9 @@ The measurement itself is never a timed test; see benchmarks/README.md."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -83,6 +86,40 @@ def test_bench_output_paths_are_checked_before_it_runs(tmp_path, capsys):
     assert main(["bench", "--cache", str(tmp_path / "cache"), "--output", str(folder), "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["error"] == f"--output {folder} is a folder; give the path of a file to write"
     assert not (tmp_path / "cache").exists()  # nothing generated
+
+
+def _bench_without_vocab(tmp_path, **env_vars) -> subprocess.CompletedProcess:
+    """`paw-lite bench --quick --json` on a fresh test cache, where pip cannot reach any package: it
+    stops at fetching the vocabulary sdist, before generating or timing anything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PAW_LITE_LLAMA_SDIST"}
+    (tmp_path / "no-wheels").mkdir()
+    env.update(PAW_LITE_TEST_CACHE=str(tmp_path / "test-cache"), PIP_CONFIG_FILE=os.devnull,  # no config's find-links
+               PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "no-wheels"), PIP_INDEX_URL="http://127.0.0.1:9/simple",
+               PIP_RETRIES="0", PIP_DISABLE_PIP_VERSION_CHECK="1", **env_vars)
+    return subprocess.run([sys.executable, "-m", "paw_lite", "bench", "--quick", "--cache", str(tmp_path / "bench"), "--json"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_bench_reports_a_failed_vocab_download_as_one_error(tmp_path):
+    r = _bench_without_vocab(tmp_path)
+    assert r.returncode == 2, r.stderr
+    error = json.loads(r.stdout)["error"]  # pip's own output stays off stdout
+    sdist = tmp_path / "test-cache" / "llama_cpp_python-0.3.36.tar.gz"
+    assert f"{sdist}: pip download failed (ERROR: " in error
+    assert "set PAW_LITE_LLAMA_SDIST to a local copy of llama_cpp_python-0.3.36.tar.gz" in error
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "bench" / "workload.json").exists()
+
+
+def test_bench_reports_an_unreadable_vocab_sdist_as_one_error(tmp_path):
+    garbage = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    garbage.write_bytes(b"not a tar file\n" * 100)
+    r = _bench_without_vocab(tmp_path, PAW_LITE_LLAMA_SDIST=str(garbage))
+    assert r.returncode == 2, r.stderr
+    error = json.loads(r.stdout)["error"]
+    assert f"{garbage}: not a readable llama-cpp-python sdist (ReadError: " in error
+    assert "set PAW_LITE_LLAMA_SDIST to a local copy" in error
+    assert "Traceback" not in r.stderr
 
 
 def test_the_product_floor_times_the_engine_products_on_loaded_weights(bench, tiny_gguf):

@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
         args.cache = bench.DEFAULT_CACHE
     try:
         result = bench.main_from_args(args)
-    except RuntimeError as exc:  # a worker process failed: its stderr is in the message
+    except RuntimeError as exc:
+        # A worker process failed (its stderr is in the message), or tests/vocab_source.py could not
+        # download or read the llama-cpp-python sdist with the GPT-2 vocabulary (its SdistError, a
+        # RuntimeError, names the file and how to supply it offline).
         raise PawError(f"benchmark failed: {exc}") from None
     emit(args, result, bench.format_table(result))
     print(f"(JSON written to {args.output or args.cache / 'results.json'})", file=sys.stderr)
