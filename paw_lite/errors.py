@@ -33,6 +33,20 @@ class MissingDependencyError(PawError):
     """An optional dependency is not installed."""
 
 
+# The compile extra brings llama-cpp-python, which pip builds from source. GGML_NATIVE=OFF: the default
+# -march=native build crashes on Q8_0 models on CPUs with AMX. --no-cache-dir: pip would otherwise
+# reuse a wheel it built natively before, possibly on another CPU. (README.md, Install.)
+_LLAMA_BUILD = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir'
+COMPILE_INSTALL = f"{_LLAMA_BUILD} 'paw-lite[compile]'"
+# For a llama-cpp-python that is installed but broken on this CPU (a native build): rebuild it alone.
+LLAMA_REINSTALL = f"{_LLAMA_BUILD} --force-reinstall llama-cpp-python==0.3.36"
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra of paw-lite."""
+    return COMPILE_INSTALL if extra == "compile" else f"pip install 'paw-lite[{extra}]'"
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise one clear install hint."""
     import importlib
@@ -40,10 +54,8 @@ def require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        hint = f"pip install 'paw-lite[{extra}]'"
-        if module == "llama_cpp":
-            hint = f'CMAKE_ARGS="-DGGML_NATIVE=OFF" {hint}'
-        raise MissingDependencyError(f"{module} is needed for this command and is not installed: {hint}") from exc
+        raise MissingDependencyError(f"{module} is needed for this command and is not installed: "
+                                     f"{install_hint(extra)}") from exc
 
 
 def regular_file_size(path: str | os.PathLike[str]) -> int:

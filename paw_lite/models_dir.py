@@ -101,6 +101,24 @@ def _record(directory: Path, name: str, role: str, source: str, how: str) -> dic
 
 # --- checking -------------------------------------------------------------------------------------
 
+class ShapeSourceError(PawError):
+    """A file the mapper's expected shape is read from (the compiler meta.json, the compiler or the
+    interpreter GGUF) is unreadable. The message is that file's own error; `source` names the file, so
+    a check of the mapper can point at it instead of reporting its error as the mapper's."""
+
+    def __init__(self, source: Path, cause: Exception):
+        super().__init__(str(cause))
+        self.source = source
+
+
+def _read_shape_source(path: Path, what: str, read: Callable[[Path], Any]) -> Any:
+    try:
+        with malformed_file(path, what):
+            return read(path)
+    except PawError as exc:
+        raise ShapeSourceError(path, exc) from exc
+
+
 def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
     """Structural check of one file for its role; raises with the problem."""
     if role in ("interpreter", "compiler", "pseudo_compiler"):
@@ -114,8 +132,14 @@ def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
         return {"lora_rank": meta.lora_rank, "lora_num_bases": meta.lora_num_bases, "prefix_steps": meta.prefix_steps}
     if role == "mapper":
         from .compiler.mapper import Mapper
+        from .safetensors_file import SafetensorsFile
 
-        shape = installed_mapper_shape(directory)
+        SafetensorsFile(path)  # the mapper's own header first: its problem must not wait for the other files'
+        try:
+            shape = installed_mapper_shape(directory)
+        except ShapeSourceError as exc:  # that file's own check reports the problem; here it is only the cause
+            raise InvalidFileError(f"{path}: cannot check its shape: {exc.source.name} is unreadable (see its row); "
+                                   f"fix that file first") from exc
         Mapper.check(path, shape)
         return {"hidden": shape.hidden, "rank": shape.rank, "n_bases": shape.n_bases, "interpreter_layers": shape.interpreter.n_layer}
     raise ValueError(f"unknown role {role!r}")
@@ -132,12 +156,14 @@ def installed_mapper_shape(directory: Path, meta_path: Path | None = None):
 
     manifest = load_manifest()
     meta_path = meta_path or directory / manifest["compiler_meta"].file_name()
-    meta = CompilerMeta.load(meta_path) if meta_path.exists() else None
+    meta = _read_shape_source(meta_path, "compiler meta.json", CompilerMeta.load) if meta_path.exists() else None
     compilers = _present(directory, manifest["compiler"])
-    hidden = read_gguf_meta(compilers[0]).fields.get("qwen3.embedding_length", QWEN3_4B_HIDDEN) if compilers else QWEN3_4B_HIDDEN
+    hidden = _read_shape_source(compilers[0], "compiler file", lambda p: int(read_gguf_meta(p).fields.get(
+        "qwen3.embedding_length", QWEN3_4B_HIDDEN))) if compilers else QWEN3_4B_HIDDEN
     interp_path = directory / manifest["interpreter"].file_name()
-    interpreter = gpt2_config(read_gguf_meta(interp_path), interp_path) if interp_path.exists() else None
-    return mapper_shape(meta, interpreter, int(hidden))
+    interpreter = _read_shape_source(interp_path, "interpreter file", lambda p: gpt2_config(read_gguf_meta(p), p)) \
+        if interp_path.exists() else None
+    return mapper_shape(meta, interpreter, hidden)
 
 
 @dataclass

@@ -200,6 +200,7 @@ def test_doctor(tmp_path, capsys, monkeypatch):
     rc, report = cli(capsys, "doctor", "--models", str(tmp_path / "models"))
     llama = {c["check"]: c for c in report["checks"]}["llama.cpp runs a Q8_0 model"]
     assert rc == 1 and llama["status"] == "fail" and "signal 6" in llama["detail"] and "GGML_NATIVE=OFF" in llama["fix"]
+    assert "--force-reinstall" in llama["fix"] and "--no-cache-dir" in llama["fix"]
 
     monkeypatch.setattr(doctor, "_CHILD", "import json, sys; print(json.dumps([[0.0] * 259] * 12))")
     rc, report = cli(capsys, "doctor", "--models", str(tmp_path / "models"))
@@ -226,6 +227,136 @@ def test_doctor_reports_an_unreadable_models_directory_among_its_checks(tmp_path
     checks = {c["check"]: c for c in report["checks"]}
     assert rc == 1 and checks["models directory"]["status"] == "fail" and "installed.json" in checks["models directory"]["detail"]
     assert checks["cache directory writable"]["status"] == "ok"  # the other checks still ran
+
+
+def _llama_ok(monkeypatch):
+    """doctor's llama.cpp child run (seconds) stubbed out where a test is about its other checks."""
+    from paw_lite.cli import doctor
+
+    monkeypatch.setattr(doctor, "check_llama", lambda tmp: doctor._check("llama.cpp runs a Q8_0 model", "ok", "stubbed"))
+
+
+def test_doctor_fails_when_the_models_path_is_a_file(tmp_path, capsys, monkeypatch):
+    """It said `warn ... does not exist` and `all checks passed (with warnings)`, exit 0, where
+    `models verify` refuses the same path."""
+    _llama_ok(monkeypatch)
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    lines = tmp_path / "lines.txt"
+    lines.write_text("x")
+    rc, report = cli(capsys, "doctor", "--models", str(lines))
+    check = {c["check"]: c for c in report["checks"]}["models directory"]
+    assert rc == 1 and not report["ok"] and check["status"] == "fail"
+    assert check["detail"] == f"{lines}: the models directory is a file, not a folder"
+    assert check["fix"] == "point --models or PAW_LITE_MODELS at a folder"
+    rc, error = cli(capsys, "models", "verify", "--models", str(lines))  # the same words
+    assert rc == 2 and error["error"] == f"{check['detail']}; {check['fix']}"
+
+
+def test_install_hints_build_llama_cpp_portably_and_force_a_reinstall_only_of_a_broken_build(tmp_path, monkeypatch):
+    """doctor's hint for a missing jinja2 built llama.cpp natively (the build that crashes on AMX),
+    its hint for a missing llama_cpp said "reinstall --force-reinstall", and require() left out
+    --no-cache-dir. One install command now, from paw_lite.errors."""
+    from paw_lite.cli import doctor
+    from paw_lite.errors import COMPILE_INSTALL, MissingDependencyError, require
+
+    assert COMPILE_INSTALL == """CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir 'paw-lite[compile]'"""
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # None in sys.modules: imports fail, find_spec says absent
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    checks = {c["check"]: c for c in doctor.check_imports()}
+    for module in ("jinja2", "llama_cpp"):
+        assert checks[f"import {module}"]["status"] == "warn" and checks[f"import {module}"]["fix"] == COMPILE_INSTALL
+        with pytest.raises(MissingDependencyError) as info:
+            require(module, "compile")
+        assert str(info.value) == f"{module} is needed for this command and is not installed: {COMPILE_INSTALL}"
+    llama = doctor.check_llama(tmp_path)
+    assert llama["status"] == "warn" and llama["fix"] == COMPILE_INSTALL
+    assert checks["import huggingface_hub"]["status"] == "ok"
+
+
+@pytest.fixture
+def installed(tmp_path, manifest, downloads) -> Path:
+    """A models directory holding the interpreter, compiler, mapper and meta.json, without
+    installed.json: a recorded sha256 would flag a changed file before its structural check."""
+    src = tmp_path / "by-hand"
+    src.mkdir()
+    shutil.copy(downloads["programasweights/GPT2-GGUF-Q8_0"] / "gpt2-q8_0.gguf", src)
+    for item in downloads["programasweights/paw-4b-gpt2"].iterdir():
+        (shutil.copytree if item.is_dir() else shutil.copy)(item, src / item.name)
+    md = tmp_path / "models"
+    models_dir.import_dir(src, md)
+    (md / "installed.json").unlink()
+    return md
+
+
+def test_each_row_reports_its_own_files_problem(tmp_path, capsys, monkeypatch, installed):
+    """A garbage mapper beside a bad meta.json showed the meta.json's error on the mapper's row; with
+    meta.json fixed, the truncated compiler's; its own only came last. The mapper's header is now
+    checked first, and when its shape cannot be known the row names the file that is the cause."""
+    mapper, meta, compiler, interpreter = (installed / name for name in (
+        "paw-4b-gpt2-mapper.safetensors", "paw-4b-gpt2-meta.json", "paw-4b-gpt2-compiler-q8_0.gguf", "gpt2-q8_0.gguf"))
+    good = {p: p.read_bytes() for p in (mapper, meta, compiler, interpreter)}
+
+    def verify() -> tuple[int, dict[str, str]]:
+        rc, listing = cli(capsys, "models", "verify", "--models", str(installed))
+        return rc, {role: f["detail"] for role, f in by_role(listing).items() if f["status"] != "missing"}
+
+    def caused_by(other: Path) -> str:
+        return f"{mapper}: cannot check its shape: {other.name} is unreadable (see its row); fix that file first"
+
+    rc, rows = verify()
+    assert rc == 0 and rows["mapper"] == "structure checked; no recorded sha256"
+
+    meta.write_text("{bad")  # mapper ok, meta.json bad
+    rc, rows = verify()
+    assert rc == 1 and rows["compiler_meta"].startswith(f"{meta}: cannot read the compiler meta.json")
+    assert rows["mapper"] == caused_by(meta)
+
+    mapper.write_bytes(b"\xff" * 64)  # both bad: each row its own problem
+    rc, rows = verify()
+    assert rows["mapper"].startswith(f"{mapper}: header length 18446744073709551615 exceeds the file")
+    assert rows["compiler_meta"].startswith(f"{meta}: cannot read the compiler meta.json")
+
+    meta.write_bytes(good[meta])
+    compiler.write_bytes(good[compiler][:1000])  # mapper bad, compiler truncated
+    rc, rows = verify()
+    assert rc == 1 and rows["mapper"].startswith(f"{mapper}: header length") and rows["compiler"].startswith(f"{compiler}:")
+    assert rows["compiler_meta"] == "structure checked; no recorded sha256"
+
+    mapper.write_bytes(good[mapper])  # mapper ok, compiler truncated
+    rc, rows = verify()
+    assert rows["mapper"] == caused_by(compiler) and "mapper" not in rows["compiler"]
+
+    compiler.write_bytes(good[compiler])
+    interpreter.write_bytes(good[interpreter][:1000])  # mapper ok, interpreter truncated
+    rc, rows = verify()
+    assert rows["mapper"] == caused_by(interpreter) and "expected the published" in rows["interpreter"]
+
+    # doctor's rows are the same
+    interpreter.write_bytes(good[interpreter])
+    meta.write_text("{bad")
+    _llama_ok(monkeypatch)
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    rc, report = cli(capsys, "doctor", "--models", str(installed))
+    checks = {c["check"]: c for c in report["checks"]}
+    assert rc == 1 and checks[f"model {mapper.name}"]["status"] == "fail"
+    assert checks[f"model {mapper.name}"]["detail"] == caused_by(meta)
+    assert checks[f"model {meta.name}"]["detail"].startswith(f"{meta}: cannot read the compiler meta.json")
+
+
+def test_models_readme_lists_every_manifest_file():
+    """models/README.md says what the models directory holds; its table listed the interpreter only."""
+    readme = (models_dir.MANIFEST_PATH.parent / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    manifest = models_dir.load_manifest()
+    assert len(rows) == len(manifest)
+    for entry in manifest.values():
+        row = next((r for r in rows if r.startswith(f"| `{entry.name}`")), None)
+        assert row is not None, f"{entry.name} is not in models/README.md"
+        assert entry.source["repo"] in row and row.count(" | ") == 3  # file | what | source | used by
+        if entry.default_quant:
+            assert f"(default `{entry.default_quant}`)" in row
+        if entry.bytes:
+            assert f"{entry.bytes:,} bytes" in row and entry.sha256 in row
 
 
 def test_missing_model_hints_are_commands_that_run(tmp_path, capsys):

@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths
-from ..errors import PawError
+from ..errors import COMPILE_INSTALL, LLAMA_REINSTALL, PawError, install_hint
 from . import emit
 
 _REQUIRED = ("numpy", "gguf", "tokenizers", "safetensors", "tqdm")
 _OPTIONAL = {"llama_cpp": "compile", "jinja2": "compile", "huggingface_hub": "pull"}
-_LLAMA_FIX = ('reinstall llama-cpp-python for this CPU: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir '
-              '--force-reinstall llama-cpp-python==0.3.36')
+# For a llama-cpp-python that is installed but crashes or computes wrong here; a missing one only
+# needs installing (COMPILE_INSTALL).
+_LLAMA_FIX = f"reinstall llama-cpp-python built for this CPU: {LLAMA_REINSTALL}"
 # Logits of the doctor's model through llama.cpp vs NumPy, both from the same Q8_0 file: llama.cpp
 # also rounds activations to 8 bits in its Q8_0 matmuls and uses an fp16 GELU table. Measured: max
 # abs diff 0.047 (mean 0.009) on logits of std 0.8; a miscompiled build is off by about the logits'
@@ -85,8 +86,7 @@ def check_imports() -> list[dict[str, str]]:
                 raise ImportError(f"No module named {module!r}")
             out.append(_check(f"import {module}", "ok", f"for `{extra}`"))
         except ImportError as exc:
-            fix = _LLAMA_FIX if module == "llama_cpp" else f"pip install 'paw-lite[{extra}]'"
-            out.append(_check(f"import {module}", "warn", f"{exc}: needed by `paw-lite {extra}` only", fix))
+            out.append(_check(f"import {module}", "warn", f"{exc}: needed by `paw-lite {extra}` only", install_hint(extra)))
     return out
 
 
@@ -109,7 +109,7 @@ def write_doctor_model(path: Path) -> Path:
 def check_llama(tmp: Path) -> dict[str, str]:
     name = "llama.cpp runs a Q8_0 model"
     if importlib.util.find_spec("llama_cpp") is None:
-        return _check(name, "warn", "llama-cpp-python is not installed: `paw-lite compile` is unavailable", _LLAMA_FIX)
+        return _check(name, "warn", "llama-cpp-python is not installed: `paw-lite compile` is unavailable", COMPILE_INSTALL)
     model = write_doctor_model(tmp / "doctor-q8_0.gguf")
     try:
         r = subprocess.run([sys.executable, "-c", _CHILD, str(model), json.dumps(IDS)], capture_output=True, text=True,
@@ -140,6 +140,9 @@ def _numpy_logits(model: Path) -> np.ndarray:
 def check_models(directory: Path) -> list[dict[str, str]]:
     from ..models_dir import survey
 
+    if directory.exists() and not directory.is_dir():  # worded as `models verify` words it
+        return [_check("models directory", "fail", f"{directory}: the models directory is a file, not a folder",
+                       "point --models or PAW_LITE_MODELS at a folder")]
     if not directory.is_dir():
         return [_check("models directory", "warn", f"{directory} does not exist",
                        "`paw-lite models pull`, or `paw-lite models import DIR` without a network")]
@@ -188,8 +191,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="paw-lite-doctor-") as tmp:
             checks.append(check_llama(Path(tmp)))
-    except (PawError, OSError) as exc:
-        checks.append(_check("llama.cpp runs a Q8_0 model", "fail", str(exc), _LLAMA_FIX))
+    except (PawError, OSError) as exc:  # writing or reading back the test model in TMPDIR: not llama.cpp's build
+        checks.append(_check("llama.cpp runs a Q8_0 model", "fail", str(exc),
+                             "set TMPDIR to a writable folder with a few MB free"))
     try:
         checks += check_models(models_directory(args.models))
     except PawError as exc:  # an unreadable models directory is one failed check, not the end of the report
