@@ -329,6 +329,18 @@ def test_missing_models_are_listed_in_one_error(tmp_path, capsys):
     assert not (tmp_path / "x.paw").exists()
 
 
+def test_a_missing_llama_cpp_is_named_before_missing_models(tmp_path, monkeypatch):
+    """A run-only install (no llama-cpp-python) learns that first, not after fetching the models."""
+    import sys
+
+    from paw_lite.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"llama_cpp is needed .*paw-lite\[compile\]"):
+        compile(SPEC, tmp_path / "x.paw", models=tmp_path)
+    assert not (tmp_path / "x.paw").exists()
+
+
 def test_pseudo_program_that_does_not_fit_is_refused(models, tmp_path):
     d, _, _ = models
     with pytest.raises(ContextOverflowError, match=r"at most 256 fit \(context 512 minus 256"):

@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
             encoder_bar = tqdm(total=total, desc="encoder", file=sys.stderr, disable=None, leave=False,
                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         encoder_bar.update(done - encoder_bar.n)
+        if done >= total:
+            encoder_bar.refresh()  # tqdm skips draws closer than 0.1 s apart: the last one could be 0%
 
     try:
         result = compile_report(

@@ -18,7 +18,7 @@ from typing import Any
 from .. import paths
 from ..atomic import check_writable
 from ..base_model import file_sha256, read_header
-from ..errors import ContextOverflowError, IncompatibleModelError, PawError
+from ..errors import ContextOverflowError, IncompatibleModelError, PawError, require
 from ..lora import LoraAdapter, check_peft_folder, write_peft_dir
 from ..program import Program
 from ..runtime import PawFunction, function
@@ -215,6 +215,8 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
     if pseudo_program is not None:
         _check_text("pseudo_program", pseudo_program)
         _refuse_file_name(pseudo_program)
+    # Before the model files: a run-only install would otherwise be sent to fetch gigabytes first.
+    require("llama_cpp", "compile")
     files = files.resolved(models, need_pseudo_compiler=pseudo_program is None)
     phases = _Phases(progress)
 
