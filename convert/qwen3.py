@@ -24,7 +24,7 @@ from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFo
 from paw_lite.safetensors_file import SafetensorsFile
 
 from .gguf_stream import TensorPlan, write_streamed
-from .hf_bpe import BPEVocab, read_bpe_vocab
+from .hf_bpe import BPEVocab, check_chat_tokens, read_bpe_vocab
 from .llama_quantize import K_QUANTS, llama_quantize
 
 ARCH = "qwen3"
@@ -270,9 +270,8 @@ def _add_metadata(w: GGUFWriter, cfg: Qwen3Config, vocab: BPEVocab, name: str, f
         w.add_chat_template(vocab.chat_template)
 
 
-def _write_gguf(source: Qwen3Source, out: Path, qtype: str, on_tensor: Callable[[str], None] | None) -> None:
+def _write_gguf(source: Qwen3Source, vocab: BPEVocab, out: Path, qtype: str, on_tensor: Callable[[str], None] | None) -> None:
     matrix_type, file_type = NUMPY_QTYPES[qtype]
-    vocab = read_bpe_vocab(source.folder, source.config.n_vocab)
     with atomic_path(out) as tmp:
         w = GGUFWriter(tmp, ARCH)
         _add_metadata(w, source.config, vocab, source.folder.name, file_type)
@@ -294,10 +293,14 @@ def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     if qtype not in QWEN3_TYPES:
         raise InvalidFileError(f"--type {qtype!r}: Qwen3 converts to one of {', '.join(QWEN3_TYPES)}")
     source = Qwen3Source(src_dir)
+    if qtype not in NUMPY_QTYPES:
+        require("llama_cpp", "compile")  # before minutes of writing the intermediate, not after
+    # The tokenizer is checked before any tensor is written: a K-quant writes gigabytes first.
+    vocab = read_bpe_vocab(source.folder, source.config.n_vocab)
+    check_chat_tokens(vocab.tokens, vocab.token_types, source.folder / "tokenizer.json")
     if qtype in NUMPY_QTYPES:
-        _write_gguf(source, out, qtype, on_tensor)
+        _write_gguf(source, vocab, out, qtype, on_tensor)
         return out
-    require("llama_cpp", "compile")  # before minutes of writing the intermediate, not after
     dtypes = source.dtype_names()
     base = _LOSSLESS[dtypes.pop()] if len(dtypes) == 1 else "f32"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +308,7 @@ def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     remove_stale_temporaries(out.parent, prefix=f".{out.name}.")
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent) as tmp_dir:
         intermediate = Path(tmp_dir) / f"intermediate-{base}.gguf"
-        _write_gguf(source, intermediate, base, on_tensor)
+        _write_gguf(source, vocab, intermediate, base, on_tensor)
 
         def on_quantize(name: str, index: int, count: int) -> None:
             if index == 1 and on_pass is not None:  # llama.cpp counts its tensors from 1

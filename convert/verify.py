@@ -14,11 +14,11 @@ from paw_lite.errors import IncompatibleModelError, InvalidFileError
 from paw_lite.gpt2_layout import GPT2Config
 
 from .gguf_meta import GGUFMeta, read_gguf_meta
+from .hf_bpe import check_chat_tokens
 from .qwen3 import Qwen3Config
 
 ROLES = ("interpreter", "compiler", "pseudo_compiler")
 N_PREFIX = 64
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def prefix_token_ids(tokens: list[str], types: list[int], path: Path, n: int = N_PREFIX) -> list[int]:
@@ -89,10 +89,7 @@ def _check_qwen3(reader, path: Path, role: str) -> dict[str, Any]:
     eos = get_int(reader, "tokenizer.ggml.eos_token_id", path)
     if not 0 <= eos < len(tokens):
         raise InvalidFileError(f"{path}: eos token id {eos} is outside the {len(tokens)}-token vocabulary")
-    ids = {t: i for i, t in enumerate(tokens)}
-    for tok in CHAT_TOKENS:
-        if tok not in ids or types[ids[tok]] != TokenType.CONTROL:
-            raise InvalidFileError(f"{path}: chat token {tok} is missing or not a CONTROL token")
+    check_chat_tokens(tokens, types, path)
     cfg = _qwen3_config(reader, path, len(tokens))
     infos = reader.tensors
     expected = cfg.tensor_shapes()

@@ -278,6 +278,24 @@ def test_truncated_shard_and_tokenizer_refused(tmp_path, qwen_bf16):
     _expect_failure(d, out, IncompatibleModelError, "pre-tokenizer is not Qwen2's")
 
 
+def test_a_tokenizer_without_the_chat_tokens_is_refused_before_anything_is_written(tmp_path, qwen_bf16, monkeypatch):
+    """Checked from tokenizer.json up front: a K-quant of a 4B model writes an 8 GB intermediate
+    and quantizes it before the output could be verified."""
+    import convert.qwen3 as qwen3
+
+    d = _copy(qwen_bf16, tmp_path / "chat")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    for added in tj["added_tokens"]:
+        if added["content"] == "<|im_start|>":
+            added["special"] = False  # a plain added token, not CONTROL
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    written = []
+    monkeypatch.setattr(qwen3, "write_streamed", lambda *args, **kwargs: written.append(args))
+    _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, r"tokenizer\.json: chat token <\|im_start\|> is missing or not a "
+                    r"CONTROL token", qtype="q4_k_m")
+    assert written == []
+
+
 def test_tied_lm_head_must_equal_embedding(tmp_path, qwen_f32_untied):
     """A folder saying tie_word_embeddings with a different lm_head would silently change the model."""
     d = _copy(qwen_f32_untied, tmp_path / "tied")
