@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -22,6 +23,8 @@ from typing import Any
 
 from .atomic import TMP_SUFFIX, atomic_path, remove_stale_temporaries
 from .errors import IncompatibleModelError, InvalidFileError, PawError, regular_file_size
+
+log = logging.getLogger("paw_lite")
 
 PLACEHOLDER = "{INPUT_PLACEHOLDER}"
 META = "meta.json"
@@ -45,6 +48,9 @@ MAX_COMPRESSION_RATIO = 100
 # decompressor code that a hostile file could reach.
 COMPRESSION_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 SUPPORTED_INTERPRETERS = ("gpt2",)
+# meta.json versions of the published programs. Another version still runs (the members are what
+# a version change would alter, and they are checked), with a warning: its meaning is unknown here.
+KNOWN_META_VERSIONS = (3, 4)
 # Checked when writing, not when reading: a program written elsewhere still runs.
 _PROGRAM_ID = re.compile(r"[0-9a-f]{20}")
 # meta.json fields paw_lite reads, with the JSON types they must have (null counts as absent).
@@ -197,6 +203,11 @@ def _parse_meta(text: str, source: str) -> dict[str, Any]:
         value = meta.get(key)
         if value is not None and not (value > 0 and _fits_float(value)):
             raise InvalidFileError(f"{source}: {META} field {key!r} is {value!r:.80}, expected a positive number")
+    version = meta.get("version")
+    if version is not None and version not in KNOWN_META_VERSIONS:
+        log.warning("%s: %s says version %d; paw_lite knows the published versions %s and runs it as those are run: "
+                    "if its outputs look wrong, check for a newer paw-lite", source, META, version,
+                    " and ".join(map(str, KNOWN_META_VERSIONS)))
     return meta
 
 

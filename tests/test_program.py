@@ -202,3 +202,25 @@ def test_save_refuses_a_program_id_official_tools_would_not_write(tmp_path, tiny
         for name, data in members.items():
             zf.writestr(name, data)
     assert Program.load(tmp_path / "other.paw").program_id == "not-ours"
+
+
+@pytest.mark.parametrize("version, warned", [(3, False), (4, False), (None, False), (5, True), (99, True), (0, True)])
+def test_an_unknown_meta_version_runs_with_a_warning(tmp_path, members, caplog, version, warned):
+    """Published programs say version 3 or 4; another version still loads (its members pass the
+    same checks) but the user is told its meaning is unknown here."""
+    import logging
+
+    meta = json.loads(members["meta.json"])
+    meta.pop("version", None)
+    if version is not None:
+        meta["version"] = version
+    folder = tmp_path / "program"
+    folder.mkdir()
+    for name, data in {**members, "meta.json": json.dumps(meta).encode()}.items():
+        (folder / name).write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="paw_lite"):
+        assert Program.load(folder).meta.get("version") == version
+    warnings = [r.getMessage() for r in caplog.records if "says version" in r.getMessage()]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert f"meta.json says version {version}; paw_lite knows the published versions 3 and 4" in warnings[0]
