@@ -52,7 +52,8 @@ def convert_mapper(src: str | os.PathLike[str], out: str | os.PathLike[str], sha
     expected = shape.expected(state["trunk.0.bias"].shape[0])
     missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unknown:
-        raise InvalidFileError(f"{src}: mapper keys do not match PAW-FACTS §2.4: missing {missing}, unexpected {unknown}")
+        raise InvalidFileError(f"{src}: keys are not those of the published lora_mapper.pt for this shape "
+                               f"(rank {shape.rank}, {shape.n_bases} bases): missing {missing}, unexpected {unknown}")
     tensors: dict[str, np.ndarray] = {}
     for key, want in expected.items():
         arr = state[key]

@@ -95,7 +95,8 @@ def test_bad_mappers_refused(tmp_path, meta):
            r"A_bases_c_fc has shape \(4, 9, 64\), expected \(4, 8, 64\)")
 
     missing = {k: v for k, v in good.items() if k != "B_bases_c_fc"}
-    _fails(save_pt(tmp_path / "missing.pt", missing), out, shape, InvalidFileError, r"missing \['B_bases_c_fc'\]")
+    _fails(save_pt(tmp_path / "missing.pt", missing), out, shape, InvalidFileError,
+           r"not those of the published lora_mapper.pt for this shape \(rank \d+, \d+ bases\): missing \['B_bases_c_fc'\]")
 
     extra = dict(good, **{"trunk.2.weight": np.zeros((2, 2), np.float32)})
     _fails(save_pt(tmp_path / "extra.pt", extra), out, shape, InvalidFileError, r"unexpected \['trunk.2.weight'\]")

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     m = kinds.add_parser("mapper", help="lora_mapper.pt -> mapper.safetensors (fp32), read without torch")
     m.add_argument("src", help="the torch state dict lora_mapper.pt")
-    m.add_argument("--meta", help="the compiler's meta.json (rank, number of bases); default: PAW-FACTS values 64/64")
+    m.add_argument("--meta", help="the compiler's meta.json (rank, number of bases); default: the published compiler's rank 64 and 64 bases")
     m.add_argument("--hidden", type=int, default=None, help="compiler hidden width (default 2560, Qwen3-4B)")
     m.add_argument("--interpreter", help="GPT-2 GGUF or HF folder the programs run on (default: GPT-2 124M)")
 

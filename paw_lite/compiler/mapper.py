@@ -78,7 +78,8 @@ class Mapper:
         missing = sorted(set(expected) - set(st.keys()))
         unknown = sorted(set(st.keys()) - set(expected))
         if missing or unknown:
-            raise InvalidFileError(f"{path}: mapper keys do not match PAW-FACTS §2.4: missing {missing}, unexpected {unknown}")
+            raise InvalidFileError(f"{path}: keys are not those of the published lora_mapper.pt for this shape "
+                                   f"(rank {shape.rank}, {shape.n_bases} bases): missing {missing}, unexpected {unknown}")
         for key, want in expected.items():
             if st.shape(key) != want:
                 raise IncompatibleModelError(
