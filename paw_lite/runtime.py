@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import operator
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -19,6 +21,8 @@ from .engine import Engine, Sequence, Stopped, Weights, kv_bytes_per_position, o
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
 from .lora import LoraAdapter
 from .program import ADAPTER, Program
+
+log = logging.getLogger("paw_lite")
 
 # fn.map's default sequences in flight, shared among the worker threads (one per core): each holds
 # its own keys and values (74 KB per token on GPT-2 124M: 128 x 50 tokens = 470 MB) besides the
@@ -57,10 +61,13 @@ class PawFunction:
         self.tokenizer = base.tokenizer
         # The adapter's temporary copy goes under the cache directory even when prefix caching is off.
         scratch = scratch_dir or (cache_dir if cache_dir is not None else paths.cache_dir()) / "tmp"
+        started = time.perf_counter()
         adapter = load_adapter(program, base, scratch)
         # The LoRA is merged into the engine's weights. A base loaded for this function alone is merged
         # in its own memory (never held twice); a shared base stays untouched.
         weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
+        log.info("%s: LoRA rank %d (alpha %g) on %d modules merged in %.2f s", program.source, adapter.rank, adapter.alpha,
+                 len(adapter.pairs), time.perf_counter() - started)
         self._engine: Engine | None = Engine(weights, self.config)
         self._forks: list[Engine] = []  # fn.map's other workers: the same weights, their own buffers
         self._prefix_ids = self.tokenizer.encode(program.prefix)
@@ -278,11 +285,16 @@ class PawFunction:
         if path is not None:
             cached = prefix_cache.load(path, self.prefix_cache_key, shape)
             if cached is not None:
+                log.info("prefix: %d tokens' keys and values read from %s", n, path)
                 return cached
+        started = time.perf_counter()
         k, v = self._live_engine().eval_prefix(self._prefix_ids)
+        log.info("prefix: %d tokens evaluated in %.2f s%s", n, time.perf_counter() - started,
+                 "" if path is not None else " (prefix cache off)")
         if path is not None:
             try:
                 prefix_cache.save(path, self.prefix_cache_key, k, v)
+                log.info("prefix: cached in %s", path)
             except OSError as exc:
                 prefix_cache.log.warning("cannot write prefix cache %s (%s); continuing without it", path, exc)
         return k, v
@@ -358,7 +370,10 @@ def function(program: str | os.PathLike[str] | Program, base_model: str | os.Pat
     if isinstance(base_model, BaseModel):
         base, owns = base_model, False
     else:
-        base, owns = BaseModel.load(paths.resolve_interpreter(base_model, prog.meta.get("runtime_id"))), True
+        started = time.perf_counter()
+        interpreter = paths.resolve_interpreter(base_model, prog.meta.get("runtime_id"))
+        base, owns = BaseModel.load(interpreter), True
+        log.info("interpreter: %s loaded in %.2f s", interpreter, time.perf_counter() - started)
     directory = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
     return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns,
                        scratch_dir=directory / "tmp")

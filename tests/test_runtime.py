@@ -103,6 +103,25 @@ def test_prefix_cache_file_is_reused_and_corruption_rebuilt(tiny_program, tiny_g
     assert len(list((cache / "prefix").iterdir())) == 1  # rebuilt in place, no temp files left
 
 
+def test_verbose_logging_says_what_a_load_used(tiny_program, tiny_gguf, tmp_path, caplog):
+    """With -v (INFO), a load names the interpreter file, the adapter merged, and whether the
+    prefix was evaluated (and cached) or read from the cache."""
+    cache = tmp_path / "c"
+    with caplog.at_level("INFO", logger="paw_lite"):
+        paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=cache)
+    first = caplog.text
+    assert f"interpreter: {tiny_gguf} loaded in" in first and "LoRA rank" in first
+    assert "tokens evaluated in" in first and f"prefix: cached in {cache}" in first and "read from" not in first
+    caplog.clear()
+    with caplog.at_level("INFO", logger="paw_lite"):
+        paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=cache)
+    assert "tokens' keys and values read from" in caplog.text and "evaluated" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="paw_lite"):
+        paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=cache, prefix_cache_enabled=False)
+    assert "(prefix cache off)" in caplog.text
+
+
 def test_cache_key_covers_base_adapter_and_prefix(tiny_program, tiny_gguf, tiny_hf, tmp_path):
     other = make_program(tmp_path / "other.paw", random_lora(2, 64, 32, seed=7), 16.0)
     keys = {
