@@ -119,6 +119,19 @@ def _read_shape_source(path: Path, what: str, read: Callable[[Path], Any]) -> An
         raise ShapeSourceError(path, exc) from exc
 
 
+# Both compilers are Qwen3-4B-Instruct-2507 (the trained one fine-tuned from it): (layers, width).
+PUBLISHED_QWEN3_SHAPE = (36, 2560)
+
+
+def _warn_unless_published_shape(path: Path, role: str, n_layer: int, n_embd: int) -> None:
+    """Another Qwen3 imports and runs, but is not the model the reference system compiles with."""
+    if (n_layer, n_embd) != PUBLISHED_QWEN3_SHAPE:
+        layers, width = PUBLISHED_QWEN3_SHAPE
+        log.warning("%s: a %d-layer, %d-wide Qwen3, not the published Qwen3-4B (%d layers, %d wide); imported as the %s, "
+                    "but programs compiled with it will differ from the reference system's", path, n_layer, n_embd,
+                    layers, width, role.replace("_", " "))
+
+
 def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
     """Structural check of one file for its role; raises with the problem."""
     if role in ("interpreter", "compiler", "pseudo_compiler"):
@@ -369,7 +382,9 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
     n_tensors: dict[str, int] = {}
     for role, f in sources.items():
         if f.path.suffix == ".gguf":
-            check_file(f.path, role, directory)
+            info = check_file(f.path, role, directory)
+            if role in ("compiler", "pseudo_compiler"):
+                _warn_unless_published_shape(f.path, role, info["n_layer"], info["n_embd"])
             entry = manifest[role]
             if "{quant}" in entry.name and f.quant is None:
                 raise InvalidFileError(f"{f.path}: cannot tell its quantization (no general.file_type, and its matrices are "
@@ -380,7 +395,9 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
         elif role == "compiler_meta":
             check_file(f.path, role, directory)
         elif role in ("compiler", "pseudo_compiler"):
-            n_tensors[role] = len(Qwen3Source(f.path).tensors)  # config, tokenizer and shard headers
+            source = Qwen3Source(f.path)  # config, tokenizer and shard headers
+            n_tensors[role] = len(source.tensors)
+            _warn_unless_published_shape(f.path, role, source.config.n_layer, source.config.n_embd)
 
     done: list[dict[str, Any]] = []
     with created_folder(directory):  # a failed import does not leave an empty models folder behind

@@ -80,7 +80,7 @@ def test_manifest_names_match_the_compiler():
     assert manifest["interpreter"].sha256 == "0aa260efb2cce9def922e0546b88ad731cf1a68554db73fa2d4a0949cfa958c5"
 
 
-def test_import_list_verify(tmp_path, capsys, manifest, downloads):
+def test_import_list_verify(tmp_path, capsys, caplog, manifest, downloads):
     md = tmp_path / "models"
     rc, listing = cli(capsys, "models", "list", "--models", str(md))
     assert rc == 0 and {f["status"] for f in listing["files"]} == {"missing"}
@@ -96,10 +96,14 @@ def test_import_list_verify(tmp_path, capsys, manifest, downloads):
     shutil.copy(downloads["programasweights/GPT2-GGUF-Q8_0"] / "gpt2-q8_0.gguf", src)
     for item in downloads["programasweights/paw-4b-gpt2"].iterdir():
         (shutil.copytree if item.is_dir() else shutil.copy)(item, src / item.name)
-    rc, done = cli(capsys, "models", "import", str(src), "--models", str(md))
+    with caplog.at_level("WARNING", logger="paw_lite"):
+        rc, done = cli(capsys, "models", "import", str(src), "--models", str(md))
     assert rc == 0
     assert sorted(d["name"] for d in done["written"]) == ["gpt2-q8_0.gguf", "paw-4b-gpt2-compiler-q8_0.gguf",
                                                           "paw-4b-gpt2-mapper.safetensors", "paw-4b-gpt2-meta.json"]
+    # the test compiler is a tiny Qwen3: imported, with a warning that it is not the published model
+    assert "compiler: a 2-layer, 256-wide Qwen3, not the published Qwen3-4B (36 layers, 2560 wide); imported as the compiler" \
+        in caplog.text
 
     rc, listing = cli(capsys, "models", "verify", "--models", str(md))
     files = by_role(listing)
