@@ -70,7 +70,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[GPT2Config, GPT2Tokenizer
     """Config and tokenizer of an interpreter (GGUF file or HF folder), checked, without loading its weights."""
     path = Path(path)
     if path.is_dir():
-        config = hf_gpt2_config(path / "config.json")
+        config = hf_gpt2_config(path / "config.json", INTERPRETER_SOURCES)
         return config, GPT2Tokenizer.from_hf_dir(path)
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 folder)")
@@ -86,6 +86,10 @@ def _gguf_header(path: Path):
 def _gguf_config(path: Path):
     """The index and the checked hyperparameters and tensor shapes of an interpreter GGUF."""
     reader = read_index(path)  # gguf-py's GGUFReader takes ~2 s over a 50k-token vocabulary; this ~0.1 s
+    # A program's adapter.gguf names the interpreter's architecture ('gpt2') too: without this check
+    # it passed the one below and failed on a hyperparameter only a model has.
+    if get_field(reader, "adapter.type", path, None) == "lora" or get_field(reader, "general.type", path, None) == "adapter":
+        raise IncompatibleModelError(f"{path}: is a LoRA adapter, not a base model; pass the interpreter GGUF (gpt2-q8_0.gguf) instead")
     arch = get_str(reader, "general.architecture", path)
     if arch != ARCH:
         raise IncompatibleModelError(f"{path}: architecture is {arch!r}; the interpreter runs GPT-2 ('gpt2') models")
@@ -171,13 +175,24 @@ class _ShapeOnly:
 
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# What a folder without config.json should have been, for the error: what the converter reads, and
+# what runs (a GGUF, or a folder whose weights are already safetensors).
+HF_GPT2_FOLDER = "an HF GPT-2 folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files)"
+INTERPRETER_SOURCES = "an HF GPT-2 folder (config.json, model.safetensors, tokenizer files) or a GPT-2 .gguf"
 
 
-def hf_gpt2_config(cfg_path: Path) -> GPT2Config:
-    """GPT2Config from an HF config.json."""
+def hf_gpt2_config(cfg_path: Path, expected: str = HF_GPT2_FOLDER) -> GPT2Config:
+    """GPT2Config from an HF config.json; `expected` describes the folder in the errors for a missing one."""
+    folder = cfg_path.parent
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{folder}: not a folder; pass {expected}")
+    if not cfg_path.exists():
+        raise ModelNotFoundError(f"{folder}: no config.json; pass {expected}")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+    except OSError as exc:  # strerror: str(exc) would repeat the path
+        raise InvalidFileError(f"{cfg_path}: cannot read the model config: {exc.strerror or exc}") from exc
+    except (ValueError, RecursionError) as exc:
         raise InvalidFileError(f"{cfg_path}: cannot read the model config: {exc}") from exc
     if not isinstance(cfg, dict):
         raise InvalidFileError(f"{cfg_path}: is a JSON {type(cfg).__name__}, expected an object of hyperparameters")
@@ -237,7 +252,7 @@ def hf_gguf_weight(arr: np.ndarray, transpose: bool, key: str, source: Path) -> 
 
 def _load_hf_dir(folder: Path) -> BaseModel:
     cfg_path = folder / "config.json"
-    config = hf_gpt2_config(cfg_path)
+    config = hf_gpt2_config(cfg_path, INTERPRETER_SOURCES)
     st_path = folder / "model.safetensors"
     weights = dict(hf_gpt2_tensors(folder))
     _check_shapes(weights, config, st_path)

@@ -89,6 +89,53 @@ def test_other_architecture_is_refused(tmp_path):
         BaseModel.load(path)
 
 
+def test_an_adapter_is_refused_as_the_interpreter_saying_what_it_is(tiny_lora, tmp_path):
+    """A program's adapter.gguf names the 'gpt2' architecture too: it used to fail on a missing
+    gpt2.embedding_length instead of saying what the file is."""
+    from gguf import GGUFWriter
+
+    from paw_lite.base_model import read_header
+    from paw_lite.lora import write_adapter_gguf
+
+    adapter = write_adapter_gguf(tmp_path / "adapter.gguf", tiny_lora, 16.0, "f32")
+    no_arch = tmp_path / "no-arch.gguf"  # an adapter from another writer, without general.architecture
+    w = GGUFWriter(no_arch, "gpt2")
+    w.kv_data[0].pop("general.architecture")
+    w.add_string("adapter.type", "lora")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for path in (adapter, no_arch):
+        for load in (BaseModel.load, read_header):
+            with pytest.raises(IncompatibleModelError) as info:
+                load(path)
+            assert str(info.value) == (f"{path}: is a LoRA adapter, not a base model; "
+                                       f"pass the interpreter GGUF (gpt2-q8_0.gguf) instead")
+
+
+def test_a_folder_without_config_json_says_what_it_should_hold(tmp_path):
+    from paw_lite.base_model import hf_gpt2_config, read_header
+    from paw_lite.errors import ModelNotFoundError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runs = "an HF GPT-2 folder (config.json, model.safetensors, tokenizer files) or a GPT-2 .gguf"
+    for load in (BaseModel.load, read_header):
+        with pytest.raises(ModelNotFoundError) as info:
+            load(empty)
+        assert str(info.value) == f"{empty}: no config.json; pass {runs}"
+    converts = "an HF GPT-2 folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files)"
+    with pytest.raises(ModelNotFoundError) as info:
+        hf_gpt2_config(tmp_path / "nope" / "config.json")
+    assert str(info.value) == f"{tmp_path / 'nope'}: not a folder; pass {converts}"
+    (empty / "config.json").mkdir()
+    with pytest.raises(InvalidFileError) as info:  # the system's reason, without the path again
+        hf_gpt2_config(empty / "config.json")
+    assert str(info.value) == f"{empty / 'config.json'}: cannot read the model config: Is a directory"
+
+
 def test_hf_folder_hyperparameters_come_from_config(tiny_hf):
     base = BaseModel.load(tiny_hf)
     assert (base.config.n_layer, base.config.n_embd, base.config.n_head, base.config.n_ctx) == (2, 64, 4, 128)

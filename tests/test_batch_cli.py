@@ -111,6 +111,19 @@ def test_results_go_to_stdout_as_utf8_whatever_the_locale(cli, fn, tmp_path):
     assert [r["output"] for r in recs] == [fn(r["input"], max_tokens=MAX_TOKENS) for r in recs]
 
 
+def test_with_json_and_no_output_the_summary_is_json_on_stderr(cli, tmp_path):
+    """stdout carries the records, so the summary goes to stderr: as text, or with --json as one JSON line."""
+    inp = tmp_path / "in.txt"
+    inp.write_text("disk full\nuser logged in\n", encoding="utf-8")
+    proc = cli("--input-file", inp, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["index"] for line in proc.stdout.splitlines()] == [0, 1]
+    assert json.loads(proc.stderr) == {"inputs": 2, "already_done": 0, "failed_before": 0, "retried": 0, "ok": 2,
+                                       "failed": 0, "output": None}
+    plain = cli("--input-file", inp)
+    assert plain.returncode == 0 and plain.stderr.decode().strip() == "2 done, 0 failed"
+
+
 N_LINES = 80
 
 

@@ -211,3 +211,45 @@ def test_text_bytes_the_locale_cannot_decode_get_a_hint(tiny_program, tiny_gguf,
     r = subprocess.run([os.fsencode(sys.executable), b"-m", b"paw_lite", b"run", os.fsencode(tiny_program), b"ab\xffc",
                         b"--base-model", os.fsencode(tiny_gguf)], capture_output=True, env=env, timeout=120)
     assert r.returncode == 2 and b"at character 2: the input is not valid UTF-8, or put the input in a UTF-8 file" in r.stderr, r.stderr
+
+
+def test_json_before_the_command_is_the_same_as_after_it(tiny_program, tmp_path, capsys, monkeypatch):
+    """--json, like -v, is taken before a command, between a command and its subcommand, and after it."""
+    from paw_lite.cli import _subcommands, build_parser
+
+    def leaves(parser, path=()):
+        subs = _subcommands(parser)
+        return [l for name, c in subs.items() for l in leaves(c, (*path, name))] if subs else [(path, parser)]
+
+    for path, command in leaves(build_parser()):  # every command has --json
+        assert any("--json" in a.option_strings for a in command._actions), " ".join(path)
+    monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
+    models = ["--models", str(tmp_path / "none")]
+    for argv in (["--json", "inspect", str(tiny_program)], ["--json", "models", "list", *models],
+                 ["models", "--json", "list", *models], ["-v", "--json", "doctor", *models]):
+        main(argv)
+        out = capsys.readouterr().out
+        assert "error" not in json.loads(out), argv
+        without = [a for a in argv if a != "--json"]
+        main([*without, "--json"])
+        assert json.loads(capsys.readouterr().out).keys() == json.loads(out).keys()
+    assert main(["inspect", str(tiny_program)]) == 0  # and without it, text
+    assert capsys.readouterr().out.startswith("program ")
+    assert main(["--json", "run", str(tmp_path / "missing.paw"), "x"]) == 2  # errors too
+    assert "missing.paw: no such program" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_base_model_errors_say_what_was_expected(tiny_program, tmp_path, capsys):
+    from paw_lite.program import Program
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["run", str(tiny_program), "x", "--base-model", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"paw-lite: error: {empty}: no config.json; pass an HF GPT-2 folder (config.json, model.safetensors, "
+                   f"tokenizer files) or a GPT-2 .gguf\n")
+    adapter = tmp_path / "adapter.gguf"
+    adapter.write_bytes(Program.load(tiny_program).adapter_gguf)
+    assert main(["run", str(tiny_program), "x", "--base-model", str(adapter)]) == 2
+    assert capsys.readouterr().err == (f"paw-lite: error: {adapter}: is a LoRA adapter, not a base model; "
+                                       f"pass the interpreter GGUF (gpt2-q8_0.gguf) instead\n")

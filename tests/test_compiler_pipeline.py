@@ -329,6 +329,32 @@ def test_missing_models_are_listed_in_one_error(tmp_path, capsys):
     assert not (tmp_path / "x.paw").exists()
 
 
+def test_unreadable_spec_and_pseudo_program_files_are_named_with_the_reason(tmp_path, capsys):
+    """The system's reason, not `[Errno 2] No such file or directory: '...'` repeating the path."""
+    out = tmp_path / "x.paw"
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfab\xffc")
+    (tmp_path / "a-folder").mkdir()
+    for argv, problem in ((["@" + str(tmp_path / "nospec.txt")], "nospec.txt: cannot read the spec: No such file or directory"),
+                          (["@" + str(tmp_path / "a-folder")], "a-folder: cannot read the spec: Is a directory"),
+                          (["@" + str(tmp_path / "bom.txt")], "bom.txt: cannot read the spec: not UTF-8 text (byte 5); save it as UTF-8"),
+                          ([SPEC, "--pseudo-program", str(tmp_path / "bom.txt")],
+                           "bom.txt: cannot read the pseudo-program: not UTF-8 text (byte 5); save it as UTF-8")):
+        assert main(["compile", *argv, "-o", str(out)]) == 2
+        assert capsys.readouterr().err == f"paw-lite: error: {tmp_path}/{problem}\n"
+    assert not out.exists()
+
+
+def test_a_folder_given_as_a_model_file_is_named_as_a_folder(models, tmp_path, capsys):
+    d, _, _ = models
+    (tmp_path / "pseudo.txt").write_text(PSEUDO, encoding="utf-8")
+    folder = tmp_path / "compiler-folder"
+    folder.mkdir()
+    assert main(["compile", SPEC, "-o", str(tmp_path / "x.paw"), "--models", str(d), "--compiler", str(folder),
+                 "--pseudo-program", str(tmp_path / "pseudo.txt")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the check phase's progress line
+    assert last == f"paw-lite: error: {folder}: is a folder, not a model file; pass the .gguf file itself"
+
+
 def test_a_missing_llama_cpp_is_named_before_missing_models(tmp_path, monkeypatch):
     """A run-only install (no llama-cpp-python) learns that first, not after fetching the models."""
     import sys

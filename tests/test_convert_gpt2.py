@@ -132,6 +132,20 @@ def test_cli_convert_gpt2(tmp_path, bin_folder):
     r = subprocess.run([sys.executable, "-m", "paw_lite", "convert", "gpt2", str(tmp_path / "none"), "-o", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "none: not a folder; pass an HF GPT-2 folder" in r.stderr and "Errno" not in r.stderr
+
+
+def test_cli_convert_gpt2_says_what_the_source_should_be(tmp_path, capsys):
+    """Not `nope/config.json: cannot read the model config: [Errno 2] ...`: what is wrong and what to pass."""
+    from paw_lite.cli import main
+
+    want = "pass an HF GPT-2 folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files)"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    for src, problem in (("nope", "not a folder"), ("empty", "no config.json"), ("model.gguf", "not a folder")):
+        assert main(["convert", "gpt2", str(tmp_path / src), "-o", str(tmp_path / "out.gguf")]) == 2
+        assert capsys.readouterr().err == f"paw-lite: error: {tmp_path / src}: {problem}; {want}\n"
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_converted_tokenizer_works_in_llama_cpp(tiny_gguf, vocab_dir, hf_tokenizer_dir):

@@ -29,10 +29,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paw-lite", description="Program-as-Weights on a CPU, offline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what paw_lite does")
+    parser.add_argument("--json", action="store_true", help="machine-readable output (the command's --json, given before it)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     _verbose_everywhere(parser)
+    _json_everywhere(parser)
     return parser
 
 
@@ -45,6 +47,20 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
     for command in _subcommands(parser).values():
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what paw_lite does")
         _verbose_everywhere(command)
+
+
+def _json_everywhere(parser: argparse.ArgumentParser) -> None:
+    """--json before a command (or between a command and its subcommand) as after it. argparse copies
+    every value a subcommand parser sets over the namespace, its defaults included: a --json default of
+    False after the command would undo one given before it, so those defaults are SUPPRESS too (the
+    top-level default, False, stands when --json is given nowhere)."""
+    for command in _subcommands(parser).values():
+        options = [a for a in command._actions if "--json" in a.option_strings]
+        for action in options:
+            action.default = argparse.SUPPRESS
+        if not options:  # a command with subcommands: `models --json list`, as `models -v list`
+            command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        _json_everywhere(command)
 
 
 def _is_positional(parser: argparse.ArgumentParser, arg: str) -> bool:

@@ -40,8 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidFileError(f"{path}: cannot read the {what}: {exc}") from exc
+    except OSError as exc:  # strerror: str(exc) would repeat the path
+        raise InvalidFileError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        at = exc.start + path.stat().st_size - len(exc.object)  # the codec counts from after a BOM it dropped
+        raise InvalidFileError(f"{path}: cannot read the {what}: not UTF-8 text (byte {at}); save it as UTF-8") from exc
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -126,6 +127,6 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
         text += f"; {retried} that had failed ran again"
     if args.output:
         emit(args, summary, text)
-    else:
-        print(text, file=sys.stderr)  # stdout carries the results
+    else:  # stdout carries the records; with --json the summary on stderr is JSON too, one line
+        print(json.dumps(summary) if args.json else text, file=sys.stderr)
     return 1 if failed or failed_before else 0

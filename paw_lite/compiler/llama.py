@@ -52,6 +52,8 @@ class LlamaModel:
         matmuls, but a second copy in memory beside the mapped file: measured on Qwen3-4B Q4_K_M,
         peak RSS 4.3 GB with it, 2.7 GB without, the same decode speed, prefill 24 vs 20 tokens/s)."""
         self.path = Path(path)
+        if self.path.is_dir():
+            raise InvalidFileError(f"{self.path}: is a folder, not a model file; pass the .gguf file itself")
         if not self.path.is_file():
             raise InvalidFileError(f"{self.path}: no such model file")
         check_header(self.path)
