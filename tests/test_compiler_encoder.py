@@ -147,3 +147,15 @@ def test_an_error_in_the_progress_callback_is_raised_after_the_evaluation(qwen):
         ids = encoder_token_ids(model, *CASES[2], 64)
         with pytest.raises(ValueError, match="progress display broke"):
             hidden_states(model, ids, depth_layers(model.n_layer, 12), 64, on_progress=fail)
+
+
+def test_a_truncated_model_is_named_before_llama_cpp_loads_it(qwen, tmp_path):
+    """llama.cpp only returns NULL for a file cut short; the header walk names the tensor and the
+    bytes missing, as for the files paw_lite reads itself."""
+    from paw_lite.compiler.llama import LlamaModel
+
+    data = qwen[1].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) - 4096])
+    with pytest.raises(InvalidFileError, match=r"cut\.gguf: tensor \S+ .*needs bytes \d+\.\.\d+ but the file has \d+ \(truncated"):
+        LlamaModel(cut)

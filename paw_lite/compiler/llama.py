@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InvalidFileError, PawError, require
 from .. import interrupts
-from ..gguf_file import check_header
+from ..gguf_file import check_structure
 
 log = logging.getLogger("paw_lite.compiler")
 
@@ -56,7 +56,9 @@ class LlamaModel:
             raise InvalidFileError(f"{self.path}: is a folder, not a model file; pass the .gguf file itself")
         if not self.path.is_file():
             raise InvalidFileError(f"{self.path}: no such model file")
-        check_header(self.path)
+        # Every record and tensor bound, as for the files paw_lite reads itself (~50 ms for Qwen's
+        # vocabulary): a truncated file is named precisely here, not as llama.cpp's bare NULL.
+        check_structure(self.path)
         lib = _lib()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
@@ -75,7 +77,8 @@ class LlamaModel:
             self.close()
             raise
         if not self._model:
-            raise InvalidFileError(f"{self.path}: llama.cpp could not load this GGUF (run with -v to see its log)")
+            where = "its log is above" if log.isEnabledFor(logging.INFO) else "run with -v to see its log"
+            raise InvalidFileError(f"{self.path}: llama.cpp could not load this GGUF ({where})")
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
         self.n_layer = lib.llama_model_n_layer(self._model)
