@@ -2,11 +2,12 @@
 
     python benchmarks/numpy_limits.py [--json] [--repeats N]
 
-Three measurements behind the performance notes (benchmarks/README.md), on random matrices of
+Two measurements behind the performance notes (benchmarks/README.md), on random matrices of
 GPT-2 124M's shapes (speed does not depend on the values):
 
-1. The 48 block matrices and the head as products with n rows, in the forms the engine uses, on
-   one and on every BLAS thread: the cost of a token row as a function of how many rows share one
+1. The 48 block matrices and the head as products with n rows, the blocks in the forms the engine
+   uses (the head as one product; the engine takes it in vocabulary blocks, a little faster at
+   many rows), on one and on every BLAS thread: the cost of a token row as a function of how many rows share one
    pass over the weights. One row is a pass over 494 MB of float32 (memory-bound); a few dozen
    rows cost about as much as a pass of their own each way (the sgemm's fixed cost at small n).
 2. The float16 -> float32 and int8 -> float32 casts NumPy offers, into a buffer that stays in L2:

@@ -44,13 +44,13 @@ class BPEVocab:
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
-def check_chat_tokens(tokens: list[str], types: list[int], where: Path) -> None:
+def check_chat_tokens(tokens: list[str], types: list[int], where: Path, fix: str) -> None:
     """The compilers' chat prompts are built from these: each must be one CONTROL token."""
     ids = {t: i for i, t in enumerate(tokens)}
     for tok in CHAT_TOKENS:
         if tok not in ids or types[ids[tok]] != TokenType.CONTROL:
             raise InvalidFileError(f"{where}: chat token {tok} is missing or not a CONTROL token (the compilers' chat "
-                                   f"prompts need it: use the Qwen3 tokenizer files of the published models)")
+                                   f"prompts need it): {fix}")
 
 
 def _read_json(path: Path) -> Any:

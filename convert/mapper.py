@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from paw_lite.atomic import atomic_path
 from paw_lite.compiler.config import CompilerMeta
-from paw_lite.compiler.mapper import Mapper, MapperShape
+from paw_lite.compiler.mapper import Mapper, MapperShape, key_mismatch
 from paw_lite.errors import IncompatibleModelError, InvalidFileError
 from paw_lite.gpt2_layout import GPT2Config
 
@@ -52,8 +52,7 @@ def convert_mapper(src: str | os.PathLike[str], out: str | os.PathLike[str], sha
     expected = shape.expected(state["trunk.0.bias"].shape[0])
     missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unknown:
-        raise InvalidFileError(f"{src}: keys are not those of the published lora_mapper.pt for this shape "
-                               f"(rank {shape.rank}, {shape.n_bases} bases): missing {missing}, unexpected {unknown}")
+        raise key_mismatch(src, shape, missing, unknown)
     tensors: dict[str, np.ndarray] = {}
     for key, want in expected.items():
         arr = state[key]

@@ -279,25 +279,33 @@ def _write_gguf(source: Qwen3Source, vocab: BPEVocab, out: Path, qtype: str, on_
         w.close()
 
 
+def preflight(source: Qwen3Source, qtype: str) -> BPEVocab:
+    """What can be checked before any tensor is written (a K-quant of a 4B model writes an 8 GB
+    intermediate and quantizes it first): the type, llama.cpp for K-quants, the tokenizer and its
+    chat tokens. Returns the vocabulary to write."""
+    if qtype not in QWEN3_TYPES:
+        raise InvalidFileError(f"--type {qtype!r}: Qwen3 converts to one of {', '.join(QWEN3_TYPES)}")
+    if qtype not in NUMPY_QTYPES:
+        require("llama_cpp", "compile")
+    vocab = read_bpe_vocab(source.folder, source.config.n_vocab)
+    check_chat_tokens(vocab.tokens, vocab.token_types, source.folder / "tokenizer.json",
+                      "use the tokenizer files of the published Qwen3 models")
+    return vocab
+
+
 def convert_qwen3(src_dir: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str = "q8_0",
                   on_tensor: Callable[[str], None] | None = None,
                   on_pass: Callable[[int], None] | None = None) -> Path:
     """Convert an HF Qwen3 folder to a GGUF file of type `qtype` (one of QWEN3_TYPES); returns `out`.
 
-    `on_tensor(name)` is called after each tensor is written (source names). K-quants first write a
-    lossless intermediate GGUF (the source dtype) beside `out`, then run llama.cpp's quantizer on
-    it: a second pass, announced by `on_pass(n_tensors)`, in which `on_tensor(name)` is called as
-    the quantizer starts each tensor (GGUF names)."""
+    `on_tensor(name)` is called with the GGUF name after each tensor is written. K-quants first write
+    a lossless intermediate GGUF (the source dtype) beside `out`, then run llama.cpp's quantizer on
+    it: a second pass, announced by `on_pass(n_tensors)`, in which `on_tensor(name)` is called as the
+    quantizer starts each tensor."""
     out = Path(out)
     qtype = qtype.lower()
-    if qtype not in QWEN3_TYPES:
-        raise InvalidFileError(f"--type {qtype!r}: Qwen3 converts to one of {', '.join(QWEN3_TYPES)}")
     source = Qwen3Source(src_dir)
-    if qtype not in NUMPY_QTYPES:
-        require("llama_cpp", "compile")  # before minutes of writing the intermediate, not after
-    # The tokenizer is checked before any tensor is written: a K-quant writes gigabytes first.
-    vocab = read_bpe_vocab(source.folder, source.config.n_vocab)
-    check_chat_tokens(vocab.tokens, vocab.token_types, source.folder / "tokenizer.json")
+    vocab = preflight(source, qtype)
     if qtype in NUMPY_QTYPES:
         _write_gguf(source, vocab, out, qtype, on_tensor)
         return out

@@ -89,7 +89,7 @@ def _check_qwen3(reader, path: Path, role: str) -> dict[str, Any]:
     eos = get_int(reader, "tokenizer.ggml.eos_token_id", path)
     if not 0 <= eos < len(tokens):
         raise InvalidFileError(f"{path}: eos token id {eos} is outside the {len(tokens)}-token vocabulary")
-    check_chat_tokens(tokens, types, path)
+    check_chat_tokens(tokens, types, path, "convert the model's HF folder with `paw-lite convert qwen3`")
     cfg = _qwen3_config(reader, path, len(tokens))
     infos = reader.tensors
     expected = cfg.tensor_shapes()

@@ -88,8 +88,10 @@ def _gguf_config(path: Path):
     reader = read_index(path)  # gguf-py's GGUFReader takes ~2 s over a 50k-token vocabulary; this ~0.1 s
     # A program's adapter.gguf names the interpreter's architecture ('gpt2') too: without this check
     # it passed the one below and failed on a hyperparameter only a model has.
-    if get_field(reader, "adapter.type", path, None) == "lora" or get_field(reader, "general.type", path, None) == "adapter":
-        raise IncompatibleModelError(f"{path}: is a LoRA adapter, not a base model; pass the interpreter GGUF (gpt2-q8_0.gguf) instead")
+    if (get_field(reader, "adapter.type", path, None) == "lora"
+            or get_field(reader, "general.type", path, None) == "adapter"):
+        raise IncompatibleModelError(f"{path}: is a LoRA adapter, not a base model; pass the interpreter GGUF "
+                                     f"(gpt2-q8_0.gguf) instead")
     arch = get_str(reader, "general.architecture", path)
     if arch != ARCH:
         raise IncompatibleModelError(f"{path}: architecture is {arch!r}; the interpreter runs GPT-2 ('gpt2') models")

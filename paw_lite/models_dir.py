@@ -119,6 +119,11 @@ def _read_shape_source(path: Path, what: str, read: Callable[[Path], Any]) -> An
         raise ShapeSourceError(path, exc) from exc
 
 
+# A --models path that is a file: what `models list|verify` and `doctor` say, and the fix.
+NOT_A_FOLDER = "the models directory is a file, not a folder"
+NOT_A_FOLDER_FIX = "point --models or PAW_LITE_MODELS at a folder"
+
+
 # Both compilers are Qwen3-4B-Instruct-2507 (the trained one fine-tuned from it): (layers, width).
 PUBLISHED_QWEN3_SHAPE = (36, 2560)
 
@@ -359,7 +364,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
     Progress: `on_step(what, n_tensors or None)` as each conversion pass starts (writing a file,
     llama.cpp's quantize pass), then `on_tensor(name)` per tensor of that pass."""
     from .convert.mapper import convert_mapper
-    from .convert.qwen3 import Qwen3Source, convert_qwen3
+    from .convert.qwen3 import Qwen3Source, convert_qwen3, preflight
 
     src = Path(src).expanduser().absolute()  # recorded in installed.json: not relative to today's folder
     if not src.is_dir():
@@ -395,7 +400,8 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
         elif role == "compiler_meta":
             check_file(f.path, role, directory)
         elif role in ("compiler", "pseudo_compiler"):
-            source = Qwen3Source(f.path)  # config, tokenizer and shard headers
+            source = Qwen3Source(f.path)  # config and shard headers
+            preflight(source, options.compiler_quant if role == "compiler" else options.quant)  # tokenizer, llama.cpp
             n_tensors[role] = len(source.tensors)
             _warn_unless_published_shape(f.path, role, source.config.n_layer, source.config.n_embd)
 
@@ -438,7 +444,11 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             meta_path = next((f.path for f in found if f.role == "compiler_meta"), None)
             if on_step is not None:
                 on_step(f"{name}: converting", None)
-            convert_mapper(mapper.path, directory / name, installed_mapper_shape(directory, meta_path), on_tensor)
+            try:
+                shape = installed_mapper_shape(directory, meta_path)
+            except ShapeSourceError as exc:  # outside a verify row: that file's own error, with its own type
+                raise exc.__cause__ from None
+            convert_mapper(mapper.path, directory / name, shape, on_tensor)
             done.append(_record(directory, name, "mapper", str(mapper.path), "paw-lite convert mapper"))
     return done
 

@@ -387,7 +387,7 @@ def test_k_quant_reports_each_tensor_as_llama_cpp_quantizes_it(tmp_path, qwen_bf
     out = convert_qwen3(qwen_bf16, tmp_path / "q.gguf", "q6_k", written.append,
                         lambda count: passes.append((count, len(written))))
     names = set(read_gguf_meta(out).tensors)
-    # the intermediate's tensors (source names), then the quantize pass announced and its GGUF names
+    # the intermediate's tensors as written, then the quantize pass announced and its tensors again
     assert passes == [(len(names), len(names))]
     assert len(written) == 2 * len(names) and set(written[len(names):]) == names
 

@@ -18,7 +18,7 @@ from paw_lite.base_model import file_sha256
 from compiler_fixtures import random_mapper_state, write_compiler_meta
 from paw_lite import models_dir
 from paw_lite.cli import main
-from paw_lite.errors import IncompatibleModelError, PawError
+from paw_lite.errors import IncompatibleModelError, InvalidFileError, PawError
 from paw_lite.gpt2_layout import GPT2Config
 from qwen_fixtures import make_tiny_qwen3
 
@@ -437,7 +437,17 @@ def test_import_checks_what_is_cheap_before_converting(tmp_path, manifest, downl
     (src / "gpt2-q8_0.gguf").write_bytes(bytes(data))
     with pytest.raises(IncompatibleModelError, match="not the published"):
         models_dir.import_dir(src, tmp_path / "m3")
-    assert not (tmp_path / "m1").exists() and not (tmp_path / "m3").exists()
+
+    # a pseudo compiler whose tokenizer lacks the chat tokens: refused before the compiler's conversion
+    (src / "gpt2-q8_0.gguf").unlink()
+    stock = shutil.copytree(downloads["Qwen/Qwen3-4B-Instruct-2507"], src / "Qwen3-4B-Instruct-2507")
+    tj = json.loads((stock / "tokenizer.json").read_text())
+    for added in tj["added_tokens"]:
+        added["special"] = added["special"] and added["content"] != "<|im_start|>"  # plain text, not CONTROL
+    (stock / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(InvalidFileError, match=r"tokenizer\.json: chat token <\|im_start\|> is missing or not a CONTROL"):
+        models_dir.import_dir(src, tmp_path / "m4")
+    assert not any((tmp_path / m).exists() for m in ("m1", "m3", "m4"))
 
 
 def test_verify_compares_the_quantization_a_name_states_with_the_file(tmp_path, capsys, downloads):

@@ -41,15 +41,21 @@ def llama_sdist() -> Path:
         print(f"downloading {SDIST_NAME} (llama.cpp's vocabularies) into {TEST_CACHE} with pip ...", file=sys.stderr)
         # pip's chatter is captured: on stdout it would corrupt `paw-lite bench --json`.
         try:
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                                   "-d", str(TEST_CACHE), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
+                                   "--no-binary", ":all:", "-d", str(TEST_CACHE),
+                                   f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
         except OSError as exc:
             raise SdistError(f"{path}: could not run pip to download it ({exc}); {_offline_hint()}") from None
         if done.returncode != 0:
-            lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-            said = lines[-1] if lines else f"exit status {done.returncode}"
-            raise SdistError(f"{path}: pip download failed ({said}); {_offline_hint()}")
+            output = done.stderr or done.stdout
+            log = TEST_CACHE / "pip-download.log"
+            log.write_text(output, encoding="utf-8")
+            lines = [line.strip() for line in output.splitlines() if line.strip()]
+            # pip's last line is often a hint ("See above for details"); its ERROR line says what failed
+            said = next((line for line in reversed(lines) if line.startswith("ERROR:")), lines[-1] if lines else
+                        f"exit status {done.returncode}")
+            raise SdistError(f"{path}: pip download failed ({said}; pip's output is in {log}); {_offline_hint()}")
         if not path.exists():
             raise SdistError(f"{path}: pip download succeeded but did not write this file; {_offline_hint()}")
     return path

@@ -58,7 +58,7 @@ def _json_everywhere(parser: argparse.ArgumentParser) -> None:
         options = [a for a in command._actions if "--json" in a.option_strings]
         for action in options:
             action.default = argparse.SUPPRESS
-        if not options:  # a command with subcommands: `models --json list`, as `models -v list`
+        if not options and _subcommands(command):  # `models --json list`, as `models -v list`
             command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
         _json_everywhere(command)
 

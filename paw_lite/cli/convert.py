@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     m = kinds.add_parser("mapper", help="lora_mapper.pt -> mapper.safetensors (fp32), read without torch")
     m.add_argument("src", help="the torch state dict lora_mapper.pt")
-    m.add_argument("--meta", help="the compiler's meta.json (rank, number of bases); default: the published compiler's rank 64 and 64 bases")
+    m.add_argument("--meta", help="the compiler's meta.json (rank, number of bases); "
+                                  "default: the published compiler's rank 64 and 64 bases")
     m.add_argument("--hidden", type=int, default=None, help="compiler hidden width (default 2560, Qwen3-4B)")
     m.add_argument("--interpreter", help="GPT-2 GGUF or HF folder the programs run on (default: GPT-2 124M)")
 
@@ -44,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _progress(total: int, unit: str) -> tuple[Any, Callable[[str], None]]:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
+    # Every item is drawn (mininterval 0): a tensor takes seconds on the real models, and the shard
+    # or pass it belongs to must not depend on when tqdm last drew.
+    bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None, mininterval=0)
 
     def on_item(name: str) -> None:
         bar.set_postfix_str(name, refresh=False)
@@ -69,7 +72,7 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
     quantizing = False
 
     def on_item(name: str) -> None:
-        if quantizing:  # GGUF names, from llama.cpp's quantizer
+        if quantizing:  # llama.cpp's quantizer reads the intermediate file, not a shard
             on_tensor(name)
             return
         _, st = source.tensors[name]

@@ -138,11 +138,10 @@ def _numpy_logits(model: Path) -> np.ndarray:
 
 
 def check_models(directory: Path) -> list[dict[str, str]]:
-    from ..models_dir import survey
+    from ..models_dir import NOT_A_FOLDER, NOT_A_FOLDER_FIX, survey
 
-    if directory.exists() and not directory.is_dir():  # worded as `models verify` words it
-        return [_check("models directory", "fail", f"{directory}: the models directory is a file, not a folder",
-                       "point --models or PAW_LITE_MODELS at a folder")]
+    if directory.exists() and not directory.is_dir():
+        return [_check("models directory", "fail", f"{directory}: {NOT_A_FOLDER}", NOT_A_FOLDER_FIX)]
     if not directory.is_dir():
         return [_check("models directory", "warn", f"{directory} does not exist",
                        "`paw-lite models pull`, or `paw-lite models import DIR` without a network")]

@@ -79,14 +79,13 @@ def _fetch(args: argparse.Namespace, directory) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models_dir import models_directory, summarize, survey
+    from ..models_dir import NOT_A_FOLDER, NOT_A_FOLDER_FIX, models_directory, summarize, survey
 
     directory = models_directory(args.models)
     if args.action in ("pull", "import"):
         return _fetch(args, directory)
     if directory.exists() and not directory.is_dir():
-        raise PawError(f"{directory}: the models directory is a file, not a folder; point --models or PAW_LITE_MODELS "
-                       f"at a folder")
+        raise PawError(f"{directory}: {NOT_A_FOLDER}; {NOT_A_FOLDER_FIX}")
     statuses = survey(directory, verify=args.action == "verify")
     rows = summarize(statuses)
     width = max(len(r["name"]) for r in rows)

@@ -77,7 +77,9 @@ class LlamaModel:
             self.close()
             raise
         if not self._model:
-            where = "its log is above" if log.isEnabledFor(logging.INFO) else "run with -v to see its log"
+            # llama-cpp-python prints llama.cpp's errors when its logger's level lets them through
+            shown = logging.getLogger("llama-cpp-python").level <= logging.ERROR
+            where = "its log is above" if shown else "run with -v to see its log"
             raise InvalidFileError(f"{self.path}: llama.cpp could not load this GGUF ({where})")
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)

@@ -51,6 +51,12 @@ class MapperShape:
         return shapes
 
 
+def key_mismatch(path: Path, shape: MapperShape, missing: list[str], unknown: list[str]) -> InvalidFileError:
+    """A mapper (the .pt or its safetensors) whose keys are not the published mapper's for this shape."""
+    return InvalidFileError(f"{path}: keys are not those of the published lora_mapper.pt for this shape (rank "
+                            f"{shape.rank}, {shape.n_bases} bases): missing {missing}, unexpected {unknown}")
+
+
 @dataclass(frozen=True)
 class Mapper:
     weights: dict[str, np.ndarray]
@@ -78,8 +84,7 @@ class Mapper:
         missing = sorted(set(expected) - set(st.keys()))
         unknown = sorted(set(st.keys()) - set(expected))
         if missing or unknown:
-            raise InvalidFileError(f"{path}: keys are not those of the published lora_mapper.pt for this shape "
-                                   f"(rank {shape.rank}, {shape.n_bases} bases): missing {missing}, unexpected {unknown}")
+            raise key_mismatch(path, shape, missing, unknown)
         for key, want in expected.items():
             if st.shape(key) != want:
                 raise IncompatibleModelError(
