@@ -64,6 +64,9 @@ def read_inputs(path: Path, input_format: str = "auto") -> list[BatchItem]:
         jsonl = path.suffix == ".jsonl" or next((ln.lstrip().startswith(b"{") for ln in lines if ln.strip()), False)
         if jsonl and path.suffix != ".jsonl":
             log.warning("reading %s as JSONL (its first line starts with '{'); pass --input-format lines to read it as text", path)
+    if jsonl:  # blank lines an editor left after the last record are no records (one in the middle is an error)
+        while lines and not lines[-1].strip():
+            lines.pop()
     items = []
     for i, line in enumerate(lines):
         try:

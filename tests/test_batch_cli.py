@@ -361,3 +361,16 @@ def test_records_are_written_in_order_as_soon_as_they_are_done():
     with pytest.raises(KeyboardInterrupt):
         run_batch(items, call, recs.append, chunk=4)
     assert recs == [{"index": 0, "input": "a", "output": "A"}, {"index": 1, "input": "b", "output": "B"}]
+
+
+def test_blank_lines_after_the_last_jsonl_record_are_not_inputs(tmp_path):
+    """An editor's extra newlines at the end of a JSONL file were error records (exit 1); a blank
+    line between records still is one. In lines mode every line stays an input, blank ones too."""
+    from paw_lite.batch import read_inputs
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"text": "alpha"}\n\n{"text": "beta"}\n\n  \r\n')
+    items = read_inputs(inp)
+    assert [(it.index, it.text) for it in items] == [(0, "alpha"), (1, None), (2, "beta")]
+    assert "line 2 is not a JSON object" in items[1].error
+    assert [it.text for it in read_inputs(inp, "lines")][3:] == ["", "  "]

@@ -253,3 +253,13 @@ def test_base_model_errors_say_what_was_expected(tiny_program, tmp_path, capsys)
     assert main(["run", str(tiny_program), "x", "--base-model", str(adapter)]) == 2
     assert capsys.readouterr().err == (f"paw-lite: error: {adapter}: is a LoRA adapter, not a base model; "
                                        f"pass the interpreter GGUF (gpt2-q8_0.gguf) instead\n")
+
+
+def test_version(capsys):
+    """The installed distribution's version (pyproject.toml), which paw_lite.__version__ repeats."""
+    from importlib.metadata import version
+
+    assert paw_lite.__version__ == version("paw-lite")
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"paw-lite {paw_lite.__version__}\n"

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from .. import __version__
 from ..errors import PawError
 
 # Modules under paw_lite.cli that define subcommands, in help order.
@@ -29,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paw-lite", description="Program-as-Weights on a CPU, offline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what paw_lite does")
+    parser.add_argument("--version", action="version", version=f"paw-lite {__version__}")
     parser.add_argument("--json", action="store_true", help="machine-readable output (the command's --json, given before it)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
