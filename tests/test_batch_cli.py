@@ -122,6 +122,10 @@ def test_with_json_and_no_output_the_summary_is_json_on_stderr(cli, tmp_path):
                                        "failed": 0, "output": None}
     plain = cli("--input-file", inp)
     assert plain.returncode == 0 and plain.stderr.decode().strip() == "2 done, 0 failed"
+    # an error, too, is stderr's JSON line: stdout holds records only
+    failed = cli("--input-file", inp, "--json", "--base-model", tmp_path / "missing.gguf")
+    assert failed.returncode == 2 and failed.stdout == b""
+    assert "missing.gguf" in json.loads(failed.stderr)["error"]
 
 
 N_LINES = 80

@@ -100,15 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         refused_by.print_usage(sys.stderr)
         return _fail(wants_json, f"{refused_by.prog}: error: {message}", message, "UsageError")
     wants_json = bool(getattr(args, "json", False))  # parsed: a TEXT of "--json" after -- is not the option
+    # `run --input-file` without --output writes its records to stdout: with --json, its summary and
+    # an error go to stderr as one JSON line, so stdout holds records only.
+    records_on_stdout = getattr(args, "input_file", None) is not None and not getattr(args, "output", None)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="paw-lite: %(message)s")
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at interpreter exit
         return code
     except PawError as exc:
-        return _fail(wants_json, f"paw-lite: error: {exc}", str(exc), type(exc).__name__)
+        return _fail(wants_json, f"paw-lite: error: {exc}", str(exc), type(exc).__name__,
+                     records_on_stdout=records_on_stdout)
     except KeyboardInterrupt:
-        return _fail(wants_json, "paw-lite: interrupted", "interrupted", "KeyboardInterrupt", code=130)
+        return _fail(wants_json, "paw-lite: interrupted", "interrupted", "KeyboardInterrupt", code=130,
+                     records_on_stdout=records_on_stdout)
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): nothing more to say, and nowhere to say it.
         # stdout is pointed at devnull so the interpreter's final flush does not fail again.
@@ -119,13 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         # disk): the commands check their paths up front, this is the net for what they cannot foresee.
         where = f"{exc.filename}: " if exc.filename else ""
         message = f"{where}{exc.strerror or exc}; check that path, or pick another location"
-        return _fail(wants_json, f"paw-lite: error: {message}", message, type(exc).__name__)
+        return _fail(wants_json, f"paw-lite: error: {message}", message, type(exc).__name__,
+                     records_on_stdout=records_on_stdout)
 
 
-def _fail(wants_json: bool, text: str, message: str, kind: str, code: int = 2) -> int:
+def _fail(wants_json: bool, text: str, message: str, kind: str, code: int = 2, records_on_stdout: bool = False) -> int:
+    error = json.dumps({"error": message, "type": kind})
+    if wants_json and records_on_stdout:  # stdout holds JSONL records: the error is stderr's JSON line
+        print(error, file=sys.stderr)
+        return code
     if wants_json:
         try:
-            print(json.dumps({"error": message, "type": kind}))
+            print(error)
         except BrokenPipeError:
             pass
     print(text, file=sys.stderr)
