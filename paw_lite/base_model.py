@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +35,17 @@ class BaseModel:
     fingerprint that keys the prefix caches built on it."""
 
     config: GPT2Config
-    weights: dict[str, np.ndarray]
-    tokenizer: GPT2Tokenizer
+    weights: dict[str, np.ndarray] = field(repr=False)
+    tokenizer: GPT2Tokenizer = field(repr=False)
     source: Path
     fingerprint: str
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "BaseModel":
-        path = Path(path)
+        """Load a GPT-2 GGUF file or HF folder. One BaseModel can serve several functions
+        (`paw_lite.function(..., base_model=base)`): that saves its load and its embeddings, but each
+        function still holds its own LoRA-merged copy of the block matrices."""
+        path = Path(path).expanduser()
         if path.is_dir():
             with malformed_file(path, "HF GPT-2 folder"):
                 return _load_hf_dir(path)

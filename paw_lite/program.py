@@ -65,7 +65,7 @@ class Program:
     """A program in memory: its metadata, prompt template, pseudo-program and adapter bytes."""
 
     meta: dict[str, Any]
-    template: str
+    template: str = field(repr=False)
     adapter_gguf: bytes = field(repr=False)
     pseudo_program: str | None = None
     source: str = "<memory>"
@@ -89,7 +89,7 @@ class Program:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Program":
         """Read a `.paw` bundle or an unpacked program folder."""
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.is_dir():
             members = _read_folder(path)
         elif path.exists():
@@ -141,6 +141,22 @@ class Program:
                 yield path
             except PawError as exc:
                 raise type(exc)(str(exc).replace(str(path), f"{self.source}: {ADAPTER}")) from None
+
+    def checked(self) -> "Program":
+        """This program as `load` would accept it (one template marker, metadata types, adapter
+        magic and size, interpreter): for a Program built in memory. Raises as `load` does."""
+        fields = (("meta", self.meta, dict, "a dict"), ("template", self.template, str, "a str"),
+                  ("adapter_gguf", self.adapter_gguf, bytes, "bytes"),
+                  ("pseudo_program", self.pseudo_program, (str, type(None)), "a str or None"))
+        for name, value, kinds, expected in fields:
+            if not isinstance(value, kinds):
+                raise InvalidFileError(f"{self.source}: Program.{name} is a {type(value).__name__}; expected {expected}")
+        try:
+            members = self.members()
+        except (TypeError, ValueError) as exc:  # a NumPy number in meta, say: JSON has no such type
+            raise InvalidFileError(f"{self.source}: meta.json cannot be written: {exc}; "
+                                   f"use plain int, float and str values") from None
+        return Program.from_members(members, self.source)
 
     def members(self) -> dict[str, bytes]:
         out = {

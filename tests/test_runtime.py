@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import paw_lite
-from paw_lite.errors import ContextOverflowError, IncompatibleModelError, ModelNotFoundError, PawError
+from paw_lite.errors import ContextOverflowError, IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError
 from paw_lite.lora import write_peft_dir, LoraAdapter
 from paw_lite.program import Program
 
@@ -333,3 +333,48 @@ def test_quantized_adapters_equal_transformers_and_llama_cpp(kind, tiny_gguf, ti
             assert ours == hf_greedy(hf, ids, 20), text
             theirs = llama_greedy(tiny_gguf, adapter_path, ids, 20, f.config.n_ctx)
             assert_same_or_near_tie(ours, theirs, ids, hf, QUANTIZED_ADAPTER_TIE)
+
+
+def test_a_program_built_in_memory_gets_the_checks_load_makes(tiny_program, tiny_gguf, tmp_path):
+    """paw_lite.function(Program(...)) ran without them: a template without the marker failed with a
+    bare IndexError after the base had loaded, another interpreter's program ran on GPT-2."""
+    from paw_lite import Program
+
+    prog = Program.load(tiny_program)
+    cases = [(dict(meta=prog.meta, template="no marker"), InvalidFileError, "holds 0 {INPUT_PLACEHOLDER} markers"),
+             (dict(meta=None, template=prog.template), InvalidFileError, r"Program\.meta is a NoneType; expected a dict"),
+             (dict(meta={**prog.meta, "lora_rank": np.int64(8)}, template=prog.template), InvalidFileError,
+              "use plain int, float and str values"),
+             (dict(meta={**prog.meta, "interpreter": "qwen3"}, template=prog.template), IncompatibleModelError,
+              "says interpreter 'qwen3'")]
+    for fields, error, message in cases:
+        with pytest.raises(error, match=message):
+            paw_lite.function(Program(adapter_gguf=prog.adapter_gguf, **fields), base_model=tiny_gguf, cache_dir=tmp_path)
+
+
+def test_arguments_are_refused_before_any_work(fn, tiny_program, tiny_gguf):
+    with pytest.raises(TypeError, match="on_result must be a function taking"):
+        fn.map(["a", "b"], on_result=5)
+    with pytest.raises(TypeError, match=r"cache_dir must be a path \(str or os.PathLike\) or None, not int"):
+        paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=123)
+
+
+def test_home_relative_paths_are_expanded(tiny_program, tiny_gguf, tmp_path, monkeypatch):
+    """`~/x.paw` was 'no such program' and cache_dir='~/c' made a folder named '~' in the working folder."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_program, tmp_path / "p.paw")
+    shutil.copy(tiny_gguf, tmp_path / "base.gguf")
+    fn = paw_lite.function("~/p.paw", base_model="~/base.gguf", cache_dir="~/c")
+    assert fn("user logged in", max_tokens=2) is not None
+    assert (tmp_path / "c" / "prefix").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_reprs_are_short(fn, tiny_gguf):
+    """The dataclass repr of a BaseModel printed every weight array (about a megabyte of text)."""
+    from paw_lite import BaseModel
+
+    assert len(repr(BaseModel.load(tiny_gguf))) < 500 and len(repr(fn.program)) < 2000
+    assert repr(fn).startswith("<PawFunction ") and "GPT-2" in repr(fn)
