@@ -194,6 +194,13 @@ def _lock(f: BinaryIO, path: Path) -> None:
         raise PawError(f"{path}: another paw-lite run is writing this output file; wait for it or pick another --output") from None
 
 
+def current_records(items: list[BatchItem], done: dict[int, Done]) -> dict[int, Done]:
+    """The output's records that are about this input file's inputs. Error records past its last
+    input that hold no input text are left out: older paw-lite wrote them for the blank lines after
+    the last JSONL record, which are not inputs now (they stay in the file, which is never rewritten)."""
+    return {i: d for i, d in done.items() if i < len(items) or not (d.failed and d.input is None)}
+
+
 def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path, input_path: Path, run: str,
                     retry_failed: bool = False) -> None:
     """Refuse to resume when the output's records were made from different input lines, or by
@@ -205,7 +212,7 @@ def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path,
                                    f"--max-tokens{'' if record.run else ' (or by an older paw-lite)'}; mixing them would "
                                    f"give results no single run makes: move the output away or pick another --output")
         if index >= len(items):
-            raise InvalidFileError(f"{output}: holds a result for line {index + 1}, but {input_path} has {len(items)} lines: "
+            raise InvalidFileError(f"{output}: holds a result for line {index + 1}, but {input_path} has {len(items)} inputs: "
                                    f"it was made from another input file; move it away or pick another --output")
         if record.input != items[index].text and not (record.failed and retry_failed):
             hint = "; it failed before: --retry-failed runs such lines again" if record.failed else ""

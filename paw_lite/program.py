@@ -143,20 +143,32 @@ class Program:
                 raise type(exc)(str(exc).replace(str(path), f"{self.source}: {ADAPTER}")) from None
 
     def checked(self) -> "Program":
-        """This program as `load` would accept it (one template marker, metadata types, adapter
-        magic and size, interpreter): for a Program built in memory. Raises as `load` does."""
+        """This program as `load` would accept it (member sizes, one template marker, metadata
+        types, adapter magic and size, interpreter): for a Program built in memory. Returns the
+        program re-read from its members (a copy: JSON turns tuples into lists); raises as `load` does."""
         fields = (("meta", self.meta, dict, "a dict"), ("template", self.template, str, "a str"),
                   ("adapter_gguf", self.adapter_gguf, bytes, "bytes"),
                   ("pseudo_program", self.pseudo_program, (str, type(None)), "a str or None"))
         for name, value, kinds, expected in fields:
             if not isinstance(value, kinds):
-                raise InvalidFileError(f"{self.source}: Program.{name} is a {type(value).__name__}; expected {expected}")
+                raise TypeError(f"{self.source}: Program.{name} is a {type(value).__name__}; expected {expected}")
         try:
-            members = self.members()
-        except (TypeError, ValueError) as exc:  # a NumPy number in meta, say: JSON has no such type
-            raise InvalidFileError(f"{self.source}: meta.json cannot be written: {exc}; "
+            json.dumps(self.meta)
+        except (TypeError, ValueError, RecursionError) as exc:  # a NumPy number, say: JSON has no such type
+            raise InvalidFileError(f"{self.source}: Program.meta is not JSON-serialisable ({exc}); "
                                    f"use plain int, float and str values") from None
-        return Program.from_members(members, self.source)
+        for name, text in (("template", self.template), ("pseudo_program", self.pseudo_program or "")):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidFileError(f"{self.source}: Program.{name} is not valid text (a lone surrogate at "
+                                       f"{exc.start})") from None
+        members = self.members()
+        for name, data in members.items():
+            if len(data) > MAX_MEMBER_BYTES[name]:
+                raise InvalidFileError(f"{self.source}: {name} is {len(data)} bytes, more than the "
+                                       f"{MAX_MEMBER_BYTES[name]}-byte limit of a program's members")
+        return type(self).from_members(members, self.source)
 
     def members(self) -> dict[str, bytes]:
         out = {

@@ -125,7 +125,10 @@ def test_with_json_and_no_output_the_summary_is_json_on_stderr(cli, tmp_path):
     # an error, too, is stderr's JSON line: stdout holds records only
     failed = cli("--input-file", inp, "--json", "--base-model", tmp_path / "missing.gguf")
     assert failed.returncode == 2 and failed.stdout == b""
-    assert "missing.gguf" in json.loads(failed.stderr)["error"]
+    assert "missing.gguf" in json.loads(failed.stderr.splitlines()[-1])["error"]
+    refused = cli("--input-file", inp, "--json", "--batch-size", "zz")  # argparse's refusal, too
+    assert refused.returncode == 2 and refused.stdout == b""
+    assert json.loads(refused.stderr.splitlines()[-1])["type"] == "UsageError"
 
 
 N_LINES = 80
@@ -238,7 +241,7 @@ def test_an_output_with_more_lines_than_the_input_is_refused(cli, tmp_path):
     inp.write_text("alpha\n", encoding="utf-8")
     before = out.read_bytes()
     proc = cli("--input-file", inp, "--output", out)
-    assert proc.returncode == 2 and b"holds a result for line 2, but" in proc.stderr and b"has 1 lines" in proc.stderr
+    assert proc.returncode == 2 and b"holds a result for line 2, but" in proc.stderr and b"has 1 inputs" in proc.stderr
     assert out.read_bytes() == before
 
 
@@ -378,3 +381,18 @@ def test_blank_lines_after_the_last_jsonl_record_are_not_inputs(tmp_path):
     assert [(it.index, it.text) for it in items] == [(0, "alpha"), (1, None), (2, "beta")]
     assert "line 2 is not a JSON object" in items[1].error
     assert [it.text for it in read_inputs(inp, "lines")][3:] == ["", "  "]
+
+
+def test_an_output_with_records_for_trailing_blank_jsonl_lines_still_resumes(cli, tmp_path):
+    """Older paw-lite wrote error records for the blank lines after the last JSONL record; those lines
+    are no inputs now, and their records must not make the output look like another input file's."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"text": "alpha"}\n{"text": "beta"}\n\n', encoding="utf-8")
+    assert cli("--input-file", inp, "--output", out).returncode == 0
+    run = records(out)[0]["run"]
+    stale = {"index": 2, "input": None, "error": "line 3 is not a JSON object with a string 'text' field", "run": run}
+    out.write_bytes(out.read_bytes() + (json.dumps(stale) + "\n").encode())
+    proc = cli("--input-file", inp, "--output", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["inputs"] == 2 and summary["already_done"] == 2 and summary["failed_before"] == 0

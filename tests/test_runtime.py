@@ -342,9 +342,13 @@ def test_a_program_built_in_memory_gets_the_checks_load_makes(tiny_program, tiny
 
     prog = Program.load(tiny_program)
     cases = [(dict(meta=prog.meta, template="no marker"), InvalidFileError, "holds 0 {INPUT_PLACEHOLDER} markers"),
-             (dict(meta=None, template=prog.template), InvalidFileError, r"Program\.meta is a NoneType; expected a dict"),
+             (dict(meta=None, template=prog.template), TypeError, r"Program\.meta is a NoneType; expected a dict"),
              (dict(meta={**prog.meta, "lora_rank": np.int64(8)}, template=prog.template), InvalidFileError,
-              "use plain int, float and str values"),
+              "Program.meta is not JSON-serialisable .*use plain int, float and str values"),
+             (dict(meta=prog.meta, template=prog.template + "\ud800"), InvalidFileError,
+              r"Program\.template is not valid text \(a lone surrogate"),
+             (dict(meta={**prog.meta, "spec": "x" * (1 << 20)}, template=prog.template), InvalidFileError,
+              "meta.json is .* bytes, more than the 1048576-byte limit"),
              (dict(meta={**prog.meta, "interpreter": "qwen3"}, template=prog.template), IncompatibleModelError,
               "says interpreter 'qwen3'")]
     for fields, error, message in cases:
@@ -352,9 +356,16 @@ def test_a_program_built_in_memory_gets_the_checks_load_makes(tiny_program, tiny
             paw_lite.function(Program(adapter_gguf=prog.adapter_gguf, **fields), base_model=tiny_gguf, cache_dir=tmp_path)
 
 
-def test_arguments_are_refused_before_any_work(fn, tiny_program, tiny_gguf):
+def test_arguments_are_refused_before_any_work(fn, tiny_program, tiny_gguf, monkeypatch):
+    from paw_lite import runtime
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("started before checking its arguments")
+
+    monkeypatch.setattr(fn, "_sequence", no_work)
     with pytest.raises(TypeError, match="on_result must be a function taking"):
         fn.map(["a", "b"], on_result=5)
+    monkeypatch.setattr(runtime.BaseModel, "load", no_work)
     with pytest.raises(TypeError, match=r"cache_dir must be a path \(str or os.PathLike\) or None, not int"):
         paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=123)
 
@@ -367,7 +378,7 @@ def test_home_relative_paths_are_expanded(tiny_program, tiny_gguf, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     shutil.copy(tiny_program, tmp_path / "p.paw")
     shutil.copy(tiny_gguf, tmp_path / "base.gguf")
-    fn = paw_lite.function("~/p.paw", base_model="~/base.gguf", cache_dir="~/c")
+    fn = paw_lite.function("~/p.paw", base_model=paw_lite.BaseModel.load("~/base.gguf"), cache_dir="~/c")
     assert fn("user logged in", max_tokens=2) is not None
     assert (tmp_path / "c" / "prefix").is_dir() and not (tmp_path / "~").exists()
 

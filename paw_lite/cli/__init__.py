@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         refused_by, message = exc.args
         refused_by.print_usage(sys.stderr)
-        return _fail(wants_json, f"{refused_by.prog}: error: {message}", message, "UsageError")
+        return _fail(wants_json, f"{refused_by.prog}: error: {message}", message, "UsageError",
+                     records_on_stdout=_given(argv, "--input-file") and not _given(argv, "--output"))
     wants_json = bool(getattr(args, "json", False))  # parsed: a TEXT of "--json" after -- is not the option
     # `run --input-file` without --output writes its records to stdout: with --json, its summary and
     # an error go to stderr as one JSON line, so stdout holds records only.
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{where}{exc.strerror or exc}; check that path, or pick another location"
         return _fail(wants_json, f"paw-lite: error: {message}", message, type(exc).__name__,
                      records_on_stdout=records_on_stdout)
+
+
+def _given(argv: list[str], option: str) -> bool:
+    """Whether an option is on a command line argparse refused (so there is no namespace to ask)."""
+    return any(a == option or a.startswith(option + "=") for a in argv)
 
 
 def _fail(wants_json: bool, text: str, message: str, kind: str, code: int = 2, records_on_stdout: bool = False) -> int:

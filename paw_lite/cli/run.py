@@ -94,7 +94,7 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
     run_id = batch.run_id(fn.fingerprint, args.max_tokens)
     results = batch.ResultsFile(args.output) if args.output else None
     try:
-        done = results.done if results else {}
+        done = batch.current_records(items, results.done) if results else {}
         if results:
             batch.check_resumable(items, done, args.output, args.input_file, run_id, args.retry_failed)
             results.start()
