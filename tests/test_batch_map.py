@@ -430,34 +430,72 @@ def test_on_tokens_reports_every_token_of_a_call(tiny_fn):
         assert tiny_fn(text, max_tokens=3, on_tokens=seen.append) == tiny_fn(text, max_tokens=3) and seen == [1, 1, 1]
 
 
-def test_an_interrupt_stops_every_worker_within_one_step(tiny_fn, monkeypatch):
-    """A Ctrl-C lands in the calling thread; the other worker used to finish its whole piece (up to
-    64 inputs run to the context end: a minute in a batch run) before the KeyboardInterrupt was raised."""
+# The interrupt tests below order the two map threads with events, never with sleeps or step counts:
+# which thread runs first is the scheduler's choice, and a busy CI machine chooses differently. An
+# event wait is bounded only so that a broken engine fails the test instead of hanging it; the bound
+# is far above any step of the tiny model, even on a loaded machine.
+EVENT_WAIT_S = 60
+
+
+def _watch_other_worker(monkeypatch, before_step=None):
+    """Wraps Engine.generate and Engine._step so the test sees each map thread's stop event and
+    counts the other (non-main) worker's steps: "before" those that began while its stop event was
+    clear, "after" those that began once it was set. before_step(is_main, n) runs at the start of a
+    step (n counts that thread's steps), before the real step."""
     import threading
 
-    from paw_lite import blas_threads, engine as engine_module
+    from paw_lite import engine as engine_module
+
+    local = threading.local()
+    steps = {"main": 0, "before": 0, "after": 0}
+    real_generate, real_step = engine_module.Engine.generate, engine_module.Engine._step
+
+    def generate(self, *args, stop=None, **kwargs):
+        local.stop = stop
+        return real_generate(self, *args, stop=stop, **kwargs)
+
+    def step(self, *args, **kwargs):
+        is_main = threading.current_thread() is threading.main_thread()
+        stop = getattr(local, "stop", None)
+        if is_main:
+            steps["main"] += 1
+        else:
+            steps["after" if stop is not None and stop.is_set() else "before"] += 1
+        if before_step is not None:
+            before_step(is_main, steps["main"] if is_main else steps["before"] + steps["after"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "generate", generate)
+    monkeypatch.setattr(engine_module.Engine, "_step", step)
+    return steps
+
+
+def test_an_interrupt_stops_every_worker_within_one_step(tiny_fn, monkeypatch):
+    """A Ctrl-C lands in the calling thread; the other worker used to finish its whole piece (up to
+    64 inputs run to the context end: a minute in a batch run) before the KeyboardInterrupt was raised.
+    Once the stop event is set, the other worker may finish the step it is in (its check came before
+    the event) and must start no other: at most one step begins after the event, whatever the timing."""
+    import threading
+
+    from paw_lite import blas_threads
 
     monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
     tiny_fn.map_ids(TEXTS, batch_size=4)  # creates the second worker's engine
-    steps = {"main": 0, "other": 0, "other after": 0}
-    interrupted = threading.Event()
-    real_step = engine_module.Engine._step
+    other_stepping = threading.Event()
 
-    def step(self, *args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            steps["main"] += 1
-            if steps["main"] == 3:
-                interrupted.set()
-                raise KeyboardInterrupt
-        else:
-            steps["other after" if interrupted.is_set() else "other"] += 1
-        return real_step(self, *args, **kwargs)
+    def before_step(is_main: bool, n: int) -> None:
+        if not is_main:
+            other_stepping.set()
+        elif n == 3:
+            # The interrupt must find the other worker inside its piece, not yet started or done.
+            assert other_stepping.wait(EVENT_WAIT_S), "the other map worker never started a step"
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_module.Engine, "_step", step)
+    steps = _watch_other_worker(monkeypatch, before_step)
     with pytest.raises(KeyboardInterrupt):
         tiny_fn.map_ids(TEXTS * 16, batch_size=8)  # two pieces of 32 inputs x 4 in flight, run to the context end
-    assert steps["other"] > 0 and steps["other after"] <= 1, steps
-    monkeypatch.setattr(engine_module.Engine, "_step", real_step)
+    assert steps["main"] == 3 and steps["before"] > 0 and steps["after"] <= 1, steps
+    monkeypatch.undo()
     assert tiny_fn.map_ids(TEXTS, max_tokens=4, batch_size=4) == [tiny_fn.generate_ids(t, max_tokens=4) for t in TEXTS]
 
 
@@ -479,36 +517,38 @@ def test_on_tokens_must_be_callable_before_any_work(tiny_fn):
 
 def test_an_interrupt_while_waiting_for_the_other_worker_stops_it(tiny_fn, monkeypatch):
     """The calling thread may run out of groups first and wait for the other worker: a Ctrl-C then
-    lands in that wait, which also has to stop the other worker, not wait for its piece."""
+    lands in that wait, which also has to stop the other worker, not wait for its piece. The events
+    make that order certain: the main thread's first step waits until the other worker is in its
+    first step, and that step waits until the main thread has run out of groups and is waiting."""
     import threading
-    import time
 
-    from paw_lite import blas_threads, engine as engine_module, runtime
+    from paw_lite import blas_threads, runtime
 
     monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
     tiny_fn.map_ids(TEXTS, batch_size=4)
-    after = {"other": 0}
-    interrupted = threading.Event()
-    real_step, real_wait = engine_module.Engine._step, runtime.wait
+    other_stepping, main_waiting = threading.Event(), threading.Event()
+    real_wait = runtime.wait
 
-    def step(self, *args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            time.sleep(0.002)  # the other worker lags, so this thread finishes its groups first
-            if interrupted.is_set():
-                after["other"] += 1
-        return real_step(self, *args, **kwargs)
+    def before_step(is_main: bool, n: int) -> None:
+        if n != 1:
+            return
+        if is_main:
+            assert other_stepping.wait(EVENT_WAIT_S), "the other map worker never started a step"
+        else:
+            other_stepping.set()
+            assert main_waiting.wait(EVENT_WAIT_S), "the main thread never waited for the other worker"
 
     def wait(futures):
-        if not interrupted.is_set():
-            interrupted.set()
+        if not main_waiting.is_set():
+            main_waiting.set()
             raise KeyboardInterrupt
         return real_wait(futures)
 
-    monkeypatch.setattr(engine_module.Engine, "_step", step)
+    steps = _watch_other_worker(monkeypatch, before_step)
     monkeypatch.setattr(runtime, "wait", wait)
     with pytest.raises(KeyboardInterrupt):
         tiny_fn.map_ids(TEXTS * 16, batch_size=8)
-    assert interrupted.is_set() and after["other"] <= 1, after
+    assert main_waiting.is_set() and steps["before"] >= 1 and steps["after"] <= 1, steps
 
 
 @pytest.mark.parametrize("workers", [1, 2])
