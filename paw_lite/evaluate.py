@@ -108,7 +108,7 @@ class EvaluationReport:
                 "options": dict(self.options), "complete": self.complete, "summary": self.summary(),
                 "tags": self.tag_rates(), "cases": [r.to_dict() for r in self.results],
                 "timings": {"load_s": self.timings.get("load_s"), "run_s": run_s,
-                            "cases_per_s": ran / run_s if run_s else None}}
+                            "cases_per_s": round(ran / run_s, 3) if run_s else None}}
 
     def to_json(self, indent: int | None = None) -> str:
         return dumps(self.to_dict(), indent)
@@ -241,6 +241,10 @@ def evaluate(program: Any, cases: Cases, *, match: str = DEFAULT_MATCH, max_toke
 
     started = time.perf_counter()
     if isinstance(program, PawFunction) or (callable(program) and not isinstance(program, (str, os.PathLike, Program))):
+        given = [name for name, value in (("base_model", base_model), ("cache_dir", cache_dir)) if value is not None]
+        if given:  # a loaded function has its interpreter and cache already
+            raise TypeError(f"{' and '.join(given)} only apply when evaluate loads the program (a path or a Program), "
+                            f"not to a function already loaded")
         fn, owned, interpreter_path = program, False, None
     else:
         from . import paths

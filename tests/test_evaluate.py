@@ -114,6 +114,11 @@ def test_an_input_the_program_cannot_run_is_an_error_case_and_costs_nothing_else
     json.loads(report.to_json())  # the lone surrogate is written escaped
 
 
+def test_options_of_loading_are_refused_with_a_loaded_function(fn, tiny_gguf):
+    with pytest.raises(TypeError, match="base_model only apply when evaluate loads the program"):
+        paw_lite.evaluate(fn, [{"input": "a", "expected": "b"}], base_model=tiny_gguf)
+
+
 def test_a_plain_python_function_is_called_one_input_at_a_time():
     def upper(text: str) -> str:
         if text == "boom":
@@ -267,6 +272,16 @@ def test_a_paw_kit_suites_standard_cases_are_read(fn, outputs, tmp_path, caplog)
     assert [r.verdict for r in report.results] == ["pass", "fail", "invalid", "pass"]
 
 
+def test_reading_a_suite_without_pyyaml_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "suite.yaml"
+    path.write_text("standard_cases: []\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
+    with pytest.raises(paw_lite.MissingDependencyError, match=re.escape("pip install 'paw-lite[yaml]'")):
+        read_cases(path)
+
+
 @pytest.mark.parametrize("text, message", [
     ("standard_cases: []\nstandard_cases: [{input: a, expected: b}]\n", "'standard_cases' appears 2 times"),
     ("task_name: x\n", "has no 'standard_cases' list"),
@@ -409,9 +424,11 @@ def test_ctrl_c_leaves_the_report_of_the_cases_done(fn, outputs):
 def test_ctrl_c_in_the_command_prints_the_partial_report(tiny_program, tiny_gguf, outputs, tmp_path, capsys, monkeypatch):
     import paw_lite.cli.test as test_cli
 
-    class Bar:  # the progress bar's update is called once per case decided: Ctrl-C after the third
+    class Bar:  # the progress bar's update is called once per case decided: Ctrl-C at the stop_at-th of all bars
+        seen = 0
+
         def __init__(self, total, desc):
-            self.n = 0
+            pass
 
         def __enter__(self):
             return self
@@ -420,11 +437,12 @@ def test_ctrl_c_in_the_command_prints_the_partial_report(tiny_program, tiny_gguf
             return False
 
         def update(self, k):
-            self.n += k
-            if self.n == 3:
+            Bar.seen += k
+            if Bar.seen == Bar.stop_at:
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(test_cli, "progress_bar", Bar)
+    Bar.stop_at = 3
     path = write_cases(tmp_path / "cases.jsonl", half_right_cases(outputs))
     args = ["test", str(tiny_program), str(path), "--base-model", str(tiny_gguf), "--max-tokens", str(MAX_TOKENS),
             "--workers", "1"]
@@ -433,9 +451,18 @@ def test_ctrl_c_in_the_command_prints_the_partial_report(tiny_program, tiny_gguf
     data = json.loads(captured.out)
     assert rc == 130 and data["complete"] is False and data["summary"]["done"] == 3 and data["summary"]["not_run"] == 9
     assert data["cases_file"] == str(path) and "ran 3 of 12 cases" in captured.err
+    Bar.seen = 0
     rc = main(args)
     out = capsys.readouterr().out
     assert rc == 130 and "; 9 not run (interrupted: 3 of 12 cases done)" in out.splitlines()[0]
+
+    # --against, interrupted while the second program runs: both reports, the second one partial
+    Bar.seen, Bar.stop_at = 0, 12 + 4
+    rc = main([*args, "--against", str(tiny_program), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 130 and data["kind"] == "paw-lite test comparison"
+    assert data["a"]["complete"] is True and data["b"]["complete"] is False and data["b"]["summary"]["done"] == 4
+    assert data["summary"]["compared"] == 4 and data["disagreements"] == []  # the same program twice
 
 
 # -- the text report ------------------------------------------------------------------------------
