@@ -488,3 +488,15 @@ def test_the_failure_table_fits_the_terminal(tiny_program, tiny_gguf, outputs, t
     assert out.splitlines()[-6:] == ["by tag:", "  tag    passed  rate", "  all    6/12    50.0%", "  right  6/6     100.0%",
                                      f"  short  {short_passed}/{len(short)}     {short_passed / len(short):.1%}",
                                      "  wrong  0/6     0.0%"]
+
+
+def test_a_bad_against_program_is_named_before_anything_runs(tiny_program, tiny_gguf, tmp_path, capsys, monkeypatch):
+    import paw_lite.cli.test as test_cli
+
+    ran = []
+    monkeypatch.setattr(test_cli, "evaluate", lambda *a, **k: ran.append(a))
+    path = write_cases(tmp_path / "cases.jsonl", [{"input": "a", "expected": "b"}])
+    rc = main(["test", str(tiny_program), str(path), "--against", str(tmp_path / "old.paw"), "--base-model", str(tiny_gguf),
+               "--json"])
+    error = json.loads(capsys.readouterr().out)
+    assert rc == 2 and str(tmp_path / "old.paw") in error["error"] and ran == []

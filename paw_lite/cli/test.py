@@ -12,7 +12,9 @@ import unicodedata
 from pathlib import Path
 
 from ..cases import DEFAULT_MATCH, MATCH_KINDS, Case, json_value, read_cases
+from .. import paths
 from ..errors import PawError
+from ..program import Program
 from ..evaluate import CaseResult, Comparison, EvaluationInterrupted, EvaluationReport, dumps, evaluate
 from . import printable, require_positive
 
@@ -63,12 +65,16 @@ def run(args: argparse.Namespace) -> int:
         raise PawError(f"--show must be >= 0, not {args.show}")
     require_positive(args, "batch_size", "workers")
     cases = read_cases(args.cases, args.match)  # a bad cases file shows before any program loads
-    names = [args.program] + ([args.against] if args.against else [])
+    # Both programs and their interpreters are found before either runs: a wrong --against path must
+    # not show only after the first program's run.
+    programs = [Program.load(name) for name in [args.program] + ([args.against] if args.against else [])]
+    for program in programs:
+        paths.resolve_interpreter(args.base_model, program.meta.get("runtime_id"))
     reports: list[EvaluationReport] = []
     interrupted = False
-    for name in names:  # one program in memory at a time
+    for program in programs:  # one loaded at a time
         try:
-            reports.append(_evaluate(name, cases, args))
+            reports.append(_evaluate(program, cases, args))
         except EvaluationInterrupted as exc:
             reports.append(exc.report)
             interrupted = True
@@ -94,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(program: str, cases: list[Case], args: argparse.Namespace) -> EvaluationReport:
+def _evaluate(program: Program, cases: list[Case], args: argparse.Namespace) -> EvaluationReport:
     named = str(args.cases)  # the cases were read once, in `run`: the report names their file
-    with progress_bar(len(cases), Path(program).name) as bar:
+    with progress_bar(len(cases), Path(program.source).name) as bar:
         try:
             report = evaluate(program, cases, match=args.match, max_tokens=args.max_tokens, base_model=args.base_model,
                               batch_size=args.batch_size, workers=args.workers, call_options=call_options(args),
