@@ -188,8 +188,12 @@ def _read_suite(path: Path, default_match: str) -> list[Case]:
         log.warning("%s: %s %s paw-kit's own and not checked by paw-lite test; only standard_cases are read",
                     path, ", ".join(ignored), "is" if len(ignored) == 1 else "are")
     cases = []
+    ignored_fields: set[str] = set()
     for i, (record, item) in enumerate(zip(records, node.value, strict=True)):
         line = item.start_mark.line + 1
+        if isinstance(record, dict):  # paw-kit ignores other fields of a case; so does this reader, saying so
+            ignored_fields.update(str(k) for k in record if k not in CASE_FIELDS)
+            record = {k: v for k, v in record.items() if k in CASE_FIELDS}
         where = f"{path} line {line} (standard_cases[{i}])"
         if isinstance(record, dict) and record.get("expected", None) is None and "input" in record:
             cases.append(invalid_case(i, line, f"{where}: no 'expected' value: paw-kit checks such cases with its "
@@ -199,6 +203,9 @@ def _read_suite(path: Path, default_match: str) -> list[Case]:
             cases.append(make_case(record, i, default_match, line))
         except CaseError as exc:
             cases.append(invalid_case(i, line, f"{where}: {exc}", record))
+    if ignored_fields:
+        log.warning("%s: standard_cases fields %s are not read (a case has %s)", path, ", ".join(sorted(ignored_fields)),
+                    ", ".join(CASE_FIELDS))
     return cases
 
 

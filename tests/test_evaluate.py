@@ -254,6 +254,7 @@ standard_cases:
   - input: "kernel panic - not syncing"
   - input: "ok"
     expected: "{a3}"
+    notes: "paw-kit ignores fields it does not know"
 assertions:
   - rule: regex_match
     pattern: "^(ALERT|QUIET)$"
@@ -268,6 +269,7 @@ def test_a_paw_kit_suites_standard_cases_are_read(fn, outputs, tmp_path, caplog)
         (5, INPUTS[0], True), (7, INPUTS[1], True), (8, INPUTS[2], False), (9, INPUTS[3], True)]
     assert "line 8 (standard_cases[2]): no 'expected' value" in cases[2].error
     assert "assertions is paw-kit's own and not checked" in caplog.text
+    assert "standard_cases fields notes are not read" in caplog.text
     report = paw_lite.evaluate(fn, path, max_tokens=MAX_TOKENS)
     assert [r.verdict for r in report.results] == ["pass", "fail", "invalid", "pass"]
 
