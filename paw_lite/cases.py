@@ -58,6 +58,8 @@ class Case:
             raise CaseError(f"'input' is a JSON {_json_type(self.input)}; it must be a string")
         if self.match not in _KINDS:
             raise CaseError(f"'match' is {self.match!r}; it must be one of {', '.join(MATCH_KINDS)}")
+        if isinstance(self.tags, list):  # as written in code and in case files
+            object.__setattr__(self, "tags", tuple(self.tags))
         if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
             raise CaseError("'tags' must be a list of strings, like [\"billing\", \"short\"]")
         object.__setattr__(self, "_target", _KINDS[self.match].prepare(self.expected))

@@ -11,11 +11,11 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from ..cases import DEFAULT_MATCH, MATCH_KINDS, Case, json_value, read_cases
 from .. import paths
+from ..cases import DEFAULT_MATCH, MATCH_KINDS, Case, json_value, read_cases
 from ..errors import PawError
+from ..evaluate import CaseResult, Comparison, EvaluationInterrupted, EvaluationReport, evaluate
 from ..program import Program
-from ..evaluate import CaseResult, Comparison, EvaluationInterrupted, EvaluationReport, dumps, evaluate
 from . import printable, require_positive
 
 FAILURES_SHOWN = 30
