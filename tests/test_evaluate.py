@@ -423,6 +423,15 @@ def test_ctrl_c_leaves_the_report_of_the_cases_done(fn, outputs):
     assert all(r.verdict == "not_run" and r.output is None for r in report.results if not r.done)
     assert report.summary()["not_run"] == 7
 
+    # With a worker per core the interrupt may come from another thread, and that worker's peers may
+    # finish an input before they stop: every case reported done is one on_case saw, decided right.
+    on_case, seen = interrupt_after(5)
+    with pytest.raises(EvaluationInterrupted) as caught:
+        paw_lite.evaluate(fn, cases, max_tokens=MAX_TOKENS, workers=2, on_case=on_case)
+    done = [r for r in caught.value.report.results if r.done]
+    assert len(done) >= 5 and {r.case.index for r in done} == {r.case.index for r in seen}
+    assert all(r.output == outputs[r.case.index] for r in done)
+
 
 def test_ctrl_c_in_the_command_prints_the_partial_report(tiny_program, tiny_gguf, outputs, tmp_path, capsys, monkeypatch):
     import paw_lite.cli.test as test_cli
