@@ -10,6 +10,7 @@ from .errors import (
     ModelNotFoundError,
     PawError,
 )
+from .evaluate import EvaluationInterrupted, EvaluationReport, evaluate
 from .program import Program
 from .runtime import PawFunction, function
 
@@ -24,6 +25,9 @@ __all__ = [
     "ModelNotFoundError",
     "compile",
     "compile_and_load",
+    "EvaluationInterrupted",
+    "EvaluationReport",
+    "evaluate",
     "PawError",
     "PawFunction",
     "Program",
