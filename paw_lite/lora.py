@@ -15,8 +15,10 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from .atomic import atomic_dir, atomic_path, check_writable
 from .errors import IncompatibleModelError, InvalidFileError, PawError, malformed_file
-from .gguf_file import ADAPTER_LIMITS, ADAPTER_TYPES, get_float, get_str, numpy_shape, open_gguf, tensor_to_f32
+from .gguf_file import (ADAPTER_LIMITS, ADAPTER_TYPES, GGUFIndex, get_float, get_str, iter_tensors, numpy_shape, read_index,
+                        read_index_bytes, tensor_to_f32)
 from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
+from .program import ADAPTER, Program
 from .safetensors_file import SafetensorsFile
 
 _NAME_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight\.lora_(a|b)$")
@@ -42,17 +44,31 @@ class LoraAdapter:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], config: GPT2Config) -> "LoraAdapter":
-        path = Path(path)
-        reader = open_gguf(path, ADAPTER_LIMITS)
+        """An adapter.gguf file, checked against the base model's config."""
+        return cls._from_index(read_index(path, ADAPTER_LIMITS), config)
+
+    @classmethod
+    def from_gguf_bytes(cls, data: bytes, config: GPT2Config, source: str) -> "LoraAdapter":
+        """An adapter.gguf held in memory (a program's member, read with no temporary file);
+        errors name `source`, e.g. "prog.paw: adapter.gguf"."""
+        return cls._from_index(read_index_bytes(data, source, ADAPTER_LIMITS), config)
+
+    @classmethod
+    def from_program(cls, program: Program, config: GPT2Config) -> "LoraAdapter":
+        """A program's adapter.gguf member; errors name it inside the program ("prog.paw: adapter.gguf")."""
+        return cls.from_gguf_bytes(program.adapter_gguf, config, f"{program.source}: {ADAPTER}")
+
+    @classmethod
+    def _from_index(cls, index: GGUFIndex, config: GPT2Config) -> "LoraAdapter":
+        path = index.path
         for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", ARCH)):
-            got = get_str(reader, key, path)
+            got = get_str(index, key, path)
             if got != want:
                 raise IncompatibleModelError(f"{path}: {key} is {got!r}, expected {want!r}")
-        alpha = get_float(reader, "adapter.lora.alpha", path)
-        shapes = {t.name: numpy_shape(t) for t in reader.tensors}
-        rank = _validate_shapes(shapes, config, path)
-        tensors = {t.name: tensor_to_f32(t, path, ADAPTER_TYPES) for t in reader.tensors}
-        kind = Counter(t.tensor_type.name for t in reader.tensors).most_common(1)[0][0]
+        alpha = get_float(index, "adapter.lora.alpha", path)
+        rank = _validate_shapes({t.name: numpy_shape(t) for t in index.tensors}, config, path)
+        tensors = {info.name: tensor_to_f32(info, raw, path, ADAPTER_TYPES) for info, raw in iter_tensors(index)}
+        kind = Counter(t.tensor_type.name for t in index.tensors).most_common(1)[0][0]
         return cls(_pair_up(tensors), _check_alpha(alpha, path), rank, kind, str(path))
 
     @classmethod
@@ -115,14 +131,14 @@ class LoraAdapter:
         return out
 
 
-def describe_adapter_gguf(path: Path) -> dict:
-    """Rank, alpha, tensor types and count of an adapter.gguf, without a base model."""
-    reader = open_gguf(path, ADAPTER_LIMITS)
-    alpha = get_float(reader, "adapter.lora.alpha", path)
-    ranks = {numpy_shape(t)[-1] for t in reader.tensors if t.name.endswith(".lora_b")}
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    return {"architecture": get_str(reader, "general.architecture", path), "rank": ranks.pop() if len(ranks) == 1 else sorted(ranks),
-            "alpha": alpha, "tensor_types": dict(types), "n_tensors": len(reader.tensors)}
+def describe_adapter_gguf(data: bytes, source: str) -> dict:
+    """Rank, alpha, tensor types and count of an adapter.gguf held in memory, without a base model."""
+    index = read_index_bytes(data, source, ADAPTER_LIMITS)
+    alpha = get_float(index, "adapter.lora.alpha", source)
+    ranks = {numpy_shape(t)[-1] for t in index.tensors if t.name.endswith(".lora_b")}
+    types = Counter(t.tensor_type.name for t in index.tensors)
+    return {"architecture": get_str(index, "general.architecture", source), "rank": ranks.pop() if len(ranks) == 1 else sorted(ranks),
+            "alpha": alpha, "tensor_types": dict(types), "n_tensors": len(index.tensors)}
 
 
 def _target_sort_key(target: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from paw_lite import models_dir
 from paw_lite.cli import main
 from paw_lite.errors import IncompatibleModelError, InvalidFileError, PawError
 from paw_lite.gpt2_layout import GPT2Config
-from qwen_fixtures import make_tiny_qwen3
+from paw_lite.testing.qwen3 import make_tiny_qwen3
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")

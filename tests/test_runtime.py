@@ -31,8 +31,7 @@ def test_greedy_output_equals_transformers_peft(fn, tiny_hf, tiny_program, tmp_p
     from transformers import GPT2LMHeadModel
 
     prog = Program.load(tiny_program)
-    with prog.adapter_file(tmp_path) as p:
-        adapter = LoraAdapter.from_gguf(p, fn.config)
+    adapter = LoraAdapter.from_program(prog, fn.config)
     write_peft_dir(tmp_path / "peft", adapter)
     hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_hf), tmp_path / "peft").eval()
     n_distinct = set()

@@ -101,7 +101,7 @@ def qwen3_role(path: Path) -> str:
 
 
 def _gpt2(args: argparse.Namespace) -> dict[str, Any]:
-    from ..base_model import hf_gpt2_config
+    from ..hf_gpt2 import hf_gpt2_config
     from ..convert.gpt2 import convert_hf_gpt2
     from ..convert.verify import verify_gguf
 
