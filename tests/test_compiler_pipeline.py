@@ -474,19 +474,19 @@ def test_an_interpreter_file_name_that_cannot_be_a_runtime_id_is_refused(models,
 def test_the_published_interpreter_under_another_name_is_still_named_gpt2_q8_0(models, interp, tmp_path, monkeypatch):
     """Programs name the runtime they need; a renamed copy of the published file named its copy's
     name, which `paw-lite run` then asked for and `models pull` could not fetch."""
-    from paw_lite import models_dir
+    from paw_lite.models_dir import manifest as md_manifest
     from paw_lite.base_model import file_sha256
 
     d, _, _ = models
     renamed = tmp_path / "my-gpt2.gguf"
     renamed.write_bytes(interp[1].read_bytes())
-    data = json.loads(models_dir.MANIFEST_PATH.read_text())
+    data = json.loads(md_manifest.MANIFEST_PATH.read_text())
     entry = next(e for e in data["files"] if e["role"] == "interpreter")
     entry["bytes"], entry["sha256"] = renamed.stat().st_size, file_sha256(renamed)
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     path = compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, interpreter=renamed)
     assert Program.load(path).meta["runtime_id"] == "my-gpt2"  # not the pinned file: its own name
-    monkeypatch.setattr(models_dir, "MANIFEST_PATH", tmp_path / "manifest.json")
+    monkeypatch.setattr(md_manifest, "MANIFEST_PATH", tmp_path / "manifest.json")
     path = compile(SPEC, tmp_path / "y.paw", pseudo_program=PSEUDO, models=d, interpreter=renamed)
     assert Program.load(path).meta["runtime_id"] == "gpt2-q8_0"
 

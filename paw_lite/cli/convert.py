@@ -60,7 +60,7 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
     from ..convert.qwen3 import Qwen3Source, convert_qwen3
     from ..convert.verify import verify_gguf
 
-    from ..models_dir import qwen3_folder_role
+    from ..models_dir.importing import qwen3_folder_role
 
     source = Qwen3Source(args.src)  # headers only: the tensor count for the progress bar
     if args.type is None:

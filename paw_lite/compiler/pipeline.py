@@ -164,7 +164,7 @@ def compiler_fingerprint(files: ModelFiles) -> str:
 
 def _is_published_interpreter(path: Path) -> bool:
     """The published gpt2-q8_0.gguf under another name (size, then sha256, as the manifest pins them)."""
-    from ..models_dir import load_manifest
+    from ..models_dir.manifest import load_manifest
 
     entry = load_manifest()["interpreter"]
     try:
