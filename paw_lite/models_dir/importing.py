@@ -33,7 +33,7 @@ def qwen3_folder_role(folder: Path) -> str:
 
 def _gguf_role(path: Path) -> tuple[str, str | None]:
     """(role, quant name) of a GGUF from its header."""
-    from .convert.gguf_meta import read_gguf_meta
+    from ..convert.gguf_meta import read_gguf_meta
 
     meta = read_gguf_meta(path)
     arch = meta.fields.get("general.architecture")
@@ -107,8 +107,8 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
 
     Progress: `on_step(what, n_tensors or None)` as each conversion pass starts (writing a file,
     llama.cpp's quantize pass), then `on_tensor(name)` per tensor of that pass."""
-    from .convert.mapper import convert_mapper
-    from .convert.qwen3 import Qwen3Source, convert_qwen3, preflight
+    from ..convert.mapper import convert_mapper
+    from ..convert.qwen3 import Qwen3Source, convert_qwen3, preflight
 
     src = Path(src).expanduser().absolute()  # recorded in installed.json: not relative to today's folder
     if not src.is_dir():

@@ -55,17 +55,17 @@ def warn_unless_published_shape(path: Path, role: str, n_layer: int, n_embd: int
 def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
     """Structural check of one file for its role; raises with the problem."""
     if role in ("interpreter", "compiler", "pseudo_compiler"):
-        from .convert.verify import verify_gguf
+        from ..convert.verify import verify_gguf
 
         return verify_gguf(path, role)
     if role == "compiler_meta":
-        from .compiler.config import CompilerMeta
+        from ..compiler.config import CompilerMeta
 
         meta = CompilerMeta.load(path)
         return {"lora_rank": meta.lora_rank, "lora_num_bases": meta.lora_num_bases, "prefix_steps": meta.prefix_steps}
     if role == "mapper":
-        from .compiler.mapper import Mapper
-        from .safetensors_file import SafetensorsFile
+        from ..compiler.mapper import Mapper
+        from ..safetensors_file import SafetensorsFile
 
         SafetensorsFile(path)  # the mapper's own header first: its problem must not wait for the other files'
         try:
@@ -82,10 +82,10 @@ def installed_mapper_shape(directory: Path, meta_path: Path | None = None):
     """The mapper shape the files in `directory` call for: rank and bases from the compiler meta, the
     hidden width from the compiler GGUF, the module widths from the interpreter; the published
     figures (PAW-FACTS §1) for whichever is not there yet."""
-    from .compiler.config import CompilerMeta
-    from .convert.gguf_meta import read_gguf_meta
-    from .convert.mapper import QWEN3_4B_HIDDEN, mapper_shape
-    from .convert.verify import gpt2_config
+    from ..compiler.config import CompilerMeta
+    from ..convert.gguf_meta import read_gguf_meta
+    from ..convert.mapper import QWEN3_4B_HIDDEN, mapper_shape
+    from ..convert.verify import gpt2_config
 
     manifest = load_manifest()
     meta_path = meta_path or directory / manifest["compiler_meta"].file_name()
@@ -185,7 +185,7 @@ def quant_of_meta(meta) -> str | None:
 def gguf_quant(path: Path) -> str | None:
     """A GGUF's quantization as the models directory names it (q8_0, q4_k_m, ...): its
     general.file_type, else its most common matrix type; None when neither tells."""
-    from .convert.gguf_meta import read_gguf_meta
+    from ..convert.gguf_meta import read_gguf_meta
 
     return quant_of_meta(read_gguf_meta(path))
 
