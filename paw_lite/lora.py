@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, quants
 
 from .atomic import atomic_dir, atomic_path, check_writable
 from .errors import IncompatibleModelError, InvalidFileError, PawError, malformed_file
-from .gguf_file import (ADAPTER_LIMITS, ADAPTER_TYPES, GGUFIndex, get_float, get_str, iter_tensors, numpy_shape, read_index,
+from .gguf_file import (ADAPTER_LIMITS, ADAPTER_TYPES, GGUF_MAGIC, GGUFIndex, get_float, get_str, iter_tensors, numpy_shape, read_index,
                         read_index_bytes, tensor_to_f32)
 from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
 from .program import ADAPTER, Program
@@ -183,24 +184,43 @@ def _pair_up(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.n
     return {t: (tensors[f"{t}.weight.lora_a"], tensors[f"{t}.weight.lora_b"]) for t in targets}
 
 
-def write_adapter_gguf(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], alpha: float, tensor_type: str = "q4_0") -> Path:
-    """Write `adapter.gguf` as llama.cpp and the official runtime read it (PAW-FACTS §4). Atomic."""
+def adapter_gguf_bytes(tensors: dict[str, np.ndarray], alpha: float, tensor_type: str = "q4_0") -> bytes:
+    """`adapter.gguf` as llama.cpp's adapter loader and the official runtime read it, built in
+    memory: the bytes gguf-py's GGUFWriter writes (tests/test_fast_load.py compares them), without
+    a file to write them through. Metadata: general.architecture, general.type = adapter,
+    adapter.type = lora, adapter.lora.alpha; then each tensor as `tensor_type`, 32-byte aligned."""
     if tensor_type not in ADAPTER_WRITE_TYPES:
         raise ValueError(f"adapter type {tensor_type!r} is not one of {sorted(ADAPTER_WRITE_TYPES)}")
     qtype = ADAPTER_WRITE_TYPES[tensor_type]
+    kvs = [_gguf_string(key) + struct.pack("<I", GGUFValueType.STRING) + _gguf_string(value)
+           for key, value in (("general.architecture", ARCH), ("general.type", "adapter"), ("adapter.type", "lora"))]
+    kvs.append(_gguf_string("adapter.lora.alpha") + struct.pack("<If", GGUFValueType.FLOAT32, float(alpha)))
+    infos, blobs, offset = [], [], 0
+    for name, arr in tensors.items():
+        raw = quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype).tobytes()
+        ne = arr.shape[::-1]  # GGUF lists the fastest-varying dimension first
+        infos.append(_gguf_string(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, qtype, offset))
+        blobs.append(raw + _padding(len(raw)))
+        offset += len(blobs[-1])
+    head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(infos), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    return head + _padding(len(head)) + b"".join(blobs)
+
+
+def _gguf_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _padding(n: int) -> bytes:
+    return bytes(-n % GGUF_DEFAULT_ALIGNMENT)
+
+
+def write_adapter_gguf(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], alpha: float, tensor_type: str = "q4_0") -> Path:
+    """Write `adapter_gguf_bytes(...)` to `path`, atomically."""
+    data = adapter_gguf_bytes(tensors, alpha, tensor_type)
     path = Path(path)
     with atomic_path(path) as tmp:
-        writer = GGUFWriter(tmp, ARCH)
-        writer.add_type("adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", float(alpha))
-        for name, arr in tensors.items():
-            data = quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
-            writer.add_tensor(name, data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        tmp.write_bytes(data)
     return path
 
 

@@ -83,6 +83,36 @@ def test_base_model_loads_the_same_bits_as_gguf_py(q8_model):
     assert base.fingerprint == file_sha256(q8_model)  # the whole file
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "q8_0", "f16", "f32"])
+def test_adapter_bytes_are_what_gguf_py_writes(tmp_path, kind):
+    """adapter.gguf is built in memory (no file to write it through): byte for byte what gguf-py's
+    GGUFWriter writes for the same tensors, and read back by paw_lite and gguf-py alike."""
+    from gguf import GGUFWriter
+
+    from paw_lite.lora import ADAPTER_WRITE_TYPES, adapter_gguf_bytes
+
+    rng = np.random.default_rng(3)
+    tensors = {"blk.0.attn_qkv.weight.lora_a": rng.standard_normal((32, 64), dtype=np.float32),
+               "blk.0.attn_qkv.weight.lora_b": rng.standard_normal((192, 32), dtype=np.float32),
+               "blk.1.ffn_down.weight.lora_a": rng.standard_normal((32, 96), dtype=np.float32)}
+    qtype = ADAPTER_WRITE_TYPES[kind]
+    path = tmp_path / "gguf-py.gguf"
+    w = GGUFWriter(path, "gpt2")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 12.5)
+    for name, arr in tensors.items():
+        w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = adapter_gguf_bytes(tensors, 12.5, kind)
+    assert ours == path.read_bytes()
+    index = read_index_bytes(ours, "adapter.gguf")
+    assert [numpy_shape(t) for t in index.tensors] == [a.shape for a in tensors.values()]
+
+
 def test_iter_tensors_reads_each_tensor_and_nothing_else(tmp_path):
     data = np.arange(48, dtype=np.float32).tobytes()
     raw = gguf([kv_str("general.name", "x")], [tensor_info("b", [8], T.F32, 128), tensor_info("a", [16], T.F32, 0)],
