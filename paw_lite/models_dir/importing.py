@@ -16,9 +16,22 @@ from ..atomic import atomic_path, checked_or_removed, created_folder
 from ..base_model import file_sha256
 from ..errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError
 from .manifest import ROLES, ManifestEntry, load_manifest, read_installed, record_installed
-from .verify import ShapeSourceError, quant_of_meta, warn_unless_published_shape, check_file, installed_mapper_shape
+from .verify import ShapeSourceError, check_file, installed_mapper_shape, quant_of_meta
 
 log = logging.getLogger(__name__)
+
+
+# Both compilers are Qwen3-4B-Instruct-2507 (the trained one fine-tuned from it): (layers, width).
+PUBLISHED_QWEN3_SHAPE = (36, 2560)
+
+
+def _warn_unless_published_shape(path: Path, role: str, n_layer: int, n_embd: int) -> None:
+    """Another Qwen3 imports and runs, but is not the model the reference system compiles with."""
+    if (n_layer, n_embd) != PUBLISHED_QWEN3_SHAPE:
+        layers, width = PUBLISHED_QWEN3_SHAPE
+        log.warning("%s: a %d-layer, %d-wide Qwen3, not the published Qwen3-4B (%d layers, %d wide); imported as the %s, "
+                    "but programs compiled with it will differ from the reference system's", path, n_layer, n_embd,
+                    layers, width, role.replace("_", " "))
 
 
 def qwen3_folder_role(folder: Path) -> str:
@@ -133,7 +146,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
         if f.path.suffix == ".gguf":
             info = check_file(f.path, role, directory)
             if role in ("compiler", "pseudo_compiler"):
-                warn_unless_published_shape(f.path, role, info["n_layer"], info["n_embd"])
+                _warn_unless_published_shape(f.path, role, info["n_layer"], info["n_embd"])
             entry = manifest[role]
             if "{quant}" in entry.name and f.quant is None:
                 raise InvalidFileError(f"{f.path}: cannot tell its quantization (no general.file_type, and its matrices are "
@@ -147,7 +160,7 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
             source = Qwen3Source(f.path)  # config and shard headers
             preflight(source, options.compiler_quant if role == "compiler" else options.quant)  # tokenizer, llama.cpp
             n_tensors[role] = len(source.tensors)
-            warn_unless_published_shape(f.path, role, source.config.n_layer, source.config.n_embd)
+            _warn_unless_published_shape(f.path, role, source.config.n_layer, source.config.n_embd)
 
     done: list[dict[str, Any]] = []
     with created_folder(directory):  # a failed import does not leave an empty models folder behind

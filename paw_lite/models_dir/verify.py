@@ -3,7 +3,6 @@ installed.json, and each role's structural check (`models list|verify`, `doctor`
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +11,6 @@ from typing import Any
 from ..base_model import file_sha256
 from ..errors import InvalidFileError, PawError, malformed_file
 from .manifest import ManifestEntry, load_manifest, read_installed
-
-log = logging.getLogger(__name__)
 
 
 class ShapeSourceError(PawError):
@@ -37,19 +34,6 @@ def _read_shape_source(path: Path, what: str, read: Callable[[Path], Any]) -> An
 # A --models path that is a file: what `models list|verify` and `doctor` say, and the fix.
 NOT_A_FOLDER = "the models directory is a file, not a folder"
 NOT_A_FOLDER_FIX = "point --models or PAW_LITE_MODELS at a folder"
-
-
-# Both compilers are Qwen3-4B-Instruct-2507 (the trained one fine-tuned from it): (layers, width).
-PUBLISHED_QWEN3_SHAPE = (36, 2560)
-
-
-def warn_unless_published_shape(path: Path, role: str, n_layer: int, n_embd: int) -> None:
-    """Another Qwen3 imports and runs, but is not the model the reference system compiles with."""
-    if (n_layer, n_embd) != PUBLISHED_QWEN3_SHAPE:
-        layers, width = PUBLISHED_QWEN3_SHAPE
-        log.warning("%s: a %d-layer, %d-wide Qwen3, not the published Qwen3-4B (%d layers, %d wide); imported as the %s, "
-                    "but programs compiled with it will differ from the reference system's", path, n_layer, n_embd,
-                    layers, width, role.replace("_", " "))
 
 
 def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
