@@ -126,8 +126,9 @@ def read_index_bytes(data: bytes, source: str, limits: GGUFLimits = MODEL_LIMITS
 
 
 class _Walk:
-    """One pass over the key/value and tensor-info tables of `buf` (a memory map or bytes). Every
-    length is checked against the bytes left before anything is read or allocated for it."""
+    """The key/value and tensor-info tables of `buf` (a memory map or bytes): one checking pass over
+    every record, then the values decoded. Every length is checked against the bytes left before
+    anything is read or allocated for it."""
 
     def __init__(self, source: Path | str, buf: mmap.mmap | bytes, limits: GGUFLimits):
         self.source, self.buf, self.limits = source, buf, limits
