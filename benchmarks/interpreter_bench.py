@@ -81,8 +81,7 @@ def ensure_workload(cache: Path, n_calls: int, log=print) -> Workload:
         if meta.get("format") == FORMAT and len(meta["calls"]) >= n_calls:
             return Workload.load(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from vocab_source import gpt2_vocab, vocab_dir
+    from paw_lite.testing.vocab import gpt2_vocab, vocab_dir
 
     from paw_lite.gpt2_layout import GPT2Config
     from paw_lite.tokenizer import GPT2Tokenizer

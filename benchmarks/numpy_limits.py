@@ -23,12 +23,10 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from paw_lite.blas_threads import controller, usable_cpus  # noqa: E402
+from paw_lite.blas_threads import controller, usable_cpus
 
 D, N_FF, N_LAYER, N_VOCAB = 768, 3072, 12, 50257
 SHAPES = [(3 * D, D), (D, D), (N_FF, D), (D, N_FF)]  # attn_qkv, attn_output, ffn_up, ffn_down (Linear layout)

@@ -38,9 +38,8 @@ _PIECES_PER_CAPACITY = 8  # a worker's piece of a map: long enough that its last
 
 
 def load_adapter(program: Program, base: BaseModel, scratch_dir: Path) -> LoraAdapter:
-    """Parse the program's adapter.gguf (gguf-py reads from a path, so the bytes go to a private temp file)."""
-    with program.adapter_file(scratch_dir) as path:
-        adapter = LoraAdapter.from_gguf(path, base.config)
+    """Parse the program's adapter.gguf (from memory: no temporary file)."""
+    adapter = LoraAdapter.from_program(program, base.config)
     for key, value in (("lora_rank", adapter.rank), ("lora_alpha", adapter.alpha)):
         declared = program.meta.get(key)
         if declared is not None and float(declared) != float(value):

@@ -23,7 +23,7 @@ def tiny_qwen(tmp_path_factory, vocab_dir: Path) -> tuple[Path, Path]:
     """(HF folder, F32 GGUF) of a 4-layer random Qwen3 with the real Qwen tokenizer, the 64 prefix
     tokens and a chat template; built once per test session (shared through the session's base temp)."""
     from paw_lite.convert.qwen3 import convert_qwen3
-    from qwen_fixtures import make_tiny_qwen3
+    from paw_lite.testing.qwen3 import make_tiny_qwen3
 
     root = tmp_path_factory.getbasetemp() / "compiler_tiny_qwen"
     folder, gguf = root / "hf", root / "tiny-qwen3-f32.gguf"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vocab_source import gpt2_vocab as _read_gpt2_vocab, vocab_dir as _vocab_dir
+from paw_lite.testing.vocab import gpt2_vocab as _read_gpt2_vocab, vocab_dir as _vocab_dir
 
 
 @pytest.fixture

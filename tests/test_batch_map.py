@@ -100,8 +100,7 @@ def test_map_stops_each_input_at_the_context_end(tiny_fn, tiny_gguf, tiny_progra
     assert got == [tiny_fn.generate_ids(t) for t in texts]
     # the oracle: the reference forward pass, greedy until EOS or the last position of the context
     base = BaseModel.load(tiny_gguf)
-    with paw_lite.Program.load(tiny_program).adapter_file(tmp_path) as p:
-        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    merged = LoraAdapter.from_program(paw_lite.Program.load(tiny_program), base.config).merged_into(base.weights)
     assert got == [reference_greedy(base, merged, ids, tiny_fn.config.n_ctx - len(ids)) for ids in prompts]
     assert [len(ids) + len(out) for ids, out in zip(prompts, got)][:3] == [tiny_fn.config.n_ctx] * 3, \
         "these inputs must run into the context end (not EOS) for the test to mean anything"
@@ -120,8 +119,7 @@ def test_map_errors_before_any_work(tiny_fn):
 def test_engine_equals_the_reference_forward_pass(tiny_fn, tiny_gguf, tiny_program, tmp_path):
     """The fast path (prefix shared, batched) against gpt2.forward with the LoRA merged as lora.py merges it."""
     base = BaseModel.load(tiny_gguf)
-    with paw_lite.Program.load(tiny_program).adapter_file(tmp_path) as p:
-        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    merged = LoraAdapter.from_program(paw_lite.Program.load(tiny_program), base.config).merged_into(base.weights)
     for text in TEXTS[:6]:
         ids = tiny_fn.prompt_ids(text)
         assert tiny_fn.generate_ids(text, max_tokens=12) == reference_greedy(base, merged, ids, 12), text
@@ -129,8 +127,7 @@ def test_engine_equals_the_reference_forward_pass(tiny_fn, tiny_gguf, tiny_progr
 
 def _engine_and_reference(gguf, program, tmp_path):
     base = BaseModel.load(gguf)
-    with paw_lite.Program.load(program).adapter_file(tmp_path) as p:
-        adapter = LoraAdapter.from_gguf(p, base.config)
+    adapter = LoraAdapter.from_program(paw_lite.Program.load(program), base.config)
     merged = adapter.merged_into(base.weights)
     engine = Engine(Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale), base.config)
     return base, merged, engine
@@ -409,8 +406,7 @@ def test_an_empty_prefix_works_batched_and_alone(tiny_gguf, tiny_lora, tmp_path)
     """A template that starts with the placeholder has no prefix to share: every token is the input's."""
     program = make_program(tmp_path / "noprefix.paw", tiny_lora, 16.0, template="{INPUT_PLACEHOLDER}\n[END_INPUT]")
     base = BaseModel.load(tiny_gguf)
-    with paw_lite.Program.load(program).adapter_file(tmp_path) as p:
-        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    merged = LoraAdapter.from_program(paw_lite.Program.load(program), base.config).merged_into(base.weights)
     with paw_lite.function(program, base_model=tiny_gguf, cache_dir=tmp_path / "c") as f:
         assert f._prefix_k.shape[2] == 0
         texts = [t for t in TEXTS if t]

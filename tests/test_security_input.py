@@ -39,8 +39,7 @@ def oracle(fn, tiny_hf, tiny_program, tmp_path_factory):
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
     tmp = tmp_path_factory.mktemp("peft")
-    with Program.load(tiny_program).adapter_file(tmp) as p:
-        adapter = LoraAdapter.from_gguf(p, fn.config)
+    adapter = LoraAdapter.from_program(Program.load(tiny_program), fn.config)
     write_peft_dir(tmp / "peft", adapter)
     model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_hf), tmp / "peft").eval()
     return model, GPT2TokenizerFast.from_pretrained(tiny_hf)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from paw_lite.gguf_file import open_gguf
+from paw_lite.gguf_file import read_index
 from paw_lite.tokenizer import GPT2Tokenizer
 
 EXTRA_CASES = ["classify a log line as ALERT or QUIET", "  leading spaces\n\n\ttabs", "naïve café — 東京 🤖",
@@ -22,7 +22,7 @@ def reference_cases(vocab_dir, name):
 @pytest.fixture(scope="module")
 def tok(vocab_dir):
     path = vocab_dir / "ggml-vocab-gpt-2.gguf"
-    return GPT2Tokenizer.from_gguf(open_gguf(path), path)
+    return GPT2Tokenizer.from_gguf(read_index(path), path)
 
 
 @pytest.fixture(scope="module")

@@ -100,8 +100,7 @@ def test_program_on_an_untied_base_equals_transformers_peft(untied_hf, untied_gg
     from transformers import GPT2LMHeadModel
 
     with paw_lite.function(tiny_program, base_model=untied_gguf, cache_dir=tmp_path / "c") as fn:
-        with Program.load(tiny_program).adapter_file(tmp_path) as p:
-            write_peft_dir(tmp_path / "peft", LoraAdapter.from_gguf(p, fn.config))
+        write_peft_dir(tmp_path / "peft", LoraAdapter.from_program(Program.load(tiny_program), fn.config))
         # a fresh model: PEFT wraps the one it is given in place
         hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(untied_hf), tmp_path / "peft").eval()
         outs = set()

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import batch
+from .. import batch_files as batch
 from ..atomic import check_writable
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function

@@ -100,7 +100,7 @@ def make_qwen_tokenizer(vocab_dir: Path):
 _TOKENIZER_FILES: dict[Path, dict[str, bytes]] = {}  # vocab_dir -> saved files: built once per process (~3 s)
 
 
-def _save_tokenizer(folder: Path, vocab_dir: Path, template_in_jinja_file: bool) -> None:
+def save_qwen_tokenizer(folder: Path, vocab_dir: Path, template_in_jinja_file: bool) -> None:
     import tempfile
 
     from transformers import PreTrainedTokenizerFast
@@ -155,7 +155,7 @@ def make_tiny_qwen3(folder: Path, vocab_dir: Path, *, n_layer: int = 4, seed: in
             if "norm" in name:
                 p.copy_(1.0 + torch.randn_like(p) * 0.2)
     model.to(getattr(torch, dtype)).save_pretrained(folder, max_shard_size=max_shard_size)
-    _save_tokenizer(folder, vocab_dir, template_in_jinja_file)
+    save_qwen_tokenizer(folder, vocab_dir, template_in_jinja_file)
     return folder
 
 
