@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from .batch import read_inputs  # the batch reader's line rules (BOM, CRLF, one bad line costs only itself)
+from .batch_files import read_inputs  # the batch reader's line rules (BOM, CRLF, one bad line costs only itself)
 from .errors import InvalidFileError, PawError, regular_file_size, require
 
 log = logging.getLogger("paw_lite")
