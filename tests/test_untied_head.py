@@ -15,7 +15,8 @@ import paw_lite
 from paw_lite.base_model import BaseModel
 from paw_lite.convert.gguf_meta import read_gguf_meta
 from paw_lite.convert.gpt2 import convert_hf_gpt2
-from paw_lite.engine import Engine, Sequence, Weights
+from paw_lite.engine import Engine, Sequence
+from paw_lite.gpt2_weights import Weights
 from paw_lite.gpt2 import KVCache, forward
 from paw_lite.lora import LoraAdapter, write_peft_dir
 from paw_lite.program import Program
