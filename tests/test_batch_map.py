@@ -271,6 +271,8 @@ def test_workers_option(tiny_fn, monkeypatch):
     monkeypatch.setattr(type(ctl), "set", lambda self, n: calls.append(n))
     assert tiny_fn.map_ids(TEXTS * 2, batch_size=8, workers=1) == one_by_one * 2
     assert calls == []
+    assert tiny_fn.map_ids(TEXTS * 2, batch_size=8, workers=2) == one_by_one * 2
+    assert calls == [1], "two workers hold BLAS at one thread"
     for bad in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="workers must be a positive integer"):
             tiny_fn.map(["a"], workers=bad)
