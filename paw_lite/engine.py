@@ -31,22 +31,29 @@ __all__ = ["Engine", "Sequence", "Stopped", "own_positions"]
 
 
 class Engine:
-    """Evaluates a GPT-2 over one shared prefix plus, per sequence, its own tokens. Not for
-    concurrent use: `fork` gives another thread its own buffers."""
+    """Evaluates a model over one shared prefix plus, per sequence, its own tokens. Not for
+    concurrent use: `fork` gives another thread its own buffers. Nothing here is GPT-2's but
+    `gpt2` and `w`: another family is another `scheduler.PackedForward`."""
 
-    def __init__(self, weights: Weights, config: GPT2Config):
-        self.model = GPT2Packed(weights, config)
-        self.config = config
-        self.prefix_k = self.prefix_v = self.model.kv_shape.empty_prefix()
+    def __init__(self, model: scheduler.PackedForward):
+        self.model = model
+        self.config = model.config
+        self.n_ctx, self.n_vocab = model.kv_shape.n_ctx, model.n_vocab
+        self.prefix_k = self.prefix_v = model.kv_shape.empty_prefix()
         self._solo: SoloCache | None = None
+
+    @classmethod
+    def gpt2(cls, weights: Weights, config: GPT2Config) -> "Engine":
+        return cls(GPT2Packed(weights, config))
 
     @property
     def w(self) -> Weights:
+        """The GPT-2 weights the engine runs on."""
         return self.model.w
 
     def fork(self) -> "Engine":
         """An engine over the same weights and prefix with its own buffers, for another thread."""
-        twin = Engine(self.w, self.config)
+        twin = Engine(self.model.fork())
         twin.set_prefix(self.prefix_k, self.prefix_v)
         return twin
 
@@ -84,7 +91,7 @@ class Engine:
     def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Logits after the last token of each sequence (n_seqs, n_vocab): what generation
         chooses each one's first token from, evaluated the way generation evaluates them."""
-        logits = np.empty((len(seqs), self.config.n_vocab), np.float32)
+        logits = np.empty((len(seqs), self.n_vocab), np.float32)
         self._run([replace(s, limit=1) for s in seqs], -1, None, first_logits=logits)
         return logits
 
@@ -116,18 +123,18 @@ class Engine:
             raise InvalidInputError(f"{what}: no tokens after the prefix part; at least one is evaluated "
                                     f"for the logits of the first output")
         end = seq.start + len(seq.ids) + seq.limit - 1
-        if end > self.config.n_ctx:
+        if end > self.n_ctx:
             raise ContextOverflowError(f"{what}: {seq.start} prefix tokens + {len(seq.ids)} tokens + {seq.limit} to "
-                                       f"generate need {end} positions; the context holds {self.config.n_ctx}")
+                                       f"generate need {end} positions; the context holds {self.n_ctx}")
         self._check_ids(seq.ids, len(seq.ids), what)
 
     def _check_ids(self, ids: list[int], n: int, what: str) -> None:
         arr = np.asarray(ids)
         if arr.dtype.kind not in "iu" or arr.shape != (n,):
             raise InvalidInputError(f"{what}: token ids must be a flat list of integers")
-        if n > self.config.n_ctx:
-            raise ContextOverflowError(f"{what} is {n} tokens; the context holds {self.config.n_ctx}")
-        bad = (arr < 0) | (arr >= self.config.n_vocab)
+        if n > self.n_ctx:
+            raise ContextOverflowError(f"{what} is {n} tokens; the context holds {self.n_ctx}")
+        bad = (arr < 0) | (arr >= self.n_vocab)
         if bad.any():
             raise InvalidInputError(f"{what}: token id {int(arr[bad][0])} is outside the vocabulary "
-                                    f"(0..{self.config.n_vocab - 1})")
+                                    f"(0..{self.n_vocab - 1})")

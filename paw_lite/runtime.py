@@ -59,7 +59,7 @@ class PawFunction:
         weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
         log.info("%s: LoRA rank %d (alpha %g) on %d modules merged in %.2f s", program.source, adapter.rank, adapter.alpha,
                  len(adapter.pairs), time.perf_counter() - started)
-        self._engine: Engine | None = Engine(weights, self.config)
+        self._engine: Engine | None = Engine.gpt2(weights, self.config)
         self._map_pool = MapPool(self._engine)  # fn.map's workers: this engine and forks of it
         self._prefix_ids = self.tokenizer.encode(program.prefix)
         self._suffix_ids = self.tokenizer.encode(program.suffix)

@@ -41,8 +41,12 @@ class Sequence:
 class PackedForward(Protocol):
     """A model's forward over the packed rows of a step (what the scheduler needs of a model)."""
 
+    config: object  # the model's hyperparameters
     kv_shape: KVShape
     n_vocab: int
+
+    def fork(self) -> "PackedForward":
+        """The same weights with buffers of its own, for another thread."""
 
     def forward(self, cache: SlotCache, step: Step, tokens: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
         """Final hidden rows after the last token of each wanted segment, or None if none is wanted."""

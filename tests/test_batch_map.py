@@ -133,7 +133,7 @@ def _engine_and_reference(gguf, program, tmp_path):
     with paw_lite.Program.load(program).adapter_file(tmp_path) as p:
         adapter = LoraAdapter.from_gguf(p, base.config)
     merged = adapter.merged_into(base.weights, base.config)
-    engine = Engine(Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale), base.config)
+    engine = Engine.gpt2(Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale), base.config)
     return base, merged, engine
 
 
@@ -379,7 +379,7 @@ def test_greedy_over_head_blocks_is_the_argmax_of_the_logits(tiny_engine, monkey
     head = rng.standard_normal((n_vocab, d)).astype(np.float32)
     head[[12, 30, 31]] = head[10]  # ties with row 10: the same block (12) and later blocks (30, 31)
     head[n_vocab - 1] = head[n_vocab - 2]  # a tie inside the last, partial block
-    twin = Engine(dataclasses.replace(engine.w, head=head), engine.config).model
+    twin = Engine.gpt2(dataclasses.replace(engine.w, head=head), engine.config).model
     h = rng.standard_normal((n_rows, d)).astype(np.float32)
     h[0] = head[10] * 3  # row 0's maximum is the tied row 10
     if n_rows > 2:

@@ -24,7 +24,7 @@ def base(tiny_gguf):
 
 @pytest.fixture(scope="module")
 def engine(base):
-    eng = Engine(Weights.from_gguf_names(base.weights, base.config), base.config)
+    eng = Engine.gpt2(Weights.from_gguf_names(base.weights, base.config), base.config)
     eng.set_prefix(*eng.eval_prefix([464, 2068, 7586]))
     return eng
 
@@ -110,7 +110,7 @@ if sys.flags.optimize < 1:
     sys.exit("asserts must be off for this test")
 base = BaseModel.load({str(tiny_gguf)!r})
 for run in (lambda: forward([5, 6], base.weights, base.config, KVCache(base.config), 127),
-            lambda: Engine(Weights.from_gguf_names(base.weights, base.config), base.config).generate(
+            lambda: Engine.gpt2(Weights.from_gguf_names(base.weights, base.config), base.config).generate(
                 [Sequence([5] * 128, 0, 2)], eos=-1)):
     try:
         run()

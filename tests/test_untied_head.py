@@ -86,7 +86,7 @@ def test_reference_forward_uses_the_output_head(untied_hf, untied_gguf, hf_ref):
 
 def test_engine_uses_the_output_head(untied_gguf, hf_ref):
     base = BaseModel.load(untied_gguf)
-    engine = Engine(Weights.from_gguf_names(base.weights, base.config), base.config)
+    engine = Engine.gpt2(Weights.from_gguf_names(base.weights, base.config), base.config)
     # one sequence per prompt length: row t is the logits after IDS[:t + 1], as the engine
     # evaluates a prompt before choosing its first token
     got = engine.prompt_logits([Sequence(IDS[:t + 1], 0, 1) for t in range(len(IDS))])
