@@ -43,14 +43,7 @@ class MapPool:
         todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
         if not todo:
             return outs
-        report = None
-        if on_done is not None:
-            lock = threading.Lock()
-
-            def report(i: int, ids: list[int]) -> None:
-                with lock:
-                    on_done(i, ids)
-
+        report = None if on_done is None else _one_at_a_time(on_done)
         wanted = blas_threads.map_workers() if workers is None else workers
         n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
         capacity = min(batch_size // n_workers, kv_capacity([seqs[i] for i in todo], n_workers,
@@ -73,6 +66,17 @@ class MapPool:
         with blas_threads.single_threaded():
             run_workers([self.engine, *self.forks[:n_workers - 1]], pieces, work)
         return outs
+
+
+def _one_at_a_time(callback: Callable[[int, list[int]], None]) -> Callable[[int, list[int]], None]:
+    """The callback behind a lock: workers finish sequences at the same time, the caller's calls never overlap."""
+    lock = threading.Lock()
+
+    def call(i: int, ids: list[int]) -> None:
+        with lock:
+            callback(i, ids)
+
+    return call
 
 
 def kv_capacity(seqs: list[Sequence], n_workers: int, bytes_per_position: int) -> int:
