@@ -257,7 +257,7 @@ class ProductFloor:
     noisy as the host, so it is sampled alongside the calls it is compared with."""
 
     def __init__(self, weights, n_prompt: int):
-        from paw_lite.engine import _SMALL_PRODUCT_ROWS
+        from paw_lite.products import SMALL_PRODUCT_ROWS as _SMALL_PRODUCT_ROWS
 
         self.weights, self.n_prompt = weights, n_prompt
         layer = weights.layers[0]
@@ -273,7 +273,7 @@ class ProductFloor:
         self.token_s: list[float] = []
 
     def _products(self, n: int) -> None:
-        from paw_lite.engine import _project
+        from paw_lite.products import project as _project
 
         layers, d, n_ff, out = self.weights.layers, self.d, self.n_ff, self.out
         for i, layer in enumerate(layers):

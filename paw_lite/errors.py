@@ -29,6 +29,11 @@ class ContextOverflowError(PawError):
     """The prompt does not fit the interpreter's context window."""
 
 
+class InvalidInputError(PawError, ValueError):
+    """A value handed to the Python API is out of range: a token id outside the vocabulary, an
+    empty token list. Also a ValueError, the error Python code expects for a bad argument."""
+
+
 class MissingDependencyError(PawError):
     """An optional dependency is not installed."""
 

@@ -19,6 +19,7 @@ from .errors import IncompatibleModelError, InvalidFileError, PawError, malforme
 from .gguf_file import (ADAPTER_LIMITS, ADAPTER_TYPES, GGUF_MAGIC, GGUFIndex, get_float, get_str, iter_tensors, numpy_shape, read_index,
                         read_index_bytes, tensor_to_f32)
 from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
+from .gpt2_weights import Weights
 from .program import ADAPTER, Program
 from .safetensors_file import SafetensorsFile
 
@@ -110,18 +111,11 @@ class LoraAdapter:
         alpha = _check_alpha(float(cfg.get("lora_alpha", rank)), cfg_path)
         return cls(_pair_up(tensors), alpha, rank, st.dtype_name(st.keys()[0]) if st.keys() else "F32", str(folder))
 
-    def merged_into(self, weights: dict[str, np.ndarray], inplace: bool = False) -> dict[str, np.ndarray]:
-        """Weights with W + scale * B @ A for each target. Without inplace, the input arrays are not modified."""
-        out = weights if inplace else dict(weights)
-        scale = np.float32(self.scale)
-        for target, (a, b) in self.pairs.items():
-            key = f"{target}.weight"
-            delta = scale * (b @ a)  # (d_out, r) @ (r, d_in)
-            if inplace:
-                out[key] += delta
-            else:
-                out[key] = weights[key] + delta
-        return out
+    def merged_into(self, weights: dict[str, np.ndarray], config: GPT2Config) -> Weights:
+        """The base model's GGUF-named tensors with W + scale * B @ A for each target, in the weight
+        form both forward passes run on (`Weights.from_gguf_names`, the one merge). The input
+        arrays are not modified."""
+        return Weights.from_gguf_names(weights, config, self.pairs, self.scale)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """GGUF name -> array, in a stable order."""

@@ -10,34 +10,22 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from . import blas_threads, paths, prefix_cache
+from . import paths, prefix_cache
 from .base_model import BaseModel
-from .engine import Engine, Sequence, Stopped, Weights, kv_bytes_per_position, own_positions
+from .engine import Engine, Sequence
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
+from .gpt2_weights import Weights
 from .lora import LoraAdapter
+from .parallel_map import DEFAULT_BATCH_SIZE, MapPool
 from .program import ADAPTER, Program
 
 log = logging.getLogger("paw_lite")
 
-# fn.map's default sequences in flight, shared among the worker threads (one per core): each holds
-# its own keys and values (74 KB per token on GPT-2 124M: 128 x 50 tokens = 470 MB) besides the
-# model's 500 MB. Fewer per worker leaves its decoding matmuls too small to run at full speed:
-# measured on 2 cores (256 calls, 37-token prompts, 8 output tokens), 64 in flight cost 15-20% more
-# CPU time per call than 128, for 210 MB less peak memory (920 MB against 1130 MB).
-DEFAULT_BATCH_SIZE = 128
-# The most memory fn.map's in-flight keys and values may take, all workers together: long inputs
-# run fewer at a time rather than past it (128 inputs of 1,800 tokens would want 16 GB).
-MAP_KV_BUDGET = 1 << 30
-_MIN_PER_WORKER = 4  # fewer inputs than this per core run on one worker: threads would not pay off
-_PIECES_PER_CAPACITY = 8  # a worker's piece of a map: long enough that its last, emptying steps are rare
-
-
-def load_adapter(program: Program, base: BaseModel, scratch_dir: Path) -> LoraAdapter:
+def load_adapter(program: Program, base: BaseModel) -> LoraAdapter:
     """Parse the program's adapter.gguf (from memory: no temporary file)."""
     adapter = LoraAdapter.from_program(program, base.config)
     for key, value in (("lora_rank", adapter.rank), ("lora_alpha", adapter.alpha)):
@@ -54,15 +42,12 @@ class PawFunction:
     which evaluates them together on every core; functions in parallel threads compete for the
     same cores (NumPy's BLAS already uses them all) and each holds its own merged weights."""
 
-    def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool,
-                 scratch_dir: Path | None = None):
+    def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool):
         self.program = program
         self.config = base.config
         self.tokenizer = base.tokenizer
-        # The adapter's temporary copy goes under the cache directory even when prefix caching is off.
-        scratch = scratch_dir or (cache_dir if cache_dir is not None else paths.cache_dir()) / "tmp"
         started = time.perf_counter()
-        adapter = load_adapter(program, base, scratch)
+        adapter = load_adapter(program, base)
         # The LoRA is merged into the engine's weights. A base loaded for this function alone is merged
         # in its own memory (never held twice); a shared base stays untouched, so each function on it
         # holds its own merged copy of the 48 matrices (~340 MB for GPT-2 124M): sharing saves the
@@ -70,8 +55,8 @@ class PawFunction:
         weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
         log.info("%s: LoRA rank %d (alpha %g) on %d modules merged in %.2f s", program.source, adapter.rank, adapter.alpha,
                  len(adapter.pairs), time.perf_counter() - started)
-        self._engine: Engine | None = Engine(weights, self.config)
-        self._forks: list[Engine] = []  # fn.map's other workers: the same weights, their own buffers
+        self._engine: Engine | None = Engine.gpt2(weights, self.config)
+        self._map_pool = MapPool(self._engine)  # fn.map's workers: this engine and forks of it
         self._prefix_ids = self.tokenizer.encode(program.prefix)
         self._suffix_ids = self.tokenizer.encode(program.suffix)
         self._template_bytes = len(program.template.encode("utf-8"))
@@ -153,47 +138,15 @@ class PawFunction:
                 seqs.append(self._sequence(self.prompt_ids(text), max_tokens))
             except (PawError, TypeError) as exc:  # which of thousands of inputs it was
                 raise type(exc)(f"input {i} of the map: {exc}") from None
-        outs: list[list[int]] = [[] for _ in seqs]
-        report = None
         if on_result is not None:
             for i, s in enumerate(seqs):
                 if s is None:  # nothing to generate (max_tokens 0, or the context is full)
                     on_result(i, [])
-            lock = threading.Lock()
-
-            def report(i: int, ids: list[int]) -> None:
-                with lock:
-                    on_result(i, ids)
-        # Similar lengths batched together waste less attention padding; the order does not change results.
-        todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
-        if not todo:
-            return outs
+        if all(s is None for s in seqs):
+            return [[] for _ in seqs]
         with self._exclusive():
-            engine = self._live_engine()
-            # batch_size bounds the sequences in flight (and so the memory), whatever the worker count.
-            wanted = blas_threads.map_workers() if workers is None else workers
-            n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
-            capacity = min(batch_size // n_workers, self._kv_capacity(seqs, todo, n_workers))
-            if n_workers == 1:
-                self._generate(engine, todo, seqs, outs, capacity, report=report)
-                return outs
-            while len(self._forks) < n_workers - 1:
-                self._forks.append(engine.fork())
-            # Workers take turns at pieces of the work, so one that finishes early takes more.
-            piece = min(_PIECES_PER_CAPACITY * capacity, -(-len(todo) // n_workers))
-            pieces = [todo[p:p + piece] for p in range(0, len(todo), piece)]
-            with blas_threads.single_threaded():
-                _run_workers([engine, *self._forks[:n_workers - 1]], pieces,
-                             lambda eng, group, stop: self._generate(eng, group, seqs, outs, capacity, stop, report))
-        return outs
-
-    def _generate(self, engine: Engine, group: list[int], seqs: list[Sequence | None], outs: list[list[int]],
-                  capacity: int, stop: threading.Event | None = None,
-                  report: Callable[[int, list[int]], None] | None = None) -> None:
-        on_done = None if report is None else (lambda k, ids: report(group[k], ids))
-        for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id, capacity, stop=stop,
-                                                 on_done=on_done)):
-            outs[i] = ids
+            self._live_engine()
+            return self._map_pool.generate(seqs, self.tokenizer.eos_id, batch_size, workers, on_result)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -212,7 +165,7 @@ class PawFunction:
 
     def close(self) -> None:
         self._engine = None
-        self._forks = []
+        self._map_pool = None
 
     def __enter__(self) -> "PawFunction":
         return self
@@ -258,13 +211,6 @@ class PawFunction:
         if self._engine is None:
             raise PawError(f"{self.program.source}: this function was closed")
         return self._engine
-
-    def _kv_capacity(self, seqs: list[Sequence | None], todo: list[int], n_workers: int) -> int:
-        """Sequences in flight per worker that keep the map's keys and values within MAP_KV_BUDGET,
-        each slot sized as the engine sizes it, so long inputs run fewer at a time instead of
-        asking for gigabytes. At least one, whatever the budget."""
-        per_slot = own_positions([seqs[i] for i in todo]) * kv_bytes_per_position(self.config)
-        return max(1, MAP_KV_BUDGET // (n_workers * per_slot))
 
     def _sequence(self, ids: list[int], max_tokens: int | None) -> Sequence | None:
         """What the engine evaluates for a prompt: the tokens after the part it shares with the
@@ -333,44 +279,6 @@ def _checked_integer(name: str, value: object, minimum: int, expected: str) -> i
     return number
 
 
-def _run_workers(engines: list[Engine], groups: list[list[int]],
-                 work: Callable[[Engine, list[int], threading.Event], None]) -> None:
-    """Each engine in its own thread (the first in this one) takes the next group until none are
-    left. NumPy releases the GIL in its loops and BLAS calls, so the threads share the cores.
-    The first error (a Ctrl-C lands in this thread's) sets the event `work` gets, which stops the
-    others within one step, and is raised here."""
-    pending = iter(groups)
-    take = threading.Lock()
-    failed = threading.Event()
-
-    def worker(engine: Engine) -> None:
-        while not failed.is_set():
-            with take:
-                group = next(pending, None)
-            if group is None:
-                return
-            try:
-                work(engine, group, failed)
-            except Stopped:  # another worker failed: its error is the one raised
-                return
-            except BaseException:
-                failed.set()  # the others stop at their next step (a Ctrl-C waited for whole groups)
-                raise
-
-    with ThreadPoolExecutor(max_workers=len(engines) - 1, thread_name_prefix="paw-map") as pool:
-        others = [pool.submit(worker, engine) for engine in engines[1:]]
-        try:
-            worker(engines[0])
-            wait(others)
-        except BaseException:  # also a Ctrl-C while this thread waits for the others' last groups
-            failed.set()
-            raise
-        finally:
-            wait(others)  # no worker outlives the call
-        for future in others:
-            future.result()
-
-
 def function(program: str | os.PathLike[str] | Program, base_model: str | os.PathLike[str] | BaseModel | None = None,
              *, cache_dir: str | os.PathLike[str] | None = None, prefix_cache_enabled: bool = True) -> PawFunction:
     """Load a program (a `.paw` file, a program folder or a Program) and bind it to its interpreter.
@@ -389,5 +297,4 @@ def function(program: str | os.PathLike[str] | Program, base_model: str | os.Pat
         base, owns = BaseModel.load(interpreter), True
         log.info("interpreter: %s loaded in %.2f s", interpreter, time.perf_counter() - started)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()
-    return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns,
-                       scratch_dir=directory / "tmp")
+    return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns)

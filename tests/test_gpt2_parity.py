@@ -41,7 +41,7 @@ def test_logits_with_lora_match_peft(tiny_hf, tiny_gguf, tiny_lora, tmp_path):
     write_peft_dir(tmp_path / "peft", adapter)
     hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_hf), tmp_path / "peft").eval()
     ref = hf_logits(hf, IDS)
-    merged = adapter.merged_into(base.weights)
+    merged = adapter.merged_into(base.weights, base.config)
     ours = forward(IDS, merged, base.config, KVCache(base.config), 0, all_logits=True)
     plain = forward(IDS, base.weights, base.config, KVCache(base.config), 0, all_logits=True)
     assert np.abs(ours - plain).max() > 1.0, "the LoRA must change the logits for this test to mean anything"
@@ -78,5 +78,5 @@ def test_base_weights_untouched_by_merge(tiny_gguf, tiny_lora, tmp_path):
     base = BaseModel.load(tiny_gguf)
     before = base.weights["blk.0.attn_qkv.weight"].copy()
     write_adapter_gguf(tmp_path / "a.gguf", tiny_lora, 16.0, "f32")
-    LoraAdapter.from_gguf(tmp_path / "a.gguf", base.config).merged_into(base.weights)
+    LoraAdapter.from_gguf(tmp_path / "a.gguf", base.config).merged_into(base.weights, base.config)
     np.testing.assert_array_equal(base.weights["blk.0.attn_qkv.weight"], before)

@@ -257,7 +257,7 @@ def test_a_closed_function_refuses_every_call(tiny_program, tiny_gguf, tmp_path)
 def test_long_inputs_run_fewer_at_a_time(fn, monkeypatch):
     """fn.map caps the sequences in flight so their keys and values stay within MAP_KV_BUDGET; the
     results are those of one call at a time either way."""
-    from paw_lite import runtime
+    from paw_lite import parallel_map
     from paw_lite.engine import Engine
 
     texts = ["word " * 40, "disk full " * 15, "x", "user logged in"]
@@ -273,10 +273,10 @@ def test_long_inputs_run_fewer_at_a_time(fn, monkeypatch):
     c = fn.config
     own_tokens = len(fn._sequence(fn.prompt_ids(texts[0]), 4).ids)  # after the shared prefix
     per_sequence = 2 * c.n_layer * c.n_embd * 4 * (own_tokens + 4)
-    monkeypatch.setattr(runtime, "MAP_KV_BUDGET", 2 * per_sequence)  # room for two of the longest
+    monkeypatch.setattr(parallel_map, "MAP_KV_BUDGET", 2 * per_sequence)  # room for two of the longest
     assert fn.map_ids(texts, max_tokens=4, batch_size=128, workers=1) == want
     assert capacities == [2]
-    monkeypatch.setattr(runtime, "MAP_KV_BUDGET", 1)  # less than one: still one at a time
+    monkeypatch.setattr(parallel_map, "MAP_KV_BUDGET", 1)  # less than one: still one at a time
     capacities.clear()
     assert fn.map_ids(texts, max_tokens=4, batch_size=128, workers=1) == want
     assert capacities == [1]

@@ -15,7 +15,8 @@ import paw_lite
 from paw_lite.base_model import BaseModel
 from paw_lite.convert.gguf_meta import read_gguf_meta
 from paw_lite.convert.gpt2 import convert_hf_gpt2
-from paw_lite.engine import Engine, Sequence, Weights
+from paw_lite.engine import Engine, Sequence
+from paw_lite.gpt2_weights import Weights
 from paw_lite.gpt2 import KVCache, forward
 from paw_lite.lora import LoraAdapter, write_peft_dir
 from paw_lite.program import Program
@@ -85,7 +86,7 @@ def test_reference_forward_uses_the_output_head(untied_hf, untied_gguf, hf_ref):
 
 def test_engine_uses_the_output_head(untied_gguf, hf_ref):
     base = BaseModel.load(untied_gguf)
-    engine = Engine(Weights.from_gguf_names(base.weights, base.config), base.config)
+    engine = Engine.gpt2(Weights.from_gguf_names(base.weights, base.config), base.config)
     # one sequence per prompt length: row t is the logits after IDS[:t + 1], as the engine
     # evaluates a prompt before choosing its first token
     got = engine.prompt_logits([Sequence(IDS[:t + 1], 0, 1) for t in range(len(IDS))])
