@@ -5,14 +5,17 @@ never a crash, never a truncated prompt."""
 
 from __future__ import annotations
 
-
 import pytest
-import torch
 
 import paw_lite
 from paw_lite.errors import ContextOverflowError, PawError
 from paw_lite.lora import LoraAdapter, write_peft_dir
 from paw_lite.program import PLACEHOLDER, Program
+
+from oracles import oracle
+
+torch = oracle("torch")
+oracle("transformers", "peft")
 
 MAX_NEW = 8  # parity on the first 8 output tokens (or up to EOS / the context end)
 

@@ -8,6 +8,8 @@ import pytest
 from paw_lite.gguf_file import open_gguf
 from paw_lite.tokenizer import GPT2Tokenizer
 
+from oracles import oracle
+
 EXTRA_CASES = ["classify a log line as ALERT or QUIET", "  leading spaces\n\n\ttabs", "naïve café — 東京 🤖",
                "[INPUT]\nhello\n[END_INPUT]", "x" * 300, "don't won't it's", "12345 67.89"]
 
@@ -27,9 +29,7 @@ def tok(vocab_dir):
 
 @pytest.fixture(scope="module")
 def hf_tokenizers(hf_tokenizer_dir):
-    from transformers import GPT2Tokenizer as HFGPT2Tokenizer
-
-    return (HFGPT2Tokenizer.from_pretrained(hf_tokenizer_dir),)
+    return (oracle("transformers").GPT2Tokenizer.from_pretrained(hf_tokenizer_dir),)
 
 
 def test_reference_cases_match_llama_cpp_and_hf(tok, vocab_dir, hf_tokenizers):
