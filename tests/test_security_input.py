@@ -50,9 +50,11 @@ def oracle(fn, tiny_hf, tiny_program, tmp_path_factory):
 
 
 def hf_prompt_ids(tokenizer, program: Program, text: str) -> list[int]:
-    """The whole prompt tokenized as one string, with special-token text in the input kept as text
-    (the template used here holds no control tokens, so the whole string may be split that way)."""
-    return tokenizer(program.prefix + text + program.suffix, split_special_tokens=True)["input_ids"]
+    """The prompt tokenized as the official runtime splits it (the prefix, then input + suffix), with
+    special-token text in the input kept as text (the template used here holds no control tokens,
+    so input + suffix may be split that way)."""
+    return (tokenizer(program.prefix)["input_ids"]
+            + tokenizer(text + program.suffix, split_special_tokens=True)["input_ids"])
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new: int) -> list[int]:
