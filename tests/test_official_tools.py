@@ -6,6 +6,7 @@ llama.cpp underneath, on local files only.
   broken bundles paw_lite refuses (so the acceptance is not vacuous).
 - Its runtime (`runtime_llamacpp.PawFunction`, through `programasweights.function`) runs the program
   on a tiny random interpreter GGUF to the same greedy output as paw_lite, from the same prompt ids.
+- The interpreter's pinned size and sha256 and two of the three prompt texts are the SDK's own.
 
 No network: the SDK's cache is a temporary folder (`PAW_CACHE_DIR`), its API URL a closed local port
 (`PAW_API_URL`) and every call is `offline=True`. The SDK pins runtime 'gpt2-q8_0' to the published
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import paw_lite
-from paw_lite.compiler import compile
+from paw_lite.compiler import compile as compile_program
 from paw_lite.errors import ModelNotFoundError, PawError
 from paw_lite.lora import LoraAdapter, write_peft_dir
 from paw_lite.program import Program
@@ -84,7 +85,7 @@ def compiled(tmp_path_factory, vocab_dir, hf_tokenizer_dir) -> dict:
     compiler = tiny_qwen(tmp_path_factory, vocab_dir)[1]
     for key, src in (("compiler", compiler), ("pseudo_compiler", compiler), ("interpreter", gguf)):
         (models / DEFAULT_FILES[key]).symlink_to(src)
-    bundle = compile(SPEC, root / "compiled.paw", pseudo_program=PSEUDO, models=models)
+    bundle = compile_program(SPEC, root / "compiled.paw", pseudo_program=PSEUDO, models=models)
     return {"bundle": bundle, "gguf": gguf, "hf": hf}
 
 
@@ -110,10 +111,10 @@ def test_the_official_importer_accepts_paw_lites_bundles_unchanged(case, sdk_off
     assert sdk_cache.get_offline_runtime_manifest(program.meta)["runtime_id"] == program.meta["runtime_id"] == "gpt2-q8_0"
 
 
-def zip_of(members: dict[str, bytes]) -> bytes:
+def zip_of(members: dict[str, bytes] | list[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
+        for name, data in (members.items() if isinstance(members, dict) else members):
             zf.writestr(name, data)
     return buf.getvalue()
 
@@ -122,26 +123,41 @@ def _meta(members: dict[str, bytes], **changes) -> dict[str, bytes]:
     return {**members, "meta.json": json.dumps({**json.loads(members["meta.json"]), **changes}).encode()}
 
 
+def _symlink(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = 0o120777 << 16  # a symbolic link, as zip tools store one
+    return info
+
+
+# Broken bundles, one per rule of the official importer (local_program.py, client._safe_extract_paw,
+# cache.validate_program_assets_dir), as archive bytes built from a good bundle's members.
 BROKEN = {
-    "an extra member": lambda m: {**m, "prefix_cache.bin": b"x"},
-    "no adapter": lambda m: {k: v for k, v in m.items() if k != "adapter.gguf"},
-    "no template": lambda m: {k: v for k, v in m.items() if k != "prompt_template.txt"},
-    "no meta.json": lambda m: {k: v for k, v in m.items() if k != "meta.json"},
-    "a template without the placeholder": lambda m: {**m, "prompt_template.txt": b"no placeholder"},
-    "two placeholders": lambda m: {**m, "prompt_template.txt": b"{INPUT_PLACEHOLDER} {INPUT_PLACEHOLDER}"},
-    "an adapter that is not GGUF": lambda m: {**m, "adapter.gguf": b"NOPE" + m["adapter.gguf"][4:]},
-    "an adapter under 1024 bytes": lambda m: {**m, "adapter.gguf": m["adapter.gguf"][:1000]},
-    "meta.json not JSON": lambda m: {**m, "meta.json": b"{not json"},
-    "no interpreter": lambda m: _meta(m, interpreter=""),
+    "an extra member": lambda m: zip_of({**m, "prefix_cache.bin": b"x"}),
+    "no adapter": lambda m: zip_of({k: v for k, v in m.items() if k != "adapter.gguf"}),
+    "no template": lambda m: zip_of({k: v for k, v in m.items() if k != "prompt_template.txt"}),
+    "no meta.json": lambda m: zip_of({k: v for k, v in m.items() if k != "meta.json"}),
+    "a template without the placeholder": lambda m: zip_of({**m, "prompt_template.txt": b"no placeholder"}),
+    "two placeholders": lambda m: zip_of({**m, "prompt_template.txt": b"{INPUT_PLACEHOLDER} {INPUT_PLACEHOLDER}"}),
+    "an adapter that is not GGUF": lambda m: zip_of({**m, "adapter.gguf": b"NOPE" + m["adapter.gguf"][4:]}),
+    "an adapter under 1024 bytes": lambda m: zip_of({**m, "adapter.gguf": m["adapter.gguf"][:1000]}),
+    "meta.json not JSON": lambda m: zip_of({**m, "meta.json": b"{not json"}),
+    "no interpreter": lambda m: zip_of(_meta(m, interpreter="")),
+    "a member outside the folder": lambda m: zip_of([*m.items(), ("../meta.json", m["meta.json"])]),
+    "an absolute member": lambda m: zip_of([*m.items(), ("/tmp/meta.json", m["meta.json"])]),
+    "a duplicate member": lambda m: zip_of([*m.items(), ("meta.json", m["meta.json"])]),
+    "a link member": lambda m: zip_of([*((k, v) for k, v in m.items() if k != "meta.json"), (_symlink("meta.json"), b"/etc/passwd")]),
+    "257 members": lambda m: zip_of([*m.items(), *((f"x{i}", b"") for i in range(257 - len(m)))]),
+    "not a zip": lambda m: b"PK\x03\x04 this is not an archive",
 }
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # zipfile's, for the duplicate member built on purpose
 @pytest.mark.parametrize("broken", list(BROKEN))
 def test_what_the_official_importer_refuses_paw_lite_refuses(written, tmp_path, broken):
     """The importer is a real oracle here: each of its rules refuses a bundle, and so does paw_lite."""
     path = tmp_path / "broken.paw"
-    path.write_bytes(zip_of(BROKEN[broken](Program.load(written["bundle"]).members())))
-    with pytest.raises(ValueError):
+    path.write_bytes(BROKEN[broken](Program.load(written["bundle"]).members()))
+    with pytest.raises((ValueError, RuntimeError)):  # RuntimeError: its word for "not a ZIP archive"
         import_local_program(path)
     with pytest.raises(PawError):
         Program.load(path)
@@ -213,3 +229,45 @@ def test_the_official_runtime_runs_it_to_paw_lites_output(case, sdk_offline, tmp
             assert exact >= 1
         finally:
             theirs.close()
+
+
+# -- facts paw_lite takes from the official SDK ---------------------------------------------------------
+
+
+def test_the_pinned_interpreter_is_the_one_the_official_sdk_pins():
+    """models/manifest.json pins gpt2-q8_0.gguf by size and sha256 as published: the same values the
+    official SDK checks a downloaded interpreter against (cache.LEGACY_RUNTIME_MANIFESTS)."""
+    from paw_lite import models_dir
+
+    official = sdk_cache.LEGACY_RUNTIME_MANIFESTS["gpt2-q8_0"]["local_sdk"]["base_model"]
+    ours = models_dir.load_manifest()["interpreter"]
+    assert (ours.name, ours.bytes, ours.sha256) == (official["file"], official["size_bytes"], official["sha256"])
+    assert ours.source["repo"] == official["repo"]
+
+
+def sdk_prompt_functions() -> dict:
+    """`compiler_prompt` and `interpreter_prompt` of the SDK's compiler module, read from its source:
+    the module itself cannot be imported (it imports a `utils` module the wheel does not ship)."""
+    import ast
+
+    path = Path(programasweights.__file__).parent / "compiler" / "__init__.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    wanted = [node for node in tree.body if isinstance(node, ast.FunctionDef)
+              and node.name in ("compiler_prompt", "interpreter_prompt")]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec"), namespace)  # two f-string functions
+    return namespace
+
+
+@pytest.mark.parametrize("spec", ["Classify a log line as ALERT or QUIET.", "Traduire « bonjour » → 你好 {spec} 🙂"])
+def test_prompt_texts_equal_the_official_sdks(spec):
+    """compiler_minimal.txt and interpreter_minimal.txt, filled, give the SDK's own prompts.
+    (compiler_examples.txt is not in the SDK: its bytes are pinned by test_compiler_prompts only.)"""
+    from paw_lite.compiler.prompts import interpreter_template, minimal_prompt
+    from paw_lite.program import PLACEHOLDER
+
+    sdk = sdk_prompt_functions()
+    assert minimal_prompt(spec) == sdk["compiler_prompt"](spec)
+    pseudo = "\n[PSEUDO_PROGRAM]\nTask: " + spec + "\n[END_PSEUDO_PROGRAM]\n\n"
+    for text in ("disk full on /var", "naïve café"):
+        assert interpreter_template(pseudo).replace(PLACEHOLDER, text) == sdk["interpreter_prompt"](pseudo, text)
