@@ -1,19 +1,21 @@
 """The one import policy for test oracles, and the rule that a skipped test fails under CI.
 
 Oracle packages (torch, transformers, peft, llama_cpp, programasweights, ...) are the independent
-implementations paw_lite is checked against; the `[all]` install brings every one of them. A test
-module names each oracle it needs once, at its top, through `oracle()`:
+implementations paw_lite is checked against; the `[all]` install brings every one of them. Tests get
+them through `oracle()` only, at a module's top or where they are used:
 
     torch = oracle("torch")
-    oracle("transformers", "peft")   # imported inside the tests as usual
+    oracle("transformers", "peft")   # declared here, then imported inside the tests as usual
+    PeftModel = oracle("peft").PeftModel
 
-Locally, a missing oracle skips the module with the command that installs it. Under CI (the `CI`
+Locally, a missing oracle skips the module or test with the command that installs it. Under CI (the `CI`
 environment variable, which .ci/run exports), with `PAW_LITE_NO_SKIPS=1` or with `--no-skips`, any
 skipped test fails the run instead: a broken install step cannot leave the run green by skipping
-what it could not import. pyproject.toml's `addopts` shows every skip and its reason (`-rs`).
+what it could not import. pyproject.toml's `addopts` lists every skip and its reason (`-rfEs`).
 
-Registered as a plugin by tests/conftest.py (`pytest_plugins`); tests/test_no_skips.py proves the
-rule on small test files run in a subprocess.
+Registered as a plugin by tests/conftest.py (`pytest_plugins`). tests/test_no_skips.py proves the
+rule on small test files run in a subprocess, and fails on an oracle imported another way
+(`pytest.importorskip`, or a plain import without a module-level `oracle()` naming the package).
 """
 
 from __future__ import annotations

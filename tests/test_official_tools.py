@@ -245,6 +245,18 @@ def test_the_pinned_interpreter_is_the_one_the_official_sdk_pins():
     assert ours.source["repo"] == official["repo"]
 
 
+def test_the_bundle_limits_are_the_official_importers():
+    from paw_lite import program
+    from programasweights import client
+
+    assert (program.MAX_ARCHIVE_BYTES, program.MAX_MEMBER_COUNT, program.MAX_EXPANDED_BYTES, program.MIN_ADAPTER_BYTES) == (
+        client.MAX_PAW_ARCHIVE_BYTES, client.MAX_PAW_ARCHIVE_MEMBERS, client.MAX_PAW_EXPANDED_BYTES,
+        sdk_cache.MIN_ADAPTER_GGUF_SIZE)
+    assert set(program.MEMBERS) == set(programasweights.local_program._ALLOWED_FILES)
+    assert set(program.REQUIRED_MEMBERS) == set(programasweights.local_program._REQUIRED_FILES)
+    assert program.PLACEHOLDER == sdk_cache.INPUT_PLACEHOLDER
+
+
 def sdk_prompt_functions() -> dict:
     """`compiler_prompt` and `interpreter_prompt` of the SDK's compiler module, read from its source:
     the module itself cannot be imported (it imports a `utils` module the wheel does not ship)."""
