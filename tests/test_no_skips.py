@@ -23,7 +23,8 @@ SKIPS = {
     "test_skipif.py": "import pytest\n\n@pytest.mark.skipif(True, reason='a platform this is not')\n"
                       "def test_platform():\n    pass\n",
 }
-PASSES = "import pytest\n\ndef test_plain():\n    pass\n\n@pytest.mark.xfail(reason='known', strict=True)\ndef test_expected_failure():\n    assert False\n"
+PASSES = ("import pytest\n\ndef test_plain():\n    pass\n\n"
+          "@pytest.mark.xfail(reason='known', strict=True)\ndef test_expected_failure():\n    assert False\n")
 
 
 def run_pytest(folder: Path, env_set: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -145,7 +145,8 @@ BROKEN = {
     "a member outside the folder": lambda m: zip_of([*m.items(), ("../meta.json", m["meta.json"])]),
     "an absolute member": lambda m: zip_of([*m.items(), ("/tmp/meta.json", m["meta.json"])]),
     "a duplicate member": lambda m: zip_of([*m.items(), ("meta.json", m["meta.json"])]),
-    "a link member": lambda m: zip_of([*((k, v) for k, v in m.items() if k != "meta.json"), (_symlink("meta.json"), b"/etc/passwd")]),
+    "a link member": lambda m: zip_of([*((k, v) for k, v in m.items() if k != "meta.json"),
+                                       (_symlink("meta.json"), b"/etc/passwd")]),
     "257 members": lambda m: zip_of([*m.items(), *((f"x{i}", b"") for i in range(257 - len(m)))]),
     "not a zip": lambda m: b"PK\x03\x04 this is not an archive",
 }

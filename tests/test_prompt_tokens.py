@@ -37,7 +37,8 @@ TOKEN_LIKE = ["<|endoftext", "endoftext|>", "<|endoftext|", "<| endoftext |>", "
               "<|END_OF_TEXT|>", "{INPUT_PLACEHOLDER}"]
 CONTROL_TEXT = ["<|endoftext|>", "a<|endoftext|>b", " <|endoftext|> ", "\n<|endoftext|>\n", "<|endoftext|><|endoftext|>"]
 # A template that holds the control token in its prefix and suffix: recognised there by both.
-CONTROL_TEMPLATE = "<|endoftext|>[PSEUDO_PROGRAM]\nTask: echo.\n[END_PSEUDO_PROGRAM]\n\n[INPUT]\n{INPUT_PLACEHOLDER}\n[END_INPUT]<|endoftext|>"
+CONTROL_TEMPLATE = ("<|endoftext|>[PSEUDO_PROGRAM]\nTask: echo.\n[END_PSEUDO_PROGRAM]\n\n"
+                    "[INPUT]\n{INPUT_PLACEHOLDER}\n[END_INPUT]<|endoftext|>")
 
 
 def reference_inputs(vocab_dir: Path) -> list[str]:
