@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from oracles import oracle
+
 from paw_lite.gpt2_layout import LORA_MODULES, GPT2Config
 
 TINY_RANK = 32  # Q4_0 blocks are 32 wide: lora_b rows have length r
@@ -70,8 +72,8 @@ def write_compiler_meta(path: Path, *, rank: int = TINY_RANK, alpha: float = ALP
 def torch_mapper(state: dict[str, np.ndarray], hidden_states: list, n_layer: int, n_bases: int) -> dict[str, np.ndarray]:
     """PAW-FACTS §2.4 in PyTorch (fp32): the oracle for the NumPy mapper. hidden_states: a list of
     n_layer tensors (positions, hidden)."""
-    import torch
-    import torch.nn.functional as F
+    torch = oracle("torch")
+    F = oracle("torch.nn.functional")
 
     sd = {k: torch.from_numpy(v) for k, v in state.items()}
     h = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in hidden_states]).mean(dim=0).mean(dim=0)

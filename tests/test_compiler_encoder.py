@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from oracles import oracle
 from compiler_fixtures import tiny_qwen
 from paw_lite.compiler.encoder import depth_layers, encoder_token_ids, hidden_states, prefix_token_texts
 from paw_lite.compiler.hf_tokenizer import HFTokenizer
 from paw_lite.compiler.prompts import minimal_prompt
 from paw_lite.errors import InvalidFileError
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (.ci/run)")
-torch = pytest.importorskip("torch")
+oracle("llama_cpp", "transformers")
+torch = oracle("torch")
 pytestmark = pytest.mark.llama
 
 PSEUDO = ("[PSEUDO_PROGRAM]\nTask: Classify a log line as ALERT when it reports a failure, else QUIET.\n\n"

@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 
+from oracles import oracle
 from compiler_fixtures import max_rel, random_mapper_state, save_mapper, torch_mapper
 from paw_lite.compiler.encoder import depth_layers
 from paw_lite.compiler.mapper import Mapper, MapperShape, gelu_erf
 from paw_lite.errors import IncompatibleModelError, InvalidFileError
 from paw_lite.gpt2_layout import GPT2Config
 
-torch = pytest.importorskip("torch")
+torch = oracle("torch")
 
 HIDDEN, RANK, BASES = 96, 16, 6
 

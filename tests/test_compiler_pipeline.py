@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
+from oracles import oracle
 import paw_lite
 from conftest import hf_greedy
 from compiler_fixtures import (ALPHA, PREFIX_STEPS, TINY_BASES, TINY_RANK, max_rel, random_mapper_state, save_mapper,
@@ -24,8 +25,8 @@ from paw_lite.compiler.pseudo import SHORTER_NOTE, fit_to_budget
 from paw_lite.errors import ContextOverflowError, IncompatibleModelError, ModelNotFoundError, PawError
 from paw_lite.program import MEMBERS, Program, content_program_id
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (.ci/run)")
-torch = pytest.importorskip("torch")
+oracle("llama_cpp", "transformers", "peft")
+torch = oracle("torch")
 pytestmark = pytest.mark.llama
 
 SPEC = "Classify a log line as ALERT when it reports a failure, else QUIET."

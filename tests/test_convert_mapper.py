@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles import oracle
 from compiler_fixtures import max_rel, random_mapper_state, torch_mapper, write_compiler_meta
 from paw_lite.compiler.config import CompilerMeta
 from paw_lite.compiler.mapper import Mapper
@@ -20,7 +21,7 @@ from paw_lite.errors import IncompatibleModelError, InvalidFileError
 from paw_lite.gpt2_layout import GPT2Config
 from paw_lite.safetensors_file import SafetensorsFile
 
-torch = pytest.importorskip("torch")
+torch = oracle("torch")
 
 HIDDEN, RANK, BASES = 64, 8, 4
 INTERP = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)

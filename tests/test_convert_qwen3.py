@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles import oracle
 from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
 from paw_lite.testing.qwen3 import (CHAT_TEMPLATE, ENDOFTEXT_ID, FIRST_PREFIX_ID, IM_END_ID, IM_START_ID, N_VOCAB, PREFIX_TOKENS,
                            make_tiny_qwen3, reference_cases, sample_ids)
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install")
+llama_cpp = oracle("llama_cpp")
+oracle("transformers")
 pytestmark = pytest.mark.llama
 
 # Max abs difference of the final hidden states (after the last RMSNorm) from transformers fp32, on
@@ -368,7 +370,7 @@ def test_cli(tmp_path, qwen_bf16):
 
 def test_nan_in_a_bf16_source_is_refused_when_copied_as_bf16(tmp_path, qwen_bf16):
     """bf16 to bf16 copies the bits; it used to copy a NaN as well, which f16 and q8_0 refuse."""
-    torch = pytest.importorskip("torch")
+    torch = oracle("torch")
     from safetensors.torch import load_file, save_file
 
     d = _copy(qwen_bf16, tmp_path / "nan")

@@ -4,11 +4,16 @@ with and without a LoRA (PEFT on the transformers side); KV-cache decode against
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from oracles import oracle
 from paw_lite.base_model import BaseModel
 from paw_lite.gpt2 import KVCache, forward
 from paw_lite.lora import LoraAdapter, write_adapter_gguf, write_peft_dir
+
+from oracles import oracle
+
+torch = oracle("torch")
+oracle("transformers", "peft")
 
 LOGIT_TOL = 1e-4
 IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50256, 318, 257, 1332]

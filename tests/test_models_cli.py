@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from oracles import oracle
 from paw_lite.base_model import file_sha256
 
 from compiler_fixtures import random_mapper_state, write_compiler_meta
@@ -22,8 +23,8 @@ from paw_lite.errors import IncompatibleModelError, InvalidFileError, PawError
 from paw_lite.gpt2_layout import GPT2Config
 from paw_lite.testing.qwen3 import make_tiny_qwen3
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("llama_cpp")
+torch = oracle("torch")
+oracle("llama_cpp")
 
 RANK, BASES = 8, 4
 TINY_GPT2 = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)  # = tiny_gguf

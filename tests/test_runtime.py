@@ -15,6 +15,7 @@ from paw_lite.program import Program
 
 from conftest import hf_greedy, make_program, random_lora
 from llama_oracle import assert_same_or_near_tie, llama_greedy
+from oracles import oracle
 
 INPUTS = ["disk usage at 99% on /var", "user logged in", "  leading spaces", "ünïcödé ✓", ""]
 
@@ -27,8 +28,7 @@ def fn(tiny_program, tiny_gguf, tmp_path_factory):
 
 
 def test_greedy_output_equals_transformers_peft(fn, tiny_hf, tiny_program, tmp_path):
-    from peft import PeftModel
-    from transformers import GPT2LMHeadModel
+    PeftModel, GPT2LMHeadModel = oracle("peft").PeftModel, oracle("transformers").GPT2LMHeadModel
 
     prog = Program.load(tiny_program)
     adapter = LoraAdapter.from_program(prog, fn.config)
@@ -322,8 +322,7 @@ def test_quantized_adapters_equal_transformers_and_llama_cpp(kind, tiny_gguf, ti
     tiny_lora (std 0.1, not 0.3): llama.cpp's activation rounding grows with the LoRA's share of
     the activations (0.86-1.03 max abs at 0.3, where all ten outputs part from llama.cpp's, some
     at leads of 0.5), and at 0.1 the LoRA still moves the logits by 6 or more."""
-    from peft import PeftModel
-    from transformers import GPT2LMHeadModel
+    PeftModel, GPT2LMHeadModel = oracle("peft").PeftModel, oracle("transformers").GPT2LMHeadModel
 
     prog = make_program(tmp_path / f"{kind}.paw", random_lora(2, 64, 32, std=0.1), 16.0, kind)
     adapter_path = tmp_path / "adapter.gguf"

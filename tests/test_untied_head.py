@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles import oracle
 import paw_lite
 from paw_lite.base_model import BaseModel
 from paw_lite.convert.gguf_meta import read_gguf_meta
@@ -23,7 +24,8 @@ from paw_lite.program import Program
 
 from conftest import hf_greedy
 
-torch = pytest.importorskip("torch")
+torch = oracle("torch")
+oracle("transformers", "peft")
 
 LOGIT_TOL = 1e-4  # NumPy fp32 against transformers fp32, as tests/test_gpt2_parity.py
 # llama.cpp's GELU goes through an fp16 table: 4.1e-3 measured on tied logits of std ~1
@@ -114,7 +116,7 @@ def test_program_on_an_untied_base_equals_transformers_peft(untied_hf, untied_gg
 
 
 def test_llama_cpp_reads_the_converted_output_head(untied_gguf, hf_ref):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = oracle("llama_cpp")
 
     llm = llama_cpp.Llama(str(untied_gguf), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:

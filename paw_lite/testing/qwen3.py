@@ -103,7 +103,9 @@ _TOKENIZER_FILES: dict[Path, dict[str, bytes]] = {}  # vocab_dir -> saved files:
 def save_qwen_tokenizer(folder: Path, vocab_dir: Path, template_in_jinja_file: bool) -> None:
     import tempfile
 
-    from transformers import PreTrainedTokenizerFast
+    from oracles import oracle
+
+    PreTrainedTokenizerFast = oracle("transformers").PreTrainedTokenizerFast
 
     key = Path(vocab_dir).resolve()
     if key not in _TOKENIZER_FILES:
@@ -139,8 +141,10 @@ def make_tiny_qwen3(folder: Path, vocab_dir: Path, *, n_layer: int = 4, seed: in
     `dtype` is the stored weight type ("bfloat16" like the published checkpoint, "float16" or
     "float32"). Load the oracle with `transformers.AutoModelForCausalLM.from_pretrained(folder,
     dtype=torch.float32)`: a bf16 folder then holds exactly the values the F32 GGUF holds."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from oracles import oracle
+
+    torch = oracle("torch")
+    Qwen3Config, Qwen3ForCausalLM = oracle("transformers").Qwen3Config, oracle("transformers").Qwen3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
