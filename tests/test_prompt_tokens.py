@@ -18,7 +18,7 @@ import pytest
 
 import paw_lite
 from paw_lite.errors import InvalidFileError
-from paw_lite.gguf_fast import read_index
+from paw_lite.gguf_file import read_index
 from paw_lite.tokenizer import GPT2Tokenizer
 
 from conftest import TEMPLATE, make_hf_gpt2, make_program
