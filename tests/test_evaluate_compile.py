@@ -10,9 +10,10 @@ import pytest
 import paw_lite
 from compiler_fixtures import TINY_BASES, TINY_RANK, random_mapper_state, save_mapper, tiny_qwen, write_compiler_meta
 from paw_lite.cli import main
+from oracles import oracle
 from paw_lite.compiler import compile
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (.ci/run)")
+oracle("llama_cpp")
 pytestmark = pytest.mark.llama
 
 SPEC = "Classify a log line as ALERT when it reports a failure, else QUIET."

@@ -205,8 +205,7 @@ def test_the_official_runtime_runs_it_to_paw_lites_output(case, sdk_offline, tmp
     bundle = official_runtime_bundle(program, case["gguf"], sdk_offline, tmp_path)
     PeftModel, GPT2LMHeadModel = oracle("peft").PeftModel, oracle("transformers").GPT2LMHeadModel
     with paw_lite.function(case["bundle"], base_model=case["gguf"]) as ours:
-        with program.adapter_file(tmp_path) as p:
-            write_peft_dir(tmp_path / "peft", LoraAdapter.from_gguf(p, ours.config))
+        write_peft_dir(tmp_path / "peft", LoraAdapter.from_program(program, ours.config))
         hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(case["hf"]), tmp_path / "peft").eval()
         theirs = programasweights.function(str(bundle), n_ctx=ours.config.n_ctx, offline=True)
         try:
@@ -238,10 +237,10 @@ def test_the_official_runtime_runs_it_to_paw_lites_output(case, sdk_offline, tmp
 def test_the_pinned_interpreter_is_the_one_the_official_sdk_pins():
     """models/manifest.json pins gpt2-q8_0.gguf by size and sha256 as published: the same values the
     official SDK checks a downloaded interpreter against (cache.LEGACY_RUNTIME_MANIFESTS)."""
-    from paw_lite import models_dir
+    from paw_lite.models_dir import manifest
 
     official = sdk_cache.LEGACY_RUNTIME_MANIFESTS["gpt2-q8_0"]["local_sdk"]["base_model"]
-    ours = models_dir.load_manifest()["interpreter"]
+    ours = manifest.load_manifest()["interpreter"]
     assert (ours.name, ours.bytes, ours.sha256) == (official["file"], official["size_bytes"], official["sha256"])
     assert ours.source["repo"] == official["repo"]
 

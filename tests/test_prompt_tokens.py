@@ -215,6 +215,6 @@ def test_an_add_bos_token_that_is_not_a_bool_is_refused(vocab_fields, tmp_path):
 
 def test_the_converter_writes_what_is_accepted(interpreter):
     fields = read_index(interpreter).fields
-    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
-    assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert fields["tokenizer.ggml.pre"].value == "gpt-2"
+    assert fields["tokenizer.ggml.add_bos_token"].value is False
     paw_tokenizer(interpreter)
