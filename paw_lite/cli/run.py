@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import batch
 from ..atomic import check_writable
+from ..dask.file_run import DEFAULT_PARTITION_SIZE, cluster_runner  # imports dask itself only when used
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function
 from . import emit, printable, require_positive
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", help="run the batch on a Dask cluster: its scheduler's address (tcp://HOST:8786), or "
                                        "local:N for N single-threaded worker processes here (needs paw-lite[dask]; docs/dask.md)")
     p.add_argument("--partition-size", type=int, default=None,
-                   help="inputs per Dask task with --scheduler (default 512)")
+                   help=f"inputs per Dask task with --scheduler (default {DEFAULT_PARTITION_SIZE})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -78,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
         elif args.output:
             check_writable(args.output, "--output")
     if args.scheduler is not None:  # the program loads on the cluster's workers, not here
-        from ..dask.file_run import cluster_runner
-
         with cluster_runner(args) as (fingerprint, run_todo):
             return _run_file(args, fingerprint, items, run_todo)
     t0 = time.perf_counter()

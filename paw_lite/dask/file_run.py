@@ -24,10 +24,13 @@ from ..errors import IncompatibleModelError, PawError, require
 from . import worker
 from .shipping import MapOptions, ShippedProgram, options, ship
 
-# Inputs per partition: a task each. Per-partition costs (scheduling, sending inputs and records,
-# the tail of a map whose last inputs run few at a time) stay under 5% of the compute from this size
-# on with the full-size interpreter and 8-token outputs (benchmarks/dask_bench.py, docs/dask.md).
-DEFAULT_PARTITION_SIZE = 512
+# Inputs per partition: a task each. A partition costs tens of milliseconds of a worker besides its
+# compute (scheduling, sending its inputs and records; benchmarks/dask_bench.py measures it), and an
+# input ~90 ms of one worker thread with the full-size interpreter and 8-token outputs: from ~16
+# inputs on that is under 5%. Larger partitions would only coarsen the progress bar, lose more work
+# to a killed worker and leave workers idle at the end of a run; within a partition inputs run
+# --batch-size at a time, as locally.
+DEFAULT_PARTITION_SIZE = 256
 # Partitions sent to the cluster but not yet written, per worker thread: enough that no worker waits
 # for its next task, few enough that the client does not hold a whole input file's tasks at once.
 _IN_FLIGHT_PER_THREAD = 2
@@ -87,7 +90,7 @@ def _run_partitions(client, program, opts: MapOptions, run: str, parts: list[lis
     """Submit the partitions (a bounded number at a time), write their records in input order as
     they arrive. On an error or Ctrl-C, the partitions that finished are written too (then out of
     order: a rerun resumes from them) before it is raised."""
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
     from tqdm import tqdm
 
     counts = {"ok": 0, "failed": 0}
@@ -116,7 +119,14 @@ def _run_partitions(client, program, opts: MapOptions, run: str, parts: list[lis
                 # The earliest unwritten partition has not arrived (it would have been written), so
                 # something is in flight to wait for.
                 future = next(arrived)
-                part = future.result()  # a worker's PawError (no interpreter there, ...) is raised here
+                try:
+                    part = future.result()  # a worker's PawError (no interpreter there, ...) is raised here
+                except KilledWorker:
+                    first = parts[index[future.key]][0].index + 1
+                    raise PawError(f"the partition of inputs from line {first} on was given up by the scheduler: each "
+                                   f"worker that ran it died (distributed.scheduler.allowed-failures times); out of "
+                                   f"memory? Give workers more (dask worker --memory-limit) or lower --batch-size, then "
+                                   f"rerun to resume") from None
                 if part.fingerprint != expected[0]:
                     raise IncompatibleModelError(
                         f"{part.worker} runs another interpreter or program than {expected[1]} (function fingerprints "
@@ -140,14 +150,10 @@ def connect(scheduler: str) -> Iterator[object]:
     """A distributed Client for --scheduler: `local:N` starts a LocalCluster of N single-threaded
     worker processes (`local`: one per core) for this run; anything else is a scheduler address."""
     require("distributed", "dask")
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler == "local" or scheduler.startswith("local:"):
-        n = _local_workers(scheduler)
-        # The scheduler's HTTP server (dashboard, health) on a free port: its default, 8787, would collide
-        # with another run's.
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-                Client(cluster) as client:
+        with local_cluster(_local_workers(scheduler)) as cluster, Client(cluster) as client:
             yield client
         return
     try:
@@ -162,6 +168,25 @@ def connect(scheduler: str) -> Iterator[object]:
             raise PawError(f"--scheduler {scheduler}: no Dask worker joined in {_WORKER_TIMEOUT_S} s; start workers with "
                            f"`dask worker {scheduler}` (with PAW_LITE_MODELS set to a folder holding the interpreter)") from None
         yield client
+
+
+def local_cluster(n_workers: int, threads_per_worker: int = 1):
+    """A LocalCluster of worker processes for paw_lite: what `--scheduler local:N` runs on."""
+    import dask
+    from distributed import LocalCluster
+
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=64 KiB (to hand memory back to the OS
+    # sooner). Setting it turns off glibc's adaptive mmap threshold, so each of NumPy's large
+    # temporaries in a decoding step is mapped and zeroed anew: 3-5% more CPU per input measured on
+    # the full-size interpreter. The other variables (one thread for OpenMP and BLAS) stay; the
+    # worker sets its BLAS threads itself (see worker._limit_blas).
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        # The scheduler's HTTP server (dashboard, health) on a free port: its default, 8787, would
+        # collide with another run's.
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                            dashboard_address=":0")
 
 
 def _local_workers(scheduler: str) -> int:
