@@ -24,10 +24,10 @@ from ..errors import IncompatibleModelError, PawError, require
 from . import worker
 from .shipping import MapOptions, ShippedProgram, options, ship
 
-# Inputs per partition: a task each. A partition costs tens of milliseconds of a worker besides its
-# compute (scheduling, sending its inputs and records; benchmarks/dask_bench.py measures it), and an
-# input ~90 ms of one worker thread with the full-size interpreter and 8-token outputs: from ~16
-# inputs on that is under 5%. Larger partitions would only coarsen the progress bar, lose more work
+# Inputs per partition: a task each. A partition costs 60-90 ms of a worker besides its compute
+# (scheduling, sending its inputs and records; benchmarks/dask_bench.py, docs/dask.md), and an input
+# ~90 ms of one worker thread with the full-size interpreter and 8-token outputs: from ~32 inputs on
+# that is under 5%, at 256 under 0.5%. Larger partitions would only coarsen the progress bar, lose more work
 # to a killed worker and leave workers idle at the end of a run; within a partition inputs run
 # --batch-size at a time, as locally.
 DEFAULT_PARTITION_SIZE = 256
