@@ -27,9 +27,9 @@ from .shipping import MapOptions, ShippedProgram, options, ship
 # Inputs per partition: a task each. A partition costs 60-90 ms of a worker besides its compute
 # (scheduling, sending its inputs and records; benchmarks/dask_bench.py, docs/dask.md), and an input
 # ~90 ms of one worker thread with the full-size interpreter and 8-token outputs: from ~32 inputs on
-# that is under 5%, at 256 under 0.5%. Larger partitions would only coarsen the progress bar, lose more work
-# to a killed worker and leave workers idle at the end of a run; within a partition inputs run
-# --batch-size at a time, as locally.
+# that is under 5%, at 256 under 0.5%. Larger partitions would only coarsen the progress bar, lose
+# more work to a killed worker and leave workers idle at the end of a run; within a partition
+# inputs run --batch-size at a time, as locally.
 DEFAULT_PARTITION_SIZE = 256
 # Partitions sent to the cluster but not yet written, per worker thread: enough that no worker waits
 # for its next task, few enough that the client does not hold a whole input file's tasks at once.
