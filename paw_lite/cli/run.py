@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import batch_files as batch
 from ..atomic import check_writable
+from ..dask.file_run import DEFAULT_PARTITION_SIZE, cluster_runner  # imports dask itself only when used
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function
 from . import emit, printable, require_positive
@@ -32,12 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"inputs in flight at once in batch mode (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--workers", type=int, default=None,
                    help="threads sharing the inputs in batch mode (default: one per core; 1 leaves NumPy's BLAS threads alone)")
+    p.add_argument("--scheduler", help="run the batch on a Dask cluster: its scheduler's address (tcp://HOST:8786), or "
+                                       "local:N for N single-threaded worker processes here (needs paw-lite[dask]; docs/dask.md)")
+    p.add_argument("--partition-size", type=int, default=None,
+                   help=f"inputs per Dask task with --scheduler (default {DEFAULT_PARTITION_SIZE})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
 
 # Options that only mean something for a batch run, with their defaults.
-_BATCH_ONLY = {"output": None, "retry_failed": False, "input_format": "auto", "batch_size": DEFAULT_BATCH_SIZE, "workers": None}
+_BATCH_ONLY = {"output": None, "retry_failed": False, "input_format": "auto", "batch_size": DEFAULT_BATCH_SIZE, "workers": None,
+               "scheduler": None, "partition_size": None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
                            f"{exc.start}: {fix}, or put the input in a UTF-8 file for --input-file") from None
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
-    require_positive(args, "batch_size", "workers")
+    require_positive(args, "batch_size", "workers", "partition_size")
+    if args.scheduler is None and args.partition_size is not None:
+        raise PawError("--partition-size only applies with --scheduler (a run on a Dask cluster)")
+    if args.scheduler is not None and args.workers is not None:
+        raise PawError("--workers only applies to a local run; with --scheduler each Dask worker's thread count decides")
     items = None
     if args.input_file is not None:  # the input and output files are checked before the interpreter loads
         if args.output and args.output.resolve() == args.input_file.resolve():
@@ -68,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
                 raise PawError(f"--output {args.output}: the file is not writable; fix its permissions or pick another --output")
         elif args.output:
             check_writable(args.output, "--output")
+    if args.scheduler is not None:  # the program loads on the cluster's workers, not here
+        with cluster_runner(args) as (fingerprint, run_todo):
+            return _run_file(args, fingerprint, items, run_todo)
     t0 = time.perf_counter()
     with function(args.program, base_model=args.base_model) as fn:
         load_s = time.perf_counter() - t0
@@ -84,14 +97,27 @@ def run(args: argparse.Namespace) -> int:
             emit(args, {"input": args.text, "output": out, "load_s": round(load_s, 3),
                         "call_s": round(time.perf_counter() - t1, 3)}, printable(out) if sys.stdout.isatty() else out)
             return 0
-        return _run_file(args, fn, items)
+        return _run_file(args, fn.fingerprint, items, _local_runner(args, fn))
 
 
-def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int:
-    """Results go to --output (appended, synced per line; a rerun resumes) or to stdout."""
-    from tqdm import tqdm
+def _local_runner(args: argparse.Namespace, fn):
+    """Run pending items in this process through fn.map, with a progress bar over inputs."""
+    def run_todo(todo: list[batch.BatchItem], write, run: str) -> tuple[int, int]:
+        from tqdm import tqdm
 
-    run_id = batch.run_id(fn.fingerprint, args.max_tokens)
+        with tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None) as bar:
+            return batch.run_batch(todo, lambda texts, on_output: fn.map(
+                                       texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                       workers=args.workers, on_result=on_output),
+                                   write, chunk=args.batch_size, on_progress=bar.update, run=run, check=fn.prompt_ids)
+
+    return run_todo
+
+
+def _run_file(args: argparse.Namespace, fingerprint: str, items: list[batch.BatchItem], run_todo) -> int:
+    """Results go to --output (appended, synced per line; a rerun resumes) or to stdout.
+    run_todo(items, write, run) -> (ok, failed) runs the pending items, here or on a Dask cluster."""
+    run_id = batch.run_id(fingerprint, args.max_tokens)
     results = batch.ResultsFile(args.output) if args.output else None
     try:
         done = batch.current_records(items, results.done) if results else {}
@@ -100,15 +126,7 @@ def _run_file(args: argparse.Namespace, fn, items: list[batch.BatchItem]) -> int
             results.start()
         todo = list(batch.pending(items, done, args.retry_failed))
         write = results.write if results else batch.stdout_writer()
-        bar = tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None)
-        try:
-            ok, failed = batch.run_batch(todo, lambda texts, on_output: fn.map(
-                                             texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                                             workers=args.workers, on_result=on_output),
-                                         write, chunk=args.batch_size, on_progress=bar.update, run=run_id,
-                                         check=fn.prompt_ids)
-        finally:
-            bar.close()
+        ok, failed = run_todo(todo, write, run_id)
     finally:
         if results:
             results.close()
