@@ -20,6 +20,7 @@ mask at such a step holds that one token."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ import numpy as np
 
 from .errors import PawError, require
 
-_WHITESPACE = b" \t\r\n"  # the leading whitespace a constrained output may start with
+WHITESPACE = b" \t\r\n"  # the leading whitespace a constrained output may start with
 # llguidance's marker for a control token's bytes (its llama.cpp and HF tokenizer adapters use it).
 _LLG_SPECIAL = b"\xff"
 MAX_CHOICES = 4096
@@ -42,9 +43,10 @@ class ConstraintError(PawError, ValueError):
 class IncompleteOutputError(PawError):
     """max_tokens (or the context end) cut a constrained output before it was complete."""
 
-    def __init__(self, message: str, partial: str):
+    def __init__(self, message: str, partial: str, ids: list[int]):
         super().__init__(message)
-        self.partial = partial
+        self.partial = partial  # the output text so far
+        self.ids = ids  # its token ids
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class TokenTable:
             if not b or i in special:
                 continue
             self.by_bytes.setdefault(b, []).append(i)
-            rest = b.lstrip(_WHITESPACE)
+            rest = b.lstrip(WHITESPACE)
             if not rest:
                 whitespace.append(i)
             elif len(rest) < len(b):
@@ -238,7 +240,7 @@ class ChoiceState:
             return
         b = self.m.table.token_bytes[token]
         if self.body is None:
-            rest = b.lstrip(_WHITESPACE)
+            rest = b.lstrip(WHITESPACE)
             if not rest:
                 self.lead.append(b)
                 return
@@ -370,8 +372,13 @@ class Constraints:
         self._table: TokenTable | None = None
         self._lltokenizer = None
         self._compiled: dict[OutputConstraint, ChoiceMatcher | GrammarMatcher] = {}
+        self._lock = threading.Lock()  # calls from several threads compile into one cache
 
     def compile(self, constraint: OutputConstraint) -> ChoiceMatcher | GrammarMatcher:
+        with self._lock:
+            return self._compile(constraint)
+
+    def _compile(self, constraint: OutputConstraint) -> ChoiceMatcher | GrammarMatcher:
         found = self._compiled.pop(constraint, None)
         if found is None:
             if self._table is None:
