@@ -77,6 +77,10 @@ class GPT2Packed:
         """The argmax of `logits(h)` per row, without writing the logits out."""
         return self.head.greedy(h)
 
+    def greedy_among(self, h: np.ndarray, allowed: list[np.ndarray | None]) -> list[int]:
+        """The argmax per row among the ids allowed[row] (None: all), computing few-id rows only."""
+        return self.head.greedy_among(h, allowed)
+
     # -- a block, in two halves: the last block runs its second half on fewer rows ---------------
 
     def _attention_input(self, x: np.ndarray, i: int, layer: Layer, cache: SlotCache, groups: Groups,

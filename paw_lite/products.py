@@ -17,6 +17,9 @@ SMALL_PRODUCT_ROWS = 96
 # Vocabulary rows per head block: a (block, rows) float32 product of at most 1 MB, half of L2.
 _HEAD_BLOCK_FLOATS = 256 * 1024
 _HEAD_MIN_BLOCK, _HEAD_MAX_BLOCK = 256, 4096
+# A constrained pick gathers its allowed head rows when they are at most 1/8 of the vocabulary;
+# gathering more copies about what one pass over the whole head reads.
+_FEW_IDS_SHARE = 8
 
 
 def project(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -70,6 +73,25 @@ class Head:
             best[better] = value[better]
             pick[better] = top[better] + start
         return pick.tolist()
+
+    def greedy_among(self, h: np.ndarray, allowed: list[np.ndarray | None]) -> list[int]:
+        """The argmax per row among the ids allowed[row] (sorted, so a tie goes to the lowest id,
+        as np.argmax over masked logits; None: every id). A row allowed a few ids multiplies
+        only their head rows: a label's 4 tokens instead of 50,257."""
+        free = [r for r, ids in enumerate(allowed) if ids is None]
+        picks = [0] * len(h)
+        if free:
+            for r, token in zip(free, self.greedy(h[free])):
+                picks[r] = token
+        for r, ids in enumerate(allowed):
+            if ids is None:
+                continue
+            if len(ids) * _FEW_IDS_SHARE <= len(self.matrix):
+                scores = self.matrix[ids] @ h[r]
+            else:  # most of the vocabulary: the whole row, read in stored order, then masked
+                scores = self.logits(h[r:r + 1])[0][ids]
+            picks[r] = int(ids[int(np.argmax(scores))])
+        return picks
 
     def _blocks(self, h: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """(first vocabulary id, head[block] @ h.T) over blocks of the vocabulary. Measured on

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from . import paths, prefix_cache
 from .base_model import BaseModel
+from .constraints import WHITESPACE, Constraints, IncompleteOutputError, OutputConstraint
 from .engine import Engine, Sequence
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
 from .gpt2_weights import Weights
@@ -64,6 +66,7 @@ class PawFunction:
             raise ContextOverflowError(
                 f"{program.source}: the template alone is {len(self._prefix_ids) + len(self._suffix_ids)} tokens; "
                 f"the interpreter's context holds {self.config.n_ctx}")
+        self._constraints = Constraints(self.tokenizer)
         self._lock = threading.Lock()
         self._holder: int | None = None  # the thread in a call, to refuse a call from inside it
         adapter_sha = hashlib.sha256(program.adapter_gguf).hexdigest()
@@ -87,24 +90,42 @@ class PawFunction:
     def pseudo_program(self) -> str | None:
         return self.program.pseudo_program
 
-    def __call__(self, text: str, max_tokens: int | None = None, on_tokens: Callable[[int], None] | None = None) -> str:
+    def __call__(self, text: str, max_tokens: int | None = None, on_tokens: Callable[[int], None] | None = None, *,
+                 choices: list[str] | None = None, regex: str | None = None,
+                 json_schema: dict[str, Any] | str | None = None) -> str:
         """The program's output for one input. on_tokens(n) is called as tokens are made (n new
-        ones each time): progress for long outputs."""
-        return self.tokenizer.decode(self.generate_ids(text, max_tokens, on_tokens)).strip()
+        ones each time): progress for long outputs.
+
+        At most one constraint: `choices` (the output is one of them), `regex` (the output fully
+        matches it) or `json_schema` (the output is JSON text valid under it, returned as a str).
+        A constrained output is exact and complete or an error: IncompleteOutputError when
+        max_tokens (or the context end) cuts it first; ConstraintError, before any evaluation,
+        for a constraint that cannot be used. See `paw_lite.constraints`."""
+        constraint = OutputConstraint.of(choices, regex, json_schema)
+        return self._text(self.generate_ids(text, max_tokens, on_tokens, choices=choices, regex=regex,
+                                            json_schema=json_schema), constraint)
 
     def generate_ids(self, text: str, max_tokens: int | None = None,
-                     on_tokens: Callable[[int], None] | None = None) -> list[int]:
-        """The greedy output token ids for one input (EOS not included)."""
+                     on_tokens: Callable[[int], None] | None = None, *, choices: list[str] | None = None,
+                     regex: str | None = None, json_schema: dict[str, Any] | str | None = None) -> list[int]:
+        """The greedy output token ids for one input (EOS not included); constraints as `__call__`."""
         self._live_engine()  # a closed function refuses every call, even one with nothing to generate
         _check_callback("on_tokens", on_tokens, "taking the number of new tokens")
-        seq = self._sequence(self.prompt_ids(text), _checked_max_tokens(max_tokens))
-        if seq is None:
-            return []
-        with self._exclusive():
-            return self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
+        matcher = self._matcher(OutputConstraint.of(choices, regex, json_schema))
+        seq = self._sequence(self.prompt_ids(text), _checked_max_tokens(max_tokens), matcher)
+        ids: list[int] = []
+        if seq is not None:
+            with self._exclusive():
+                ids = self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
+        outcome = self._outcome(seq, ids, matcher, "the output")
+        if isinstance(outcome, PawError):
+            raise outcome
+        return outcome
 
     def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-            workers: int | None = None, on_result: Callable[[int, str], None] | None = None) -> list[str]:
+            workers: int | None = None, on_result: Callable[[int, str], None] | None = None, *,
+            choices: list[str] | None = None, regex: str | None = None,
+            json_schema: dict[str, Any] | str | None = None, errors: str = "raise") -> list[str]:
         """Outputs for many inputs, the same as calling the function on each. Up to batch_size
         inputs are in flight at once, evaluated together against the shared prefix, each stopping
         at its own EOS and handing its place to the next input. Fewer are in flight when their keys
@@ -115,38 +136,67 @@ class PawFunction:
         other NumPy work in the process runs single-threaded meanwhile; workers=1 leaves it alone.
 
         on_result(i, output): called as input i's output is final, in the order they finish, from
-        the worker that made it (calls never overlap): to keep results before the whole map ends."""
+        the worker that made it (calls never overlap): to keep results before the whole map ends.
+
+        choices / regex / json_schema: one constraint for every input, as in `__call__`. An input
+        whose constrained output is cut short is an IncompleteOutputError: with errors="raise"
+        (the default) the first one is raised once every input is done; with errors="return" it
+        takes that input's place in the list (and is what on_result gets), every other input
+        getting its output."""
         _check_callback("on_result", on_result, "taking (input index, output)")
-        decode = self.tokenizer.decode
-        done = None if on_result is None else (lambda i, ids: on_result(i, decode(ids).strip()))
-        return [decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size, workers, done)]
+        constraint = OutputConstraint.of(choices, regex, json_schema)
+        done = None if on_result is None else (lambda i, ids: on_result(i, self._text(ids, constraint)))
+        return [self._text(ids, constraint) for ids in self.map_ids(
+            texts, max_tokens, batch_size, workers, done, choices=choices, regex=regex, json_schema=json_schema,
+            errors=errors)]
 
     def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                workers: int | None = None, on_result: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+                workers: int | None = None, on_result: Callable[[int, list[int]], None] | None = None, *,
+                choices: list[str] | None = None, regex: str | None = None,
+                json_schema: dict[str, Any] | str | None = None, errors: str = "raise") -> list[list[int]]:
         """The greedy output token ids of many inputs (see `map`)."""
         if isinstance(texts, (str, bytes)):
             raise TypeError(f"texts must be a list (or other iterable) of str, not one {type(texts).__name__}: "
                             f"for a single input call the function itself, fn(text)")
         _check_callback("on_result", on_result, "taking (input index, output ids)")
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
         batch_size = _checked_count("batch_size", batch_size)
         workers = None if workers is None else _checked_count("workers", workers)
         max_tokens = _checked_max_tokens(max_tokens)
         self._live_engine()
+        matcher = self._matcher(OutputConstraint.of(choices, regex, json_schema))
         seqs = []
         for i, text in enumerate(texts):  # every input checked before any work
             try:
-                seqs.append(self._sequence(self.prompt_ids(text), max_tokens))
+                seqs.append(self._sequence(self.prompt_ids(text), max_tokens, matcher))
             except (PawError, TypeError) as exc:  # which of thousands of inputs it was
                 raise type(exc)(f"input {i} of the map: {exc}") from None
+
+        def outcome(i: int, ids: list[int]) -> list[int] | PawError:
+            return self._outcome(seqs[i], ids, matcher, f"input {i} of the map")
+
+        report = None
         if on_result is not None:
+            def report(i: int, ids: list[int]) -> None:
+                result = outcome(i, ids)
+                if not isinstance(result, PawError) or errors == "return":
+                    on_result(i, result)
+
             for i, s in enumerate(seqs):
                 if s is None:  # nothing to generate (max_tokens 0, or the context is full)
-                    on_result(i, [])
-        if all(s is None for s in seqs):
-            return [[] for _ in seqs]
-        with self._exclusive():
-            self._live_engine()
-            return self._map_pool.generate(seqs, self.tokenizer.eos_id, batch_size, workers, on_result)
+                    report(i, [])
+        outs: list[list[int]] = [[] for _ in seqs]
+        if any(s is not None for s in seqs):
+            with self._exclusive():
+                self._live_engine()
+                outs = self._map_pool.generate(seqs, self.tokenizer.eos_id, batch_size, workers, report)
+        results = [outcome(i, ids) for i, ids in enumerate(outs)]
+        if errors == "raise":
+            for r in results:
+                if isinstance(r, PawError):
+                    raise r
+        return results
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -212,10 +262,32 @@ class PawFunction:
             raise PawError(f"{self.program.source}: this function was closed")
         return self._engine
 
-    def _sequence(self, ids: list[int], max_tokens: int | None) -> Sequence | None:
+    def _matcher(self, constraint: OutputConstraint | None):
+        """The compiled constraint (errors before any evaluation), or None."""
+        return None if constraint is None else self._constraints.compile(constraint)
+
+    def _text(self, ids: list[int] | PawError, constraint: OutputConstraint | None) -> str | PawError:
+        """The output text: stripped; a constrained one only of its leading whitespace (a choice
+        or a regex match may end in whitespace)."""
+        if isinstance(ids, PawError):
+            return ids
+        text = self.tokenizer.decode(ids)
+        return text.strip() if constraint is None else text.lstrip(WHITESPACE.decode())
+
+    def _outcome(self, seq: Sequence | None, ids: list[int], matcher, what: str) -> list[int] | PawError:
+        """ids, or the IncompleteOutputError of a constrained output cut before it was complete."""
+        if matcher is None or (seq is not None and seq.constraint.complete):
+            return ids
+        partial = self.tokenizer.decode(ids)
+        return IncompleteOutputError(
+            f"{what} was cut after {len(ids)} tokens before it was complete (partial output {partial!r}); "
+            f"raise max_tokens, or shorten the input if the context end cut it", partial, ids)
+
+    def _sequence(self, ids: list[int], max_tokens: int | None, matcher=None) -> Sequence | None:
         """What the engine evaluates for a prompt: the tokens after the part it shares with the
-        cached prefix, and how many tokens it may generate (None when that is zero).
-        max_tokens has passed `_checked_max_tokens`."""
+        cached prefix, how many tokens it may generate (None when that is zero) and, with a
+        compiled constraint, the sequence's own state of it. max_tokens has passed
+        `_checked_max_tokens`."""
         room = self.config.n_ctx - len(ids)
         limit = room if max_tokens is None else min(max_tokens, room)
         if limit <= 0:
@@ -228,7 +300,7 @@ class PawFunction:
                 break
             shared += 1
         shared = min(shared, len(ids) - 1)
-        return Sequence(ids[shared:], shared, limit)
+        return Sequence(ids[shared:], shared, limit, None if matcher is None else matcher.start())
 
     def _load_or_build_prefix(self, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
         n = len(self._prefix_ids)

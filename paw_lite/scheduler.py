@@ -9,12 +9,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from .kv_cache import KVShape, SlotCache, Step
+
+if TYPE_CHECKING:
+    from .constraints import ConstraintState
 
 # Tokens evaluated in one prefill step across all sequences: bounds the activation buffers
 # (MAX_ROWS x n_ff floats) while keeping the matmuls large enough to run at full speed.
@@ -31,11 +34,14 @@ class Stopped(Exception):
 @dataclass(frozen=True)
 class Sequence:
     """One prompt to continue: `ids` are its tokens after the first `start` tokens of the shared
-    prefix (the prompt is prefix[:start] + ids), `limit` the most tokens to generate (>= 1)."""
+    prefix (the prompt is prefix[:start] + ids), `limit` the most tokens to generate (>= 1).
+    `constraint`, when given, restricts every pick (`constraints.ConstraintState`; it is this
+    sequence's own and is advanced as tokens are made)."""
 
     ids: list[int]
     start: int
     limit: int
+    constraint: ConstraintState | None = field(default=None, compare=False)
 
 
 class PackedForward(Protocol):
@@ -54,6 +60,9 @@ class PackedForward(Protocol):
     def logits(self, h: np.ndarray) -> np.ndarray: ...
 
     def greedy(self, h: np.ndarray) -> list[int]: ...
+
+    def greedy_among(self, h: np.ndarray, allowed: list[np.ndarray | None]) -> list[int]:
+        """The argmax per row of `logits(h)` among the ids `allowed[row]` (sorted; None: all)."""
 
 
 def own_positions(seqs: list[Sequence]) -> int:
@@ -81,13 +90,28 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: int,
     prompt tokens of newly admitted ones, so when outputs end at different steps the slots stay
     full and the matmuls large. on_tokens(n) after each step that made n tokens; on_done(i, ids)
     as sequence i finishes; once `stop` is set, the next step raises Stopped instead of running.
-    With first_logits (n_seqs, n_vocab), also the logits each sequence's first token came from."""
+    With first_logits (n_seqs, n_vocab), also the logits each sequence's first token came from.
+
+    A sequence's constraint restricts each pick to its allowed ids (the head computes only those
+    rows when they are few). Tokens it forces are not picked one step each: they join the next
+    evaluation as extra rows of the sequence's segment (before the first pick, of its prompt), and
+    a sequence whose output is complete and cannot go on ends without another evaluation."""
     outs: list[list[int]] = [[] for _ in seqs]
-    waiting = deque(range(len(seqs)))
+    prompts: list[list[int]] = []  # what each sequence evaluates before its first pick
+    waiting: deque[int] = deque()
+    for i, seq in enumerate(seqs):
+        if seq.constraint is not None:
+            outs[i] = seq.constraint.take_forced(seq.limit)
+        prompts.append(seq.ids + outs[i])
+        if _ended(seq, outs[i]):
+            if on_done is not None:
+                on_done(i, outs[i])
+        else:
+            waiting.append(i)
     free = deque(range(cache.n_slots))
     slot_of: dict[int, int] = {}
     fed: dict[int, int] = {}  # prompt tokens evaluated, per admitted sequence still in its prompt
-    decoding: dict[int, tuple[int, int]] = {}  # sequence -> (next token to evaluate, its own index)
+    decoding: dict[int, tuple[list[int], int]] = {}  # sequence -> (next tokens to evaluate, own index of the first)
     while waiting or fed or decoding:
         if stop is not None and stop.is_set():
             raise Stopped
@@ -96,29 +120,32 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: int,
             slot_of[i] = free.popleft()
             fed[i] = 0
             cache.assign(slot_of[i], seqs[i].start)
-        # Decoding sequences first: one-token segments form one attention group.
-        segments = [(i, slot_of[i], index, [token]) for i, (token, index) in decoding.items()]
-        rows = len(segments)
-        total = rows + sum(len(seqs[i].ids) - done for i, done in fed.items())
+        # Decoding sequences first: their one-token segments form one attention group.
+        segments = [(i, slot_of[i], index, tokens) for i, (tokens, index) in decoding.items()]
+        rows = sum(len(sg[3]) for sg in segments)
+        total = rows + sum(len(prompts[i]) - done for i, done in fed.items())
         budget = -(-total // -(-total // MAX_ROWS))  # even steps: 2368 rows go as 2 x 1184, not 2048 + 320
         for i, done in fed.items():
-            n = min(PREFILL_CHUNK, len(seqs[i].ids) - done, budget - rows)
+            n = min(PREFILL_CHUNK, len(prompts[i]) - done, budget - rows)
             if n <= 0:
                 break
-            segments.append((i, slot_of[i], int(cache.base[slot_of[i]]) + done, seqs[i].ids[done:done + n]))
+            segments.append((i, slot_of[i], int(cache.base[slot_of[i]]) + done, prompts[i][done:done + n]))
             rows += n
         step = Step(np.array([sg[1] for sg in segments]), np.array([sg[2] for sg in segments]),
                     np.array([len(sg[3]) for sg in segments]))
-        wants = np.array([i not in fed or fed[i] + len(ids) == len(seqs[i].ids) for i, _, _, ids in segments])
+        wants = np.array([i not in fed or fed[i] + len(ids) == len(prompts[i]) for i, _, _, ids in segments])
         cache.reserve(int((step.first + step.count).max()))
         h = model.forward(cache, step, np.concatenate([sg[3] for sg in segments]), wants)
+        constraints = [seqs[sg[0]].constraint for sg, want in zip(segments, wants) if want]
         if h is None:
             logits, picks = None, []
-        elif first_logits is None:
-            logits, picks = None, model.greedy(h)
-        else:
+        elif first_logits is not None:
             logits = model.logits(h)
             picks = np.argmax(logits, axis=1).tolist()
+        elif any(c is not None for c in constraints):
+            logits, picks = None, model.greedy_among(h, [None if c is None else c.allowed() for c in constraints])
+        else:
+            logits, picks = None, model.greedy(h)
         row = made = 0  # logits row of the next segment that wants one; tokens this step made
         for (i, slot, first, ids), want in zip(segments, wants):
             if not want:
@@ -128,16 +155,26 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: int,
                 first_logits[i] = logits[row]
             token = picks[row]
             row += 1
+            seq, new = seqs[i], []
             if token != eos:
-                outs[i].append(token)
-                made += 1
-            if token == eos or len(outs[i]) >= seqs[i].limit:
+                new.append(token)
+                if seq.constraint is not None:
+                    seq.constraint.advance(token)
+                    new += seq.constraint.take_forced(seq.limit - len(outs[i]) - 1)
+                outs[i] += new
+                made += len(new)
+            if token == eos or _ended(seq, outs[i]):
                 decoding.pop(i, None)
                 free.append(slot)
                 if on_done is not None:
                     on_done(i, outs[i])
             else:
-                decoding[i] = (token, first + len(ids))
+                decoding[i] = (new, first + len(ids))
         if made and on_tokens is not None:
             on_tokens(made)
     return outs
+
+
+def _ended(seq: Sequence, out: list[int]) -> bool:
+    """The sequence made all it may, or its output is complete and cannot go on."""
+    return len(out) >= seq.limit or (seq.constraint is not None and seq.constraint.finished)
