@@ -14,14 +14,17 @@ from __future__ import annotations
 import json
 import re
 
-import jsonschema
 import numpy as np
 import pytest
-import regex as regex_module
+from oracles import oracle
 
 import paw_lite
 from paw_lite.constraints import ConstraintError, Constraints, IncompleteOutputError, OutputConstraint
 from paw_lite.errors import PawError
+
+jsonschema = oracle("jsonschema")
+regex_module = oracle("regex")  # partial matching, which Python's re lacks
+oracle("transformers", "peft")
 
 WS = b" \t\r\n"
 EOS = 50256
@@ -114,8 +117,7 @@ def masked_greedy(hf, prompt: list[int], new_state, limit: int) -> list[int] | t
     """Greedy decoding over transformers' full logits, restricted at every step to the mask of a
     state rebuilt from scratch from the tokens so far; stops at EOS, at `limit`, or where the
     output is complete and cannot go on. ("cut", ids) when `limit` came first."""
-    import torch
-
+    torch = oracle("torch")
     out: list[int] = []
     while len(out) < limit:
         state = new_state()
