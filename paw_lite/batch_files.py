@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from .constraints import ConstraintError, OutputConstraint
 from .errors import InvalidFileError, PawError
 
 log = logging.getLogger("paw_lite")
@@ -208,9 +209,10 @@ def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path,
     record is an error may have changed (fixed in the input file): it runs again."""
     for index, record in done.items():
         if record.run != run:
-            raise InvalidFileError(f"{output}: the result for line {index + 1} was made by another program, interpreter or "
-                                   f"--max-tokens{'' if record.run else ' (or by an older paw-lite)'}; mixing them would "
-                                   f"give results no single run makes: move the output away or pick another --output")
+            raise InvalidFileError(f"{output}: the result for line {index + 1} was made by another program, interpreter, "
+                                   f"--max-tokens or constraint (--choice, --regex, --json-schema)"
+                                   f"{'' if record.run else ' (or by an older paw-lite)'}; mixing them would give results "
+                                   f"no single run makes: move the output away or pick another --output")
         if index >= len(items):
             raise InvalidFileError(f"{output}: holds a result for line {index + 1}, but {input_path} has {len(items)} inputs: "
                                    f"it was made from another input file; move it away or pick another --output")
@@ -221,10 +223,14 @@ def check_resumable(items: list[BatchItem], done: dict[int, Done], output: Path,
                                    f"pick another --output")
 
 
-def run_id(fingerprint: str, max_tokens: int | None) -> str:
+def run_id(fingerprint: str, max_tokens: int | None, constraint: OutputConstraint | None = None) -> str:
     """The `run` field of a record: the function's fingerprint (program, interpreter) and the options
-    that change outputs. Short: it is repeated on every line."""
-    return hashlib.sha256(f"{fingerprint}\0{max_tokens}".encode()).hexdigest()[:16]
+    that change outputs (max_tokens, the constraint). Short: it is repeated on every line. Without a
+    constraint it is what it was before constraints existed, so their result files still resume."""
+    text = f"{fingerprint}\0{max_tokens}"
+    if constraint is not None:
+        text += "\0" + json.dumps(constraint.describe(), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def stdout_writer() -> Callable[[dict], None]:
@@ -239,8 +245,10 @@ def stdout_writer() -> Callable[[dict], None]:
 
 
 # call(texts, on_output) -> outputs; on_output(k, output) as texts[k] finishes, calls never
-# overlapping and all made before call returns (as PawFunction.map's on_result).
-BatchCall = Callable[[list[str], Callable[[int, str], None] | None], list[str]]
+# overlapping and all made before call returns (as PawFunction.map's on_result). An output may be
+# a PawError instead, that input's own failure (fn.map(..., errors="return"): a constrained output
+# max_tokens cut): it becomes the input's error record.
+BatchCall = Callable[[list[str], Callable[[int, str | PawError], None] | None], list[str | PawError]]
 
 
 def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], None],
@@ -250,7 +258,7 @@ def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], N
     in input order, each as soon as it and the records before it are done: an interrupted chunk
     keeps what it finished. `check(text)` raises PawError for an input `call` would refuse (too
     long, ...): such an input gets its error record and the rest of its chunk still runs as one
-    batch. Returns (ok, failed)."""
+    batch; so does an input whose output `call` returns as a PawError. Returns (ok, failed)."""
     tag = {} if run is None else {"run": run}
     counts = {"ok": 0, "failed": 0}
     for start in range(0, len(items), chunk):
@@ -282,20 +290,30 @@ def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], N
                 if on_progress:
                     on_progress(1)
 
-        def on_output(k: int, output: str, good: list[BatchItem] = good) -> None:
-            outputs[good[k].index] = output
+        def keep(it: BatchItem, output: str | PawError) -> None:
+            if it.index in outputs or it.index in errors:  # already kept from on_output
+                return
+            if isinstance(output, PawError):
+                errors[it.index] = str(output)
+            else:
+                outputs[it.index] = output
+
+        def on_output(k: int, output: str | PawError, good: list[BatchItem] = good) -> None:
+            keep(good[k], output)
             flush()
 
         try:
             if good:
                 for it, output in zip(good, call([it.text for it in good], on_output), strict=True):
-                    outputs.setdefault(it.index, output)
+                    keep(it, output)
+        except ConstraintError:
+            raise  # the constraint itself is unusable: every input would fail alike
         except PawError:
             # one bad input `check` did not catch must not cost the others: one input at a time
             for it in good:
-                if it.index not in outputs:
+                if it.index not in outputs and it.index not in errors:
                     try:
-                        outputs[it.index] = call([it.text], None)[0]
+                        keep(it, call([it.text], None)[0])
                     except PawError as exc:
                         errors[it.index] = str(exc)
         flush()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .cases import DEFAULT_MATCH, Case, cases_from_records, json_value, read_cases
+from .constraints import ConstraintError
 from .errors import PawError
 
 SCHEMA = 1
@@ -26,7 +27,7 @@ VERDICTS = ("pass", "fail", "error", "invalid", "not_run")
 @dataclass(frozen=True)
 class CaseResult:
     """A case and what the program did with it. verdict: pass, fail, error (the program could not
-    run on the input: too long for its context, ...), invalid (the case could not be read) or
+    run on the input: too long for its context, a constrained output cut by max_tokens, ...), invalid (the case could not be read) or
     not_run (the evaluation was interrupted first). reason: why, for error and invalid, and for a
     fail that is not plain inequality (output not JSON)."""
 
@@ -227,7 +228,9 @@ def evaluate(program: Any, cases: Cases, *, match: str = DEFAULT_MATCH, max_toke
     ({"input": ..., "expected": ..., "match": ..., "tags": [...]}). A file's unreadable cases
     are `invalid` results naming their line; a bad case in a list raises CaseError.
     match: the match kind of cases that name none. max_tokens, batch_size, workers: as fn.map's.
-    call_options: other keywords every call gets (as fn.map(texts, **call_options)).
+    call_options: other keywords every call gets (as fn.map(texts, **call_options)): a constraint
+    (choices=, regex= or json_schema=), whose cut outputs are `error` cases; one that cannot be
+    used raises ConstraintError before any case runs.
     on_case(result): called once per case as its verdict is known (from fn.map's worker; calls
     never overlap). A KeyboardInterrupt there, or Ctrl-C, raises EvaluationInterrupted holding
     the report of the cases done."""
@@ -304,8 +307,10 @@ class _Runner:
         with self._lock:
             return tuple(self._done.get(i) or CaseResult(c, "not_run") for i, c in enumerate(self.cases))
 
-    def _record(self, k: int, output: str | None, error: str | None = None) -> None:
+    def _record(self, k: int, output: str | PawError | None, error: str | None = None) -> None:
         case = self.cases[k]
+        if isinstance(output, PawError):  # fn.map(..., errors="return"): this input's own failure
+            output, error = None, str(output)
         if case.error is not None:
             result = CaseResult(case, "invalid", None, case.error)
         elif error is not None:
@@ -343,9 +348,14 @@ class _Runner:
                 self._one(k)
             return
         texts = [self.cases[k].input for k in todo]
+        # A program's function hands back a cut constrained output as its IncompleteOutputError
+        # (an error case) and goes on with the other inputs.
+        returned = {"errors": "return"} if check is not None else {}
         try:
-            outputs = self.fn.map(texts, **self.call, **self.map_options,
+            outputs = self.fn.map(texts, **self.call, **self.map_options, **returned,
                                   on_result=lambda j, out: self._record(todo[j], out))
+        except ConstraintError:
+            raise  # the constraint itself, not one case: every case would fail alike
         except PawError:
             # An input the check above did not catch must not cost the others: one at a time.
             for k in todo:

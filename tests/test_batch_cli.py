@@ -302,7 +302,7 @@ def test_resuming_with_other_options_is_refused(cli, tmp_path):
     before = out.read_bytes()
     proc = cli("--input-file", inp, "--output", out, "--max-tokens", str(MAX_TOKENS + 1))
     assert proc.returncode == 2, proc.stderr
-    assert b"was made by another program, interpreter or --max-tokens" in proc.stderr
+    assert b"was made by another program, interpreter, --max-tokens or constraint" in proc.stderr
     assert out.read_bytes() == before
     legacy = {k: v for k, v in first[0].items() if k != "run"}  # a record from before `run` existed
     out.write_text(json.dumps(legacy) + "\n", encoding="utf-8")

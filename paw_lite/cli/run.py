@@ -14,7 +14,7 @@ from ..atomic import check_writable
 from ..dask.file_run import DEFAULT_PARTITION_SIZE, cluster_runner  # imports dask itself only when used
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function
-from . import emit, printable, require_positive
+from . import constraint_args, emit, printable, require_positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "local:N for N single-threaded worker processes here (needs paw-lite[dask]; docs/dask.md)")
     p.add_argument("--partition-size", type=int, default=None,
                    help=f"inputs per Dask task with --scheduler (default {DEFAULT_PARTITION_SIZE})")
+    constraint_args.add_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 0:
         raise PawError(f"--max-tokens must be >= 0, not {args.max_tokens}")
     require_positive(args, "batch_size", "workers", "partition_size")
+    constraint = constraint_args.from_args(args)  # its form; compiled once the interpreter is loaded
     if args.scheduler is None and args.partition_size is not None:
         raise PawError("--partition-size only applies with --scheduler (a run on a Dask cluster)")
     if args.scheduler is not None and args.workers is not None:
@@ -79,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
         elif args.output:
             check_writable(args.output, "--output")
     if args.scheduler is not None:  # the program loads on the cluster's workers, not here
-        with cluster_runner(args) as (fingerprint, run_todo):
-            return _run_file(args, fingerprint, items, run_todo)
+        with constraint_args.naming_flag(args), cluster_runner(args, constraint) as (fingerprint, run_todo):
+            return _run_file(args, fingerprint, constraint, items, run_todo)
     t0 = time.perf_counter()
     with function(args.program, base_model=args.base_model) as fn:
         load_s = time.perf_counter() - t0
+        constraint_args.check(fn, constraint, args)
         if items is None:
             from tqdm import tqdm
 
@@ -91,33 +94,39 @@ def run(args: argparse.Namespace) -> int:
             # Shown only when a call runs past 2 s (a program that never says EOS runs to the context
             # end, minutes on a slow CPU) and only on a terminal.
             with tqdm(desc="output", unit="token", file=sys.stderr, disable=None, delay=2, leave=False) as bar:
-                out = fn(args.text, max_tokens=args.max_tokens, on_tokens=bar.update)
+                # A constrained output max_tokens cuts raises IncompleteOutputError: an error, exit 2.
+                out = fn(args.text, max_tokens=args.max_tokens, on_tokens=bar.update,
+                         **constraint_args.call_kwargs(constraint))
             # On a terminal the output's control characters (GPT-2 can write ESC) are shown as U+FFFD;
             # a pipe gets the exact text.
             emit(args, {"input": args.text, "output": out, "load_s": round(load_s, 3),
                         "call_s": round(time.perf_counter() - t1, 3)}, printable(out) if sys.stdout.isatty() else out)
             return 0
-        return _run_file(args, fn.fingerprint, items, _local_runner(args, fn))
+        return _run_file(args, fn.fingerprint, constraint, items, _local_runner(args, fn, constraint))
 
 
-def _local_runner(args: argparse.Namespace, fn):
-    """Run pending items in this process through fn.map, with a progress bar over inputs."""
+def _local_runner(args: argparse.Namespace, fn, constraint):
+    """Run pending items in this process through fn.map, with a progress bar over inputs. A cut
+    constrained output comes back as its IncompleteOutputError (errors="return"), its input's error
+    record; every other input of the chunk keeps its output."""
+    kwargs = constraint_args.call_kwargs(constraint)
+
     def run_todo(todo: list[batch.BatchItem], write, run: str) -> tuple[int, int]:
         from tqdm import tqdm
 
         with tqdm(total=len(todo), desc="inputs", unit="input", file=sys.stderr, disable=None) as bar:
             return batch.run_batch(todo, lambda texts, on_output: fn.map(
                                        texts, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                                       workers=args.workers, on_result=on_output),
+                                       workers=args.workers, on_result=on_output, errors="return", **kwargs),
                                    write, chunk=args.batch_size, on_progress=bar.update, run=run, check=fn.prompt_ids)
 
     return run_todo
 
 
-def _run_file(args: argparse.Namespace, fingerprint: str, items: list[batch.BatchItem], run_todo) -> int:
+def _run_file(args: argparse.Namespace, fingerprint: str, constraint, items: list[batch.BatchItem], run_todo) -> int:
     """Results go to --output (appended, synced per line; a rerun resumes) or to stdout.
     run_todo(items, write, run) -> (ok, failed) runs the pending items, here or on a Dask cluster."""
-    run_id = batch.run_id(fingerprint, args.max_tokens)
+    run_id = batch.run_id(fingerprint, args.max_tokens, constraint)
     results = batch.ResultsFile(args.output) if args.output else None
     try:
         done = batch.current_records(items, results.done) if results else {}

@@ -16,7 +16,7 @@ from ..cases import DEFAULT_MATCH, MATCH_KINDS, Case, json_value, read_cases
 from ..errors import PawError
 from ..evaluate import CaseResult, Comparison, EvaluationInterrupted, EvaluationReport, evaluate
 from ..program import Program
-from . import printable, require_positive
+from . import constraint_args, printable, require_positive
 
 FAILURES_SHOWN = 30
 
@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="stop each output after N tokens (default: EOS or context end)")
     p.add_argument("--batch-size", type=int, default=None, help="inputs in flight at once (default: fn.map's)")
     p.add_argument("--workers", type=int, default=None, help="threads sharing the inputs (default: one per core)")
+    constraint_args.add_arguments(p)
     p.add_argument("--show", type=int, default=FAILURES_SHOWN, metavar="N",
                    help=f"show at most N failures or disagreements (default {FAILURES_SHOWN}; --json has them all)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON (schema: docs/testing-programs.md)")
@@ -52,10 +53,10 @@ def _rate(text: str) -> float:
 
 
 def call_options(args: argparse.Namespace) -> dict:
-    """Keywords every call of the program gets besides max_tokens. The constraint flags of issue 17
-    (--choice, --regex, --json-schema) belong here once fn.map takes them, and then reach the
-    report's options too."""
-    return {}
+    """Keywords every call of the program gets besides max_tokens: the constraint flags (--choice,
+    --regex, --json-schema) as fn.map's choices=, regex= or json_schema= (the schema as a dict).
+    They reach the report's options too."""
+    return constraint_args.call_kwargs(constraint_args.from_args(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show < 0:
         raise PawError(f"--show must be >= 0, not {args.show}")
     require_positive(args, "batch_size", "workers")
+    options = call_options(args)  # a bad constraint (or schema file) shows before anything loads
     cases = read_cases(args.cases, args.match)  # a bad cases file shows before any program loads
     # Both programs and their interpreters are found before either runs: a wrong --against path must
     # not show only after the first program's run.
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     for program in programs:  # one loaded at a time
         try:
-            reports.append(_evaluate(program, cases, args))
+            with constraint_args.naming_flag(args):  # a regex the interpreter cannot compile, before any case
+                reports.append(_evaluate(program, cases, args, options))
         except EvaluationInterrupted as exc:
             reports.append(exc.report)
             interrupted = True
@@ -100,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(program: Program, cases: list[Case], args: argparse.Namespace) -> EvaluationReport:
+def _evaluate(program: Program, cases: list[Case], args: argparse.Namespace, options: dict) -> EvaluationReport:
     named = str(args.cases)  # the cases were read once, in `run`: the report names their file
     with progress_bar(len(cases), Path(program.source).name) as bar:
         try:
             report = evaluate(program, cases, match=args.match, max_tokens=args.max_tokens, base_model=args.base_model,
-                              batch_size=args.batch_size, workers=args.workers, call_options=call_options(args),
+                              batch_size=args.batch_size, workers=args.workers, call_options=options,
                               on_case=lambda result: bar.update(1))
         except EvaluationInterrupted as exc:
             raise EvaluationInterrupted(dataclasses.replace(exc.report, cases_file=named)) from exc

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .. import batch_files as batch
+from ..constraints import OutputConstraint
 from ..errors import IncompatibleModelError, PawError, require
 from . import worker
 from .shipping import MapOptions, ShippedProgram, options, ship
@@ -52,7 +53,9 @@ def run_items(items: list[batch.BatchItem], shipped: ShippedProgram, opts: MapOp
     """On a worker: a partition's records, made as a local batch run makes them."""
     fn = worker.loaded_function(shipped, opts)
     records: list[dict] = []
-    batch.run_batch(items, lambda texts, on_output: fn.map(texts, **opts.map_kwargs(), on_result=on_output),
+    # errors="return": a cut constrained output is its input's error record, as in a local run.
+    batch.run_batch(items, lambda texts, on_output: fn.map(texts, **opts.map_kwargs(), on_result=on_output,
+                                                           errors="return"),
                     records.append, chunk=opts.batch_size, run=run, check=fn.prompt_ids)
     return PartitionRecords(records, fn.fingerprint, str(worker.this_worker()))
 
@@ -66,11 +69,13 @@ RunTodo = Callable[[list[batch.BatchItem], Callable[[dict], None], str], tuple[i
 
 
 @contextmanager
-def cluster_runner(args: argparse.Namespace) -> Iterator[tuple[str, RunTodo]]:
+def cluster_runner(args: argparse.Namespace, constraint: OutputConstraint | None = None) -> Iterator[tuple[str, RunTodo]]:
     """(the fingerprint of the function the workers run, how to run pending items on them), for the
-    run command's options; the cluster connection (or a LocalCluster it started) is closed after."""
+    run command's options; the cluster connection (or a LocalCluster it started) is closed after.
+    A constraint the workers' interpreter cannot compile raises its ConstraintError here, before
+    any partition runs."""
     shipped = ship(args.program)  # a bad program fails here, before any cluster starts
-    opts = options(args.max_tokens, args.batch_size, args.base_model)
+    opts = options(args.max_tokens, args.batch_size, args.base_model, constraint)
     size = args.partition_size or DEFAULT_PARTITION_SIZE
     with connect(args.scheduler) as client:
         # One task holds the program; partitions depend on it, so each worker receives it once, and a

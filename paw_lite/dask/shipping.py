@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constraints import OutputConstraint
 from ..program import Program
 from ..runtime import DEFAULT_BATCH_SIZE, _checked_count, _checked_max_tokens
 
@@ -41,13 +42,13 @@ def ship(program: str | os.PathLike[str] | Program) -> ShippedProgram:
 
 @dataclass(frozen=True)
 class MapOptions:
-    """How each partition runs: the keywords of `fn.map` that change outputs or memory, and the
-    interpreter to use on the workers. Constrained outputs (when they land) become fields here and
-    entries of `map_kwargs`; nothing else between the caller and `fn.map` needs to change."""
+    """How each partition runs: the keywords of `fn.map` that change outputs or memory (the
+    constraint among them), and the interpreter to use on the workers."""
 
     max_tokens: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     base_model: str | None = None  # a path as the workers see it; None: each worker's models directory
+    constraint: OutputConstraint | None = None  # checked in form on the client, compiled on the workers
 
     def __post_init__(self) -> None:  # refused on the client, before a graph is built
         _checked_max_tokens(self.max_tokens)
@@ -57,10 +58,12 @@ class MapOptions:
                             f"got {type(self.base_model).__name__} (a loaded BaseModel cannot be shipped to workers)")
 
     def map_kwargs(self) -> dict[str, Any]:
-        return {"max_tokens": self.max_tokens, "batch_size": self.batch_size}
+        constraint = {} if self.constraint is None else self.constraint.describe()  # choices=, regex= or json_schema=
+        return {"max_tokens": self.max_tokens, "batch_size": self.batch_size, **constraint}
 
 
-def options(max_tokens: int | None, batch_size: int, base_model: str | os.PathLike[str] | None) -> MapOptions:
+def options(max_tokens: int | None, batch_size: int, base_model: str | os.PathLike[str] | None,
+            constraint: OutputConstraint | None = None) -> MapOptions:
     if isinstance(base_model, os.PathLike):
         base_model = os.fspath(base_model)
-    return MapOptions(max_tokens, batch_size, base_model)
+    return MapOptions(max_tokens, batch_size, base_model, constraint)

@@ -101,8 +101,12 @@ def loaded_function(shipped: ShippedProgram, options: MapOptions) -> PawFunction
 
 
 def describe(shipped: ShippedProgram, options: MapOptions) -> tuple[str, str]:
-    """(the fingerprint of the function a worker runs, the worker): loads the program there."""
-    return loaded_function(shipped, options).fingerprint, str(this_worker())
+    """(the fingerprint of the function a worker runs, the worker): loads the program there, and
+    compiles the options' constraint (a map of no inputs does only that), so a bad one is refused
+    before any partition runs."""
+    fn = loaded_function(shipped, options)
+    fn.map([], **options.map_kwargs())
+    return fn.fingerprint, str(this_worker())
 
 
 def run_texts(texts, shipped: ShippedProgram, options: MapOptions) -> list[str]:
