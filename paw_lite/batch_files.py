@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .constraints import ConstraintError, OutputConstraint
+from .constraints import ConstraintError, IncompleteOutputError, OutputConstraint
 from .errors import InvalidFileError, PawError
 
 log = logging.getLogger("paw_lite")
@@ -294,7 +294,7 @@ def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], N
             if it.index in outputs or it.index in errors:  # already kept from on_output
                 return
             if isinstance(output, PawError):
-                errors[it.index] = str(output)
+                errors[it.index] = error_text(output)
             else:
                 outputs[it.index] = output
 
@@ -315,9 +315,18 @@ def run_batch(items: list[BatchItem], call: BatchCall, write: Callable[[dict], N
                     try:
                         keep(it, call([it.text], None)[0])
                     except PawError as exc:
-                        errors[it.index] = str(exc)
+                        errors[it.index] = error_text(exc)
         flush()
     return counts["ok"], counts["failed"]
+
+
+def error_text(exc: PawError) -> str:
+    """An input's error record. A cut output's own message counts inputs of one map ("input 3 of the
+    map"), which here is a chunk: the record says it without that index, naming the option to raise."""
+    if isinstance(exc, IncompleteOutputError):
+        return (f"the output was cut after {len(exc.ids)} tokens before it was complete (partial output "
+                f"{exc.partial!r}); raise --max-tokens, or shorten the input if the context end cut it")
+    return str(exc)
 
 
 def pending(items: list[BatchItem], done: dict[int, Done], retry_failed: bool = False) -> Iterator[BatchItem]:

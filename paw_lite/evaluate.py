@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .cases import DEFAULT_MATCH, Case, cases_from_records, json_value, read_cases
-from .constraints import ConstraintError
+from .constraints import ConstraintError, IncompleteOutputError
 from .errors import PawError
 
 SCHEMA = 1
@@ -309,7 +309,10 @@ class _Runner:
 
     def _record(self, k: int, output: str | PawError | None, error: str | None = None) -> None:
         case = self.cases[k]
-        if isinstance(output, PawError):  # fn.map(..., errors="return"): this input's own failure
+        if isinstance(output, IncompleteOutputError):  # fn.map(..., errors="return"): its own message counts map inputs
+            output, error = None, (f"the output was cut after {len(output.ids)} tokens before it was complete (partial "
+                                   f"output {output.partial!r}); raise max_tokens (--max-tokens)")
+        elif isinstance(output, PawError):
             output, error = None, str(output)
         if case.error is not None:
             result = CaseResult(case, "invalid", None, case.error)
