@@ -240,3 +240,28 @@ def test_cli_refuses_bad_options(cli, tmp_path, args, message):
 def test_cli_scheduler_needs_an_input_file(cli):
     proc = cli("disk full", "--scheduler", "local:2", "--json")
     assert proc.returncode == 2 and "--scheduler only apply with --input-file" in json.loads(proc.stdout)["error"]
+
+
+def test_constraints_pass_through_to_the_workers(client, cli, fn, tiny_program, tiny_gguf, tmp_path):
+    """paw_lite.dask.map and --scheduler take a constraint: the outputs of a local fn.map, and
+    records (a cut input's error record too) equal a local run's byte for byte; a regex the
+    workers' interpreter cannot compile exits 2 naming --regex before any partition runs."""
+    choices = ["ALERT", "QUIET"]
+    bag = db.from_sequence(TEXTS, npartitions=3)
+    assert paw_lite.dask.map(tiny_program, bag, max_tokens=40, choices=choices).compute() == \
+        fn.map(TEXTS, max_tokens=40, choices=choices)
+    lengths = [len(ids) for ids in fn.map_ids(TEXTS, max_tokens=40, choices=choices)]
+    assert min(lengths) < max(lengths)  # so --max-tokens min(lengths) cuts some inputs and not others
+    flags = ["--max-tokens", str(min(lengths)), "--choice", "ALERT", "--choice", "QUIET", "--json"]
+    inp, local, remote = tmp_path / "in.txt", tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    inp.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    whole = cli("--input-file", inp, "--output", local, "--base-model", tiny_gguf, *flags)
+    assert whole.returncode == 1 and json.loads(whole.stdout)["failed"] > 0, whole.stderr  # 1: the cut inputs
+    proc = cli("--input-file", inp, "--output", remote, "--scheduler", client.scheduler.address, "--partition-size", "5",
+               *flags)
+    assert proc.returncode == 1, proc.stderr
+    assert remote.read_bytes() == local.read_bytes()
+    bad = cli("--input-file", inp, "--output", tmp_path / "bad.jsonl", "--scheduler", client.scheduler.address,
+              "--regex", "(unclosed", "--json")
+    assert bad.returncode == 2 and "--regex: regex '(unclosed' cannot be compiled" in json.loads(bad.stdout)["error"]
+    assert not (tmp_path / "bad.jsonl").exists()
