@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import batch_files as batch
 from ..atomic import check_writable
+from ..constraints import OutputConstraint
 from ..dask.file_run import DEFAULT_PARTITION_SIZE, cluster_runner  # imports dask itself only when used
 from ..errors import PawError
 from ..runtime import DEFAULT_BATCH_SIZE, function
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_file(args, fn.fingerprint, constraint, items, _local_runner(args, fn, constraint))
 
 
-def _local_runner(args: argparse.Namespace, fn, constraint):
+def _local_runner(args: argparse.Namespace, fn, constraint: OutputConstraint | None):
     """Run pending items in this process through fn.map, with a progress bar over inputs. A cut
     constrained output comes back as its IncompleteOutputError (errors="return"), its input's error
     record; every other input of the chunk keeps its output."""
@@ -123,7 +124,8 @@ def _local_runner(args: argparse.Namespace, fn, constraint):
     return run_todo
 
 
-def _run_file(args: argparse.Namespace, fingerprint: str, constraint, items: list[batch.BatchItem], run_todo) -> int:
+def _run_file(args: argparse.Namespace, fingerprint: str, constraint: OutputConstraint | None,
+              items: list[batch.BatchItem], run_todo) -> int:
     """Results go to --output (appended, synced per line; a rerun resumes) or to stdout.
     run_todo(items, write, run) -> (ok, failed) runs the pending items, here or on a Dask cluster."""
     run_id = batch.run_id(fingerprint, args.max_tokens, constraint)
