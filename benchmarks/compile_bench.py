@@ -53,11 +53,11 @@ def log(msg: str) -> None:
 def _tokenizer_folder(folder: Path) -> Path:
     """An HF tokenizer folder with the real Qwen vocabulary, Qwen3's added tokens, the 64 prefix tokens
     and a Qwen chat template (the test fixtures' tokenizer)."""
-    from qwen_fixtures import _save_tokenizer
-    from vocab_source import vocab_dir
+    from paw_lite.testing.qwen3 import save_qwen_tokenizer
+    from paw_lite.testing.vocab import vocab_dir
 
     folder.mkdir(parents=True, exist_ok=True)
-    _save_tokenizer(folder, vocab_dir(), template_in_jinja_file=False)
+    save_qwen_tokenizer(folder, vocab_dir(), template_in_jinja_file=False)
     return folder
 
 
@@ -146,9 +146,7 @@ def _write_mapper(path: Path, meta_path: Path, interpreter) -> None:
 
 def ensure_models(cache: Path = CACHE) -> Path:
     """A models directory with the five files under their default names; built once."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from interpreter_bench import ensure_workload
+    from interpreter_bench import ensure_workload  # the sibling script: this one runs from benchmarks/
 
     from paw_lite.base_model import read_header
     from paw_lite.compiler.config import DEFAULT_FILES

@@ -27,7 +27,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
-sys.path.insert(0, str(ROOT / "tests"))
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 2560, 32, 8, 128, 9728, 151733
 SHARD_BYTES = 2 << 30
@@ -70,8 +69,8 @@ def write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]]
 
 
 def make_model(folder: Path, n_layer: int) -> int:
-    from qwen_fixtures import _save_tokenizer
-    from vocab_source import vocab_dir
+    from paw_lite.testing.qwen3 import save_qwen_tokenizer
+    from paw_lite.testing.vocab import vocab_dir
 
     shapes = tensor_shapes(n_layer)
     total = sum(2 * int(np.prod(s)) for s in shapes.values())
@@ -101,7 +100,7 @@ def make_model(folder: Path, n_layer: int) -> int:
         "head_dim": HEAD_DIM, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0}, "tie_word_embeddings": True,
         "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16"}))
-    _save_tokenizer(folder, vocab_dir(), template_in_jinja_file=True)
+    save_qwen_tokenizer(folder, vocab_dir(), template_in_jinja_file=True)
     marker.write_text(str(total))
     return total
 

@@ -81,8 +81,7 @@ def ensure_workload(cache: Path, n_calls: int, log=print) -> Workload:
         if meta.get("format") == FORMAT and len(meta["calls"]) >= n_calls:
             return Workload.load(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from vocab_source import gpt2_vocab, vocab_dir
+    from paw_lite.testing.vocab import gpt2_vocab, vocab_dir
 
     from paw_lite.gpt2_layout import GPT2Config
     from paw_lite.tokenizer import GPT2Tokenizer
@@ -258,7 +257,7 @@ class ProductFloor:
     noisy as the host, so it is sampled alongside the calls it is compared with."""
 
     def __init__(self, weights, n_prompt: int):
-        from paw_lite.engine import _SMALL_PRODUCT_ROWS
+        from paw_lite.products import SMALL_PRODUCT_ROWS as _SMALL_PRODUCT_ROWS
 
         self.weights, self.n_prompt = weights, n_prompt
         layer = weights.layers[0]
@@ -274,7 +273,7 @@ class ProductFloor:
         self.token_s: list[float] = []
 
     def _products(self, n: int) -> None:
-        from paw_lite.engine import _project
+        from paw_lite.products import project as _project
 
         layers, d, n_ff, out = self.weights.layers, self.d, self.n_ff, self.out
         for i, layer in enumerate(layers):

@@ -23,17 +23,15 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from paw_lite.blas_threads import controller, usable_cpus  # noqa: E402
+from paw_lite.blas_threads import controller, usable_cpus
 
 D, N_FF, N_LAYER, N_VOCAB = 768, 3072, 12, 50257
 SHAPES = [(3 * D, D), (D, D), (N_FF, D), (D, N_FF)]  # attn_qkv, attn_output, ffn_up, ffn_down (Linear layout)
 ROWS = (1, 2, 8, 16, 32, 37, 48, 64, 128, 256, 1024)
-SMALL_PRODUCT_ROWS = 96  # paw_lite.engine._SMALL_PRODUCT_ROWS: below it, w @ x.T
+SMALL_PRODUCT_ROWS = 96  # paw_lite.products.SMALL_PRODUCT_ROWS: below it, w @ x.T
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -1,6 +1,6 @@
 """A GGUF file's metadata and tensor table as plain values, for the converter's checks.
 
-Parsing is `paw_lite.gguf_fast.read_index` (gguf-py's GGUFReader spends ~8 s of CPU building views
+Parsing is `paw_lite.gguf_file.read_index` (gguf-py's GGUFReader spends ~8 s of CPU building views
 of a Qwen vocabulary's 151k tokens and merges); this only reshapes its result: decoded values by
 key, tensors by name with NumPy-order shapes."""
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from gguf import GGMLQuantizationType
 
-from paw_lite.gguf_fast import read_index
+from paw_lite.gguf_file import read_index
 
 
 @dataclass(frozen=True)

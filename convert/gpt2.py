@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType, qua
 
 from paw_lite.atomic import atomic_path
 from paw_lite.errors import InvalidFileError, ModelNotFoundError
-from paw_lite.base_model import hf_gguf_name, hf_gguf_weight, hf_gpt2_config, hf_gpt2_tensors
+from paw_lite.hf_gpt2 import hf_gguf_name, hf_gguf_weight, hf_gpt2_config, hf_gpt2_tensors
 from paw_lite.gpt2_layout import ARCH, GPT2Config
 from paw_lite.tokenizer import hf_vocab
 
@@ -75,7 +75,7 @@ def write_gpt2_gguf(out: str | os.PathLike[str], config: GPT2Config, tensors: It
 
 
 def hf_gpt2_bin_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Like base_model.hf_gpt2_tensors, from a `pytorch_model.bin` (torch zip format, read without torch)."""
+    """Like paw_lite.hf_gpt2.hf_gpt2_tensors, from a `pytorch_model.bin` (torch zip format, read without torch)."""
     from .torch_checkpoint import load_state_dict
 
     state = load_state_dict(path)

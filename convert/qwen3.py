@@ -155,9 +155,11 @@ class Qwen3Source:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise InvalidFileError(f"{index}: no readable weight_map: {exc}") from exc
+            if not isinstance(weight_map, dict):
+                raise InvalidFileError(f"{index}: weight_map is a JSON {type(weight_map).__name__}, expected an object "
+                                       f"of tensor name -> shard file (re-download the index from the model's release)")
         elif (self.folder / "model.safetensors").exists():
             weight_map = None
         else:

@@ -6,10 +6,12 @@ from .errors import (
     ContextOverflowError,
     IncompatibleModelError,
     InvalidFileError,
+    InvalidInputError,
     MissingDependencyError,
     ModelNotFoundError,
     PawError,
 )
+from .evaluate import EvaluationInterrupted, EvaluationReport, evaluate
 from .program import Program
 from .runtime import PawFunction, function
 
@@ -20,10 +22,14 @@ __all__ = [
     "ContextOverflowError",
     "IncompatibleModelError",
     "InvalidFileError",
+    "InvalidInputError",
     "MissingDependencyError",
     "ModelNotFoundError",
     "compile",
     "compile_and_load",
+    "EvaluationInterrupted",
+    "EvaluationReport",
+    "evaluate",
     "PawError",
     "PawFunction",
     "Program",

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, malformed_file
-from .gguf_fast import TensorInfo, dequantize, iter_tensors, read_index
-from .gguf_file import WEIGHT_TYPES, get_field, get_float, get_int, get_str, numpy_shape
-from .gpt2_layout import ARCH, GPT2Config, hf_to_gguf_name
-from .safetensors_file import SafetensorsFile
+from .gguf_file import (WEIGHT_TYPES, TensorInfo, get_field, get_float, get_int, get_str, iter_tensors, numpy_shape, read_index,
+                        tensor_to_f32)
+from .gpt2_layout import ARCH, GPT2Config
+from .hf_gpt2 import INTERPRETER_SOURCES, hf_gpt2_config, hf_gpt2_tensors
 from .tokenizer import GPT2Tokenizer
 
 
@@ -119,7 +116,9 @@ def _gguf_config(path: Path):
 
 def _gguf_tokenizer(reader, config: GPT2Config, path: Path) -> GPT2Tokenizer:
     tokenizer = GPT2Tokenizer.from_gguf(reader, path)
-    assert tokenizer.n_vocab == config.n_vocab  # both are the length of tokenizer.ggml.tokens
+    if tokenizer.n_vocab != config.n_vocab:  # both come from tokenizer.ggml.tokens, read by two readers
+        raise InvalidFileError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but tokenizer.ggml.tokens "
+                               f"lists {config.n_vocab}; re-convert the model with `paw-lite convert gpt2`")
     return tokenizer
 
 
@@ -153,23 +152,7 @@ def _halves_by_size(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
 
 def _read_tensors(index, path: Path, tensors: list[TensorInfo]) -> dict[str, np.ndarray]:
     """float32 tensors by name, read in file order."""
-    return {info.name: _tensor_f32(info, raw, path) for info, raw in iter_tensors(index, tensors)}
-
-
-def _tensor_f32(info: TensorInfo, raw: bytes, path: Path) -> np.ndarray:
-    if info.tensor_type not in WEIGHT_TYPES:
-        names = ", ".join(sorted(t.name for t in WEIGHT_TYPES))
-        raise InvalidFileError(f"{path}: tensor {info.name} has type {info.tensor_type.name}; supported here: {names}")
-    out = dequantize(raw, info.tensor_type, numpy_shape(info))
-    # Q8_0 values are int8 times a float16 scale: finite exactly when every scale is.
-    finite = _q8_0_scales(raw) if info.tensor_type == GGMLQuantizationType.Q8_0 else out
-    if not np.isfinite(finite).all():
-        raise InvalidFileError(f"{path}: tensor {info.name} holds NaN or Inf values")
-    return out
-
-
-def _q8_0_scales(raw: bytes) -> np.ndarray:
-    return np.frombuffer(raw, np.uint8).reshape(-1, 34)[:, :2].copy().view("<f2")
+    return {info.name: tensor_to_f32(info, raw, path, WEIGHT_TYPES) for info, raw in iter_tensors(index, tensors)}
 
 
 class _ShapeOnly:
@@ -177,82 +160,6 @@ class _ShapeOnly:
 
     def __init__(self, shape: tuple[int, ...]):
         self.shape = shape
-
-
-_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
-# What a folder without config.json should have been, for the error: what the converter reads, and
-# what runs (a GGUF, or a folder whose weights are already safetensors).
-HF_GPT2_FOLDER = "an HF GPT-2 folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files)"
-INTERPRETER_SOURCES = "an HF GPT-2 folder (config.json, model.safetensors, tokenizer files) or a GPT-2 .gguf"
-
-
-def hf_gpt2_config(cfg_path: Path, expected: str = HF_GPT2_FOLDER) -> GPT2Config:
-    """GPT2Config from an HF config.json; `expected` describes the folder in the errors for a missing one."""
-    folder = cfg_path.parent
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"{folder}: not a folder; pass {expected}")
-    if not cfg_path.exists():
-        raise ModelNotFoundError(f"{folder}: no config.json; pass {expected}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except OSError as exc:  # strerror: str(exc) would repeat the path
-        raise InvalidFileError(f"{cfg_path}: cannot read the model config: {exc.strerror or exc}") from exc
-    except (ValueError, RecursionError) as exc:
-        raise InvalidFileError(f"{cfg_path}: cannot read the model config: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise InvalidFileError(f"{cfg_path}: is a JSON {type(cfg).__name__}, expected an object of hyperparameters")
-    if cfg.get("model_type", "gpt2") != "gpt2":
-        raise IncompatibleModelError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
-    if cfg.get("activation_function", "gelu_new") not in _ACTIVATIONS:
-        raise IncompatibleModelError(f"{cfg_path}: activation_function {cfg['activation_function']!r} is not GPT-2's tanh GELU")
-    try:
-        n_embd = int(cfg["n_embd"])
-        return GPT2Config(
-            n_vocab=int(cfg["vocab_size"]),
-            n_ctx=int(cfg.get("n_positions", cfg.get("n_ctx"))),
-            n_embd=n_embd,
-            n_head=int(cfg["n_head"]),
-            n_layer=int(cfg["n_layer"]),
-            n_ff=int(cfg.get("n_inner") or 4 * n_embd),
-            eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        ).validate(cfg_path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidFileError(f"{cfg_path}: missing or malformed GPT-2 hyperparameter: {exc}") from exc
-
-
-def hf_gpt2_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in Linear layout) for each weight of an HF GPT-2 folder, one at a
-    time; an output matrix equal to the embedding is dropped (tied, as in the official layout)."""
-    st_path = folder / "model.safetensors"
-    if not st_path.exists():
-        raise ModelNotFoundError(f"{folder}: no model.safetensors (convert a pytorch_model.bin with `paw-lite convert gpt2 {folder} -o gpt2.gguf`)")
-    st = SafetensorsFile(st_path)
-    for key in st.keys():
-        mapped = hf_gguf_name(key, st_path)
-        if mapped is None:
-            continue
-        name, transpose = mapped
-        if name == "output.weight":
-            wte = next((k for k in st.keys() if k.removeprefix("transformer.") == "wte.weight"), None)
-            if wte is not None and np.array_equal(st.raw(key), st.raw(wte)):
-                continue
-        yield name, hf_gguf_weight(st.f32(key), transpose, key, st_path)
-
-
-def hf_gguf_name(key: str, source: Path) -> tuple[str, bool] | None:
-    """gpt2_layout.hf_to_gguf_name, its error naming the file the tensor came from."""
-    try:
-        return hf_to_gguf_name(key)
-    except InvalidFileError as exc:
-        raise InvalidFileError(f"{source}: {exc}") from None
-
-
-def hf_gguf_weight(arr: np.ndarray, transpose: bool, key: str, source: Path) -> np.ndarray:
-    """An HF GPT-2 weight (float32) as its GGUF tensor: refused if not finite (as the GGUF path
-    refuses them: NaN weights give garbage, silently), transposed where HF's Conv1D layout differs."""
-    if not np.isfinite(arr).all():
-        raise InvalidFileError(f"{source}: tensor {key} holds NaN or Inf values")
-    return np.ascontiguousarray(arr.T) if transpose else arr
 
 
 def _load_hf_dir(folder: Path) -> BaseModel:

@@ -1,90 +1,79 @@
-"""The thread count of the BLAS library NumPy calls, when that library is OpenBLAS.
+"""The thread count of the BLAS library NumPy calls, through threadpoolctl.
 
 `fn.map` runs one worker thread per core, each evaluating its own batch with single-threaded
 BLAS: NumPy's elementwise work (softmax, GELU, layer norm) is single-threaded, so with one
 worker it leaves a core idle for a third of a batch's time. Two workers over two-threaded BLAS
-would oversubscribe the cores (OpenBLAS's threads spin while they wait), so the library's count
-is lowered for the duration and restored after. That count is process-wide by nature; this
+would oversubscribe the cores (OpenBLAS's threads spin while they wait), so the libraries' counts
+are lowered for the duration and restored after. That count is process-wide by nature; this
 module is the one place that changes it.
 
-Only OpenBLAS is handled (NumPy's own wheels bundle it as scipy-openblas). With another BLAS,
-or none found, `controller()` returns None and `fn.map` uses one worker; that is logged once."""
+threadpoolctl finds the BLAS libraries loaded in the process (OpenBLAS as NumPy's wheels bundle
+it, MKL, BLIS, FlexiBLAS); every one is held at one thread together. With none found,
+`controller()` returns None and `fn.map` uses one worker; that is logged once. Finding them costs
+about 1 ms, once per process; setting a count, 1 us."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import glob
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
+import numpy  # noqa: F401  (its BLAS must be loaded before threadpoolctl looks for it)
+from threadpoolctl import OpenBLASController, ThreadpoolController
 
 log = logging.getLogger(__name__)
 
-# (set, get) symbol pairs, most specific first: NumPy >= 2 wheels (64-bit ints, scipy_ prefix),
-# their 32-bit-int variant, then a system OpenBLAS.
-_SYMBOLS = (
-    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-    ("openblas_set_num_threads", "openblas_get_num_threads"),
-)
 
-
-@dataclass(frozen=True)
 class BlasController:
-    library: str
-    _set: ctypes._CFuncPtr
-    _get: ctypes._CFuncPtr
+    """The BLAS libraries of this process, set and read together."""
+
+    def __init__(self, libraries: list):
+        self._libraries = libraries  # threadpoolctl LibController objects
+
+    @property
+    def library(self) -> str:
+        """Where the libraries live, for reports (`paw-lite doctor`)."""
+        return ", ".join(lib.filepath for lib in self._libraries)
 
     def get(self) -> int:
-        return int(self._get())
+        """Threads BLAS uses: the largest count among the libraries."""
+        return max(lib.num_threads for lib in self._libraries)
 
     def set(self, n: int) -> None:
-        self._set(int(n))
+        self.restore([int(n)] * len(self._libraries))
+
+    def counts(self) -> list[int]:
+        return [lib.num_threads for lib in self._libraries]
+
+    def restore(self, counts: list[int]) -> None:
+        for lib, n in zip(self._libraries, counts):
+            _release_openblas()
+            lib.set_num_threads(n)
+        _release_openblas()
 
 
-def _candidate_libraries() -> list[str]:
-    """OpenBLAS libraries this process has loaded (Linux), else the ones NumPy's wheel bundles."""
-    found: list[str] = []
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)  # address, perms, offset, device, inode[, path]
-                path = fields[5].strip() if len(fields) == 6 else ""
-                if "openblas" in os.path.basename(path).lower() and path not in found:
-                    found.append(path)
-    except OSError:
-        pass
-    numpy_dir = Path(np.__file__).parent
-    for bundled in (numpy_dir.parent / "numpy.libs", numpy_dir / ".dylibs"):  # Linux/Windows wheels, macOS wheels
-        for path in sorted(glob.glob(str(bundled / "*openblas*"))):
-            if path not in found:
-                found.append(path)
-    return found
+def _release_openblas() -> None:
+    """threadpoolctl (3.8) lets only the thread that last set OpenBLAS's count set it again and
+    silently ignores the others, so a map run from another thread than one that once set the
+    count would leave BLAS at full threads under its workers (tests/test_blas_threads.py caught
+    it). paw_lite serialises its own changes (`_lock`) and may restore from another thread than
+    the one that lowered the count, so it releases that control around each change."""
+    release = getattr(OpenBLASController, "clear_controlling_thread", None)  # absent before threadpoolctl 3.8
+    if release is not None:
+        release(force=True)
 
 
 @functools.cache
 def controller() -> BlasController | None:
-    """The OpenBLAS NumPy uses, or None (logged once) when it cannot be found."""
-    for path in _candidate_libraries():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for set_name, get_name in _SYMBOLS:
-            setter, getter = getattr(lib, set_name, None), getattr(lib, get_name, None)
-            if setter is not None and getter is not None:
-                setter.argtypes, setter.restype = [ctypes.c_int], None
-                getter.argtypes, getter.restype = [], ctypes.c_int
-                return BlasController(path, setter, getter)
-    log.info("NumPy's BLAS is not an OpenBLAS paw_lite can find; fn.map runs one worker")
-    return None
+    """The BLAS NumPy uses, or None (logged once) when threadpoolctl finds none."""
+    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+    if not libraries:
+        log.info("threadpoolctl finds no BLAS library NumPy uses; fn.map runs one worker")
+        return None
+    return BlasController(libraries)
 
 
 def usable_cpus() -> int:
@@ -96,12 +85,12 @@ def usable_cpus() -> int:
 
 _lock = threading.Lock()
 _holders = 0
-_saved = 0
+_saved: list[int] = []
 
 
 @contextmanager
 def single_threaded() -> Iterator[None]:
-    """BLAS on one thread inside the block; the previous count is restored when the last of
+    """BLAS on one thread inside the block; the previous counts are restored when the last of
     any overlapping blocks (several functions mapping at once) exits."""
     global _holders, _saved
     ctl = controller()
@@ -110,7 +99,7 @@ def single_threaded() -> Iterator[None]:
         return
     with _lock:
         if _holders == 0:
-            _saved = ctl.get()
+            _saved = ctl.counts()
             ctl.set(1)
         _holders += 1
     try:
@@ -119,7 +108,7 @@ def single_threaded() -> Iterator[None]:
         with _lock:
             _holders -= 1
             if _holders == 0:
-                ctl.set(_saved)
+                ctl.restore(_saved)
 
 
 def map_workers() -> int:
@@ -128,5 +117,5 @@ def map_workers() -> int:
     if ctl is None:
         return 1
     with _lock:
-        blas = _saved if _holders else ctl.get()
+        blas = max(_saved) if _holders else ctl.get()
     return max(1, min(usable_cpus(), blas))

@@ -29,13 +29,18 @@ class ContextOverflowError(PawError):
     """The prompt does not fit the interpreter's context window."""
 
 
+class InvalidInputError(PawError, ValueError):
+    """A value handed to the Python API is out of range: a token id outside the vocabulary, an
+    empty token list. Also a ValueError, the error Python code expects for a bad argument."""
+
+
 class MissingDependencyError(PawError):
     """An optional dependency is not installed."""
 
 
 # The compile extra brings llama-cpp-python, which pip builds from source. GGML_NATIVE=OFF: the default
 # -march=native build crashes on Q8_0 models on CPUs with AMX. --no-cache-dir: pip would otherwise
-# reuse a wheel it built natively before, possibly on another CPU. (README.md, Install.)
+# reuse a wheel it built natively before, possibly on another CPU. (README.md, "Set up".)
 _LLAMA_BUILD = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir'
 COMPILE_INSTALL = f"{_LLAMA_BUILD} 'paw-lite[compile]'"
 # For a llama-cpp-python that is installed but broken on this CPU (a native build): rebuild it alone.

@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, quants
 
 from .atomic import atomic_dir, atomic_path, check_writable
 from .errors import IncompatibleModelError, InvalidFileError, PawError, malformed_file
-from .gguf_file import ADAPTER_LIMITS, ADAPTER_TYPES, get_float, get_str, numpy_shape, open_gguf, tensor_to_f32
+from .gguf_file import (ADAPTER_LIMITS, ADAPTER_TYPES, GGUF_MAGIC, GGUFIndex, get_float, get_str, iter_tensors, numpy_shape, read_index,
+                        read_index_bytes, tensor_to_f32)
 from .gpt2_layout import ARCH, LORA_MODULES, GPT2Config, gguf_to_peft_name, peft_to_gguf_name
+from .gpt2_weights import Weights
+from .program import ADAPTER, Program
 from .safetensors_file import SafetensorsFile
 
 _NAME_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight\.lora_(a|b)$")
@@ -42,17 +46,31 @@ class LoraAdapter:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], config: GPT2Config) -> "LoraAdapter":
-        path = Path(path)
-        reader = open_gguf(path, ADAPTER_LIMITS)
+        """An adapter.gguf file, checked against the base model's config."""
+        return cls._from_index(read_index(path, ADAPTER_LIMITS), config)
+
+    @classmethod
+    def from_gguf_bytes(cls, data: bytes, config: GPT2Config, source: str) -> "LoraAdapter":
+        """An adapter.gguf held in memory (a program's member, read with no temporary file);
+        errors name `source`, e.g. "prog.paw: adapter.gguf"."""
+        return cls._from_index(read_index_bytes(data, source, ADAPTER_LIMITS), config)
+
+    @classmethod
+    def from_program(cls, program: Program, config: GPT2Config) -> "LoraAdapter":
+        """A program's adapter.gguf member; errors name it inside the program ("prog.paw: adapter.gguf")."""
+        return cls.from_gguf_bytes(program.adapter_gguf, config, f"{program.source}: {ADAPTER}")
+
+    @classmethod
+    def _from_index(cls, index: GGUFIndex, config: GPT2Config) -> "LoraAdapter":
+        path = index.path
         for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", ARCH)):
-            got = get_str(reader, key, path)
+            got = get_str(index, key, path)
             if got != want:
                 raise IncompatibleModelError(f"{path}: {key} is {got!r}, expected {want!r}")
-        alpha = get_float(reader, "adapter.lora.alpha", path)
-        shapes = {t.name: numpy_shape(t) for t in reader.tensors}
-        rank = _validate_shapes(shapes, config, path)
-        tensors = {t.name: tensor_to_f32(t, path, ADAPTER_TYPES) for t in reader.tensors}
-        kind = Counter(t.tensor_type.name for t in reader.tensors).most_common(1)[0][0]
+        alpha = get_float(index, "adapter.lora.alpha", path)
+        rank = _validate_shapes({t.name: numpy_shape(t) for t in index.tensors}, config, path)
+        tensors = {info.name: tensor_to_f32(info, raw, path, ADAPTER_TYPES) for info, raw in iter_tensors(index)}
+        kind = Counter(t.tensor_type.name for t in index.tensors).most_common(1)[0][0]
         return cls(_pair_up(tensors), _check_alpha(alpha, path), rank, kind, str(path))
 
     @classmethod
@@ -93,18 +111,11 @@ class LoraAdapter:
         alpha = _check_alpha(float(cfg.get("lora_alpha", rank)), cfg_path)
         return cls(_pair_up(tensors), alpha, rank, st.dtype_name(st.keys()[0]) if st.keys() else "F32", str(folder))
 
-    def merged_into(self, weights: dict[str, np.ndarray], inplace: bool = False) -> dict[str, np.ndarray]:
-        """Weights with W + scale * B @ A for each target. Without inplace, the input arrays are not modified."""
-        out = weights if inplace else dict(weights)
-        scale = np.float32(self.scale)
-        for target, (a, b) in self.pairs.items():
-            key = f"{target}.weight"
-            delta = scale * (b @ a)  # (d_out, r) @ (r, d_in)
-            if inplace:
-                out[key] += delta
-            else:
-                out[key] = weights[key] + delta
-        return out
+    def merged_into(self, weights: dict[str, np.ndarray], config: GPT2Config) -> Weights:
+        """The base model's GGUF-named tensors with W + scale * B @ A for each target, in the weight
+        form both forward passes run on (`Weights.from_gguf_names`, the one merge). The input
+        arrays are not modified."""
+        return Weights.from_gguf_names(weights, config, self.pairs, self.scale)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """GGUF name -> array, in a stable order."""
@@ -115,14 +126,14 @@ class LoraAdapter:
         return out
 
 
-def describe_adapter_gguf(path: Path) -> dict:
-    """Rank, alpha, tensor types and count of an adapter.gguf, without a base model."""
-    reader = open_gguf(path, ADAPTER_LIMITS)
-    alpha = get_float(reader, "adapter.lora.alpha", path)
-    ranks = {numpy_shape(t)[-1] for t in reader.tensors if t.name.endswith(".lora_b")}
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    return {"architecture": get_str(reader, "general.architecture", path), "rank": ranks.pop() if len(ranks) == 1 else sorted(ranks),
-            "alpha": alpha, "tensor_types": dict(types), "n_tensors": len(reader.tensors)}
+def describe_adapter_gguf(data: bytes, source: str) -> dict:
+    """Rank, alpha, tensor types and count of an adapter.gguf held in memory, without a base model."""
+    index = read_index_bytes(data, source, ADAPTER_LIMITS)
+    alpha = get_float(index, "adapter.lora.alpha", source)
+    ranks = {numpy_shape(t)[-1] for t in index.tensors if t.name.endswith(".lora_b")}
+    types = Counter(t.tensor_type.name for t in index.tensors)
+    return {"architecture": get_str(index, "general.architecture", source), "rank": ranks.pop() if len(ranks) == 1 else sorted(ranks),
+            "alpha": alpha, "tensor_types": dict(types), "n_tensors": len(index.tensors)}
 
 
 def _target_sort_key(target: str) -> tuple[int, int]:
@@ -167,24 +178,43 @@ def _pair_up(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.n
     return {t: (tensors[f"{t}.weight.lora_a"], tensors[f"{t}.weight.lora_b"]) for t in targets}
 
 
-def write_adapter_gguf(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], alpha: float, tensor_type: str = "q4_0") -> Path:
-    """Write `adapter.gguf` as llama.cpp and the official runtime read it (PAW-FACTS §4). Atomic."""
+def adapter_gguf_bytes(tensors: dict[str, np.ndarray], alpha: float, tensor_type: str = "q4_0") -> bytes:
+    """`adapter.gguf` as llama.cpp's adapter loader and the official runtime read it, built in
+    memory: the bytes gguf-py's GGUFWriter writes (tests/test_fast_load.py compares them), without
+    a file to write them through. Metadata: general.architecture, general.type = adapter,
+    adapter.type = lora, adapter.lora.alpha; then each tensor as `tensor_type`, 32-byte aligned."""
     if tensor_type not in ADAPTER_WRITE_TYPES:
         raise ValueError(f"adapter type {tensor_type!r} is not one of {sorted(ADAPTER_WRITE_TYPES)}")
     qtype = ADAPTER_WRITE_TYPES[tensor_type]
+    kvs = [_gguf_string(key) + struct.pack("<I", GGUFValueType.STRING) + _gguf_string(value)
+           for key, value in (("general.architecture", ARCH), ("general.type", "adapter"), ("adapter.type", "lora"))]
+    kvs.append(_gguf_string("adapter.lora.alpha") + struct.pack("<If", GGUFValueType.FLOAT32, float(alpha)))
+    infos, blobs, offset = [], [], 0
+    for name, arr in tensors.items():
+        raw = quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype).tobytes()
+        ne = arr.shape[::-1]  # GGUF lists the fastest-varying dimension first
+        infos.append(_gguf_string(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, qtype, offset))
+        blobs.append(raw + _padding(len(raw)))
+        offset += len(blobs[-1])
+    head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(infos), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    return head + _padding(len(head)) + b"".join(blobs)
+
+
+def _gguf_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _padding(n: int) -> bytes:
+    return bytes(-n % GGUF_DEFAULT_ALIGNMENT)
+
+
+def write_adapter_gguf(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], alpha: float, tensor_type: str = "q4_0") -> Path:
+    """Write `adapter_gguf_bytes(...)` to `path`, atomically."""
+    data = adapter_gguf_bytes(tensors, alpha, tensor_type)
     path = Path(path)
     with atomic_path(path) as tmp:
-        writer = GGUFWriter(tmp, ARCH)
-        writer.add_type("adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", float(alpha))
-        for name, arr in tensors.items():
-            data = quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
-            writer.add_tensor(name, data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        tmp.write_bytes(data)
     return path
 
 

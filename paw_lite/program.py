@@ -1,10 +1,9 @@
 """PAW programs: the official `.paw` bundle (a ZIP) and unpacked program folders, both ways.
 
-Reading follows the official importer's rules (PAW-FACTS §4); nothing is extracted to disk."""
+Reading follows the official importer's rules (the official SDK's importer, programasweights 0.4.14 client.py); nothing is extracted to disk."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -13,15 +12,13 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import TMP_SUFFIX, atomic_path, remove_stale_temporaries
+from .atomic import atomic_path
 from .errors import IncompatibleModelError, InvalidFileError, PawError, regular_file_size
 
 log = logging.getLogger("paw_lite")
@@ -118,29 +115,6 @@ class Program:
             raise InvalidFileError(f"{source}: {TEMPLATE} holds {count} {PLACEHOLDER} markers, expected exactly one")
         pseudo = _text(members, PSEUDO_PROGRAM, source) if PSEUDO_PROGRAM in members else None
         return cls(meta=meta, template=template, adapter_gguf=adapter, pseudo_program=pseudo, source=source)
-
-    @contextlib.contextmanager
-    def adapter_file(self, scratch_dir: Path | None) -> Iterator[Path]:
-        """The adapter as a private temporary file (gguf-py reads from paths) inside scratch_dir,
-        removed afterwards; leftovers of killed processes there are cleared after an hour. With
-        scratch_dir None, in a private folder of the system's temporary directory (nothing swept).
-        Errors raised inside name the program's member instead of the temporary path."""
-        try:
-            if scratch_dir is not None:
-                scratch_dir.mkdir(parents=True, exist_ok=True)
-                remove_stale_temporaries(scratch_dir)
-            scratch = tempfile.TemporaryDirectory(prefix=".adapter.", suffix=TMP_SUFFIX, dir=scratch_dir)
-        except OSError as exc:
-            where = scratch_dir or tempfile.gettempdir()
-            raise PawError(f"{where}: cannot write the program's {ADAPTER} there to read it ({exc.strerror or exc}); "
-                           f"set PAW_LITE_CACHE (or cache_dir=) to a writable folder") from None
-        with scratch as tmp:
-            path = Path(tmp) / ADAPTER
-            path.write_bytes(self.adapter_gguf)
-            try:
-                yield path
-            except PawError as exc:
-                raise type(exc)(str(exc).replace(str(path), f"{self.source}: {ADAPTER}")) from None
 
     def checked(self) -> "Program":
         """This program as `load` would accept it (member sizes, one template marker, metadata

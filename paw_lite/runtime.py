@@ -9,38 +9,27 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from . import blas_threads, paths, prefix_cache
+from . import paths, prefix_cache
 from .base_model import BaseModel
-from .engine import Engine, Sequence, Stopped, Weights, kv_bytes_per_position, own_positions
+from .constraints import WHITESPACE, Constraints, IncompleteOutputError, OutputConstraint
+from .engine import Engine, Sequence
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
+from .gpt2_weights import Weights
 from .lora import LoraAdapter
+from .parallel_map import DEFAULT_BATCH_SIZE, MapPool
 from .program import ADAPTER, Program
 
 log = logging.getLogger("paw_lite")
 
-# fn.map's default sequences in flight, shared among the worker threads (one per core): each holds
-# its own keys and values (74 KB per token on GPT-2 124M: 128 x 50 tokens = 470 MB) besides the
-# model's 500 MB. Fewer per worker leaves its decoding matmuls too small to run at full speed:
-# measured on 2 cores (256 calls, 37-token prompts, 8 output tokens), 64 in flight cost 15-20% more
-# CPU time per call than 128, for 210 MB less peak memory (920 MB against 1130 MB).
-DEFAULT_BATCH_SIZE = 128
-# The most memory fn.map's in-flight keys and values may take, all workers together: long inputs
-# run fewer at a time rather than past it (128 inputs of 1,800 tokens would want 16 GB).
-MAP_KV_BUDGET = 1 << 30
-_MIN_PER_WORKER = 4  # fewer inputs than this per core run on one worker: threads would not pay off
-_PIECES_PER_CAPACITY = 8  # a worker's piece of a map: long enough that its last, emptying steps are rare
-
-
-def load_adapter(program: Program, base: BaseModel, scratch_dir: Path) -> LoraAdapter:
-    """Parse the program's adapter.gguf (gguf-py reads from a path, so the bytes go to a private temp file)."""
-    with program.adapter_file(scratch_dir) as path:
-        adapter = LoraAdapter.from_gguf(path, base.config)
+def load_adapter(program: Program, base: BaseModel) -> LoraAdapter:
+    """Parse the program's adapter.gguf (from memory: no temporary file)."""
+    adapter = LoraAdapter.from_program(program, base.config)
     for key, value in (("lora_rank", adapter.rank), ("lora_alpha", adapter.alpha)):
         declared = program.meta.get(key)
         if declared is not None and float(declared) != float(value):
@@ -55,15 +44,12 @@ class PawFunction:
     which evaluates them together on every core; functions in parallel threads compete for the
     same cores (NumPy's BLAS already uses them all) and each holds its own merged weights."""
 
-    def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool,
-                 scratch_dir: Path | None = None):
+    def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool):
         self.program = program
         self.config = base.config
         self.tokenizer = base.tokenizer
-        # The adapter's temporary copy goes under the cache directory even when prefix caching is off.
-        scratch = scratch_dir or (cache_dir if cache_dir is not None else paths.cache_dir()) / "tmp"
         started = time.perf_counter()
-        adapter = load_adapter(program, base, scratch)
+        adapter = load_adapter(program, base)
         # The LoRA is merged into the engine's weights. A base loaded for this function alone is merged
         # in its own memory (never held twice); a shared base stays untouched, so each function on it
         # holds its own merged copy of the 48 matrices (~340 MB for GPT-2 124M): sharing saves the
@@ -71,8 +57,8 @@ class PawFunction:
         weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
         log.info("%s: LoRA rank %d (alpha %g) on %d modules merged in %.2f s", program.source, adapter.rank, adapter.alpha,
                  len(adapter.pairs), time.perf_counter() - started)
-        self._engine: Engine | None = Engine(weights, self.config)
-        self._forks: list[Engine] = []  # fn.map's other workers: the same weights, their own buffers
+        self._engine: Engine | None = Engine.gpt2(weights, self.config)
+        self._map_pool = MapPool(self._engine)  # fn.map's workers: this engine and forks of it
         self._prefix_ids = self.tokenizer.encode(program.prefix)
         self._suffix_ids = self.tokenizer.encode(program.suffix)
         self._template_bytes = len(program.template.encode("utf-8"))
@@ -80,6 +66,7 @@ class PawFunction:
             raise ContextOverflowError(
                 f"{program.source}: the template alone is {len(self._prefix_ids) + len(self._suffix_ids)} tokens; "
                 f"the interpreter's context holds {self.config.n_ctx}")
+        self._constraints = Constraints(self.tokenizer)
         self._lock = threading.Lock()
         self._holder: int | None = None  # the thread in a call, to refuse a call from inside it
         adapter_sha = hashlib.sha256(program.adapter_gguf).hexdigest()
@@ -103,24 +90,42 @@ class PawFunction:
     def pseudo_program(self) -> str | None:
         return self.program.pseudo_program
 
-    def __call__(self, text: str, max_tokens: int | None = None, on_tokens: Callable[[int], None] | None = None) -> str:
+    def __call__(self, text: str, max_tokens: int | None = None, on_tokens: Callable[[int], None] | None = None, *,
+                 choices: list[str] | None = None, regex: str | None = None,
+                 json_schema: dict[str, Any] | str | None = None) -> str:
         """The program's output for one input. on_tokens(n) is called as tokens are made (n new
-        ones each time): progress for long outputs."""
-        return self.tokenizer.decode(self.generate_ids(text, max_tokens, on_tokens)).strip()
+        ones each time): progress for long outputs.
+
+        At most one constraint: `choices` (the output is one of them), `regex` (the output fully
+        matches it) or `json_schema` (the output is JSON text valid under it, returned as a str).
+        A constrained output is exact and complete or an error: IncompleteOutputError when
+        max_tokens (or the context end) cuts it first; ConstraintError, before any evaluation,
+        for a constraint that cannot be used. See `paw_lite.constraints`."""
+        constraint = OutputConstraint.of(choices, regex, json_schema)
+        return self._text(self.generate_ids(text, max_tokens, on_tokens, choices=choices, regex=regex,
+                                            json_schema=json_schema), constraint)
 
     def generate_ids(self, text: str, max_tokens: int | None = None,
-                     on_tokens: Callable[[int], None] | None = None) -> list[int]:
-        """The greedy output token ids for one input (EOS not included)."""
+                     on_tokens: Callable[[int], None] | None = None, *, choices: list[str] | None = None,
+                     regex: str | None = None, json_schema: dict[str, Any] | str | None = None) -> list[int]:
+        """The greedy output token ids for one input (EOS not included); constraints as `__call__`."""
         self._live_engine()  # a closed function refuses every call, even one with nothing to generate
         _check_callback("on_tokens", on_tokens, "taking the number of new tokens")
-        seq = self._sequence(self.prompt_ids(text), _checked_max_tokens(max_tokens))
-        if seq is None:
-            return []
-        with self._exclusive():
-            return self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
+        matcher = self._matcher(OutputConstraint.of(choices, regex, json_schema))
+        seq = self._sequence(self.prompt_ids(text), _checked_max_tokens(max_tokens), matcher)
+        ids: list[int] = []
+        if seq is not None:
+            with self._exclusive():
+                ids = self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
+        outcome = self._outcome(seq, ids, matcher, "the output")
+        if isinstance(outcome, PawError):
+            raise outcome
+        return outcome
 
     def map(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-            workers: int | None = None, on_result: Callable[[int, str], None] | None = None) -> list[str]:
+            workers: int | None = None, on_result: Callable[[int, str], None] | None = None, *,
+            choices: list[str] | None = None, regex: str | None = None,
+            json_schema: dict[str, Any] | str | None = None, errors: str = "raise") -> list[str]:
         """Outputs for many inputs, the same as calling the function on each. Up to batch_size
         inputs are in flight at once, evaluated together against the shared prefix, each stopping
         at its own EOS and handing its place to the next input. Fewer are in flight when their keys
@@ -131,70 +136,67 @@ class PawFunction:
         other NumPy work in the process runs single-threaded meanwhile; workers=1 leaves it alone.
 
         on_result(i, output): called as input i's output is final, in the order they finish, from
-        the worker that made it (calls never overlap): to keep results before the whole map ends."""
+        the worker that made it (calls never overlap): to keep results before the whole map ends.
+
+        choices / regex / json_schema: one constraint for every input, as in `__call__`. An input
+        whose constrained output is cut short is an IncompleteOutputError: with errors="raise"
+        (the default) the first one is raised once every input is done; with errors="return" it
+        takes that input's place in the list (and is what on_result gets), every other input
+        getting its output."""
         _check_callback("on_result", on_result, "taking (input index, output)")
-        decode = self.tokenizer.decode
-        done = None if on_result is None else (lambda i, ids: on_result(i, decode(ids).strip()))
-        return [decode(ids).strip() for ids in self.map_ids(texts, max_tokens, batch_size, workers, done)]
+        constraint = OutputConstraint.of(choices, regex, json_schema)
+        done = None if on_result is None else (lambda i, ids: on_result(i, self._text(ids, constraint)))
+        return [self._text(ids, constraint) for ids in self.map_ids(
+            texts, max_tokens, batch_size, workers, done, choices=choices, regex=regex, json_schema=json_schema,
+            errors=errors)]
 
     def map_ids(self, texts: Iterable[str], max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                workers: int | None = None, on_result: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+                workers: int | None = None, on_result: Callable[[int, list[int]], None] | None = None, *,
+                choices: list[str] | None = None, regex: str | None = None,
+                json_schema: dict[str, Any] | str | None = None, errors: str = "raise") -> list[list[int]]:
         """The greedy output token ids of many inputs (see `map`)."""
         if isinstance(texts, (str, bytes)):
             raise TypeError(f"texts must be a list (or other iterable) of str, not one {type(texts).__name__}: "
                             f"for a single input call the function itself, fn(text)")
         _check_callback("on_result", on_result, "taking (input index, output ids)")
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
         batch_size = _checked_count("batch_size", batch_size)
         workers = None if workers is None else _checked_count("workers", workers)
         max_tokens = _checked_max_tokens(max_tokens)
         self._live_engine()
+        matcher = self._matcher(OutputConstraint.of(choices, regex, json_schema))
         seqs = []
         for i, text in enumerate(texts):  # every input checked before any work
             try:
-                seqs.append(self._sequence(self.prompt_ids(text), max_tokens))
+                seqs.append(self._sequence(self.prompt_ids(text), max_tokens, matcher))
             except (PawError, TypeError) as exc:  # which of thousands of inputs it was
                 raise type(exc)(f"input {i} of the map: {exc}") from None
-        outs: list[list[int]] = [[] for _ in seqs]
+
+        def outcome(i: int, ids: list[int]) -> list[int] | PawError:
+            return self._outcome(seqs[i], ids, matcher, f"input {i} of the map")
+
         report = None
         if on_result is not None:
+            def report(i: int, ids: list[int]) -> None:
+                result = outcome(i, ids)
+                if not isinstance(result, PawError) or errors == "return":
+                    on_result(i, result)
+
             for i, s in enumerate(seqs):
                 if s is None:  # nothing to generate (max_tokens 0, or the context is full)
-                    on_result(i, [])
-            lock = threading.Lock()
-
-            def report(i: int, ids: list[int]) -> None:
-                with lock:
-                    on_result(i, ids)
-        # Similar lengths batched together waste less attention padding; the order does not change results.
-        todo = sorted((i for i, s in enumerate(seqs) if s is not None), key=lambda i: len(seqs[i].ids))
-        if not todo:
-            return outs
-        with self._exclusive():
-            engine = self._live_engine()
-            # batch_size bounds the sequences in flight (and so the memory), whatever the worker count.
-            wanted = blas_threads.map_workers() if workers is None else workers
-            n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
-            capacity = min(batch_size // n_workers, self._kv_capacity(seqs, todo, n_workers))
-            if n_workers == 1:
-                self._generate(engine, todo, seqs, outs, capacity, report=report)
-                return outs
-            while len(self._forks) < n_workers - 1:
-                self._forks.append(engine.fork())
-            # Workers take turns at pieces of the work, so one that finishes early takes more.
-            piece = min(_PIECES_PER_CAPACITY * capacity, -(-len(todo) // n_workers))
-            pieces = [todo[p:p + piece] for p in range(0, len(todo), piece)]
-            with blas_threads.single_threaded():
-                _run_workers([engine, *self._forks[:n_workers - 1]], pieces,
-                             lambda eng, group, stop: self._generate(eng, group, seqs, outs, capacity, stop, report))
-        return outs
-
-    def _generate(self, engine: Engine, group: list[int], seqs: list[Sequence | None], outs: list[list[int]],
-                  capacity: int, stop: threading.Event | None = None,
-                  report: Callable[[int, list[int]], None] | None = None) -> None:
-        on_done = None if report is None else (lambda k, ids: report(group[k], ids))
-        for i, ids in zip(group, engine.generate([seqs[i] for i in group], self.tokenizer.eos_id, capacity, stop=stop,
-                                                 on_done=on_done)):
-            outs[i] = ids
+                    report(i, [])
+        outs: list[list[int]] = [[] for _ in seqs]
+        if any(s is not None for s in seqs):
+            with self._exclusive():
+                self._live_engine()
+                outs = self._map_pool.generate(seqs, self.tokenizer.eos_id, batch_size, workers, report)
+        results = [outcome(i, ids) for i, ids in enumerate(outs)]
+        if errors == "raise":
+            for r in results:
+                if isinstance(r, PawError):
+                    raise r
+        return results
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -213,7 +215,7 @@ class PawFunction:
 
     def close(self) -> None:
         self._engine = None
-        self._forks = []
+        self._map_pool = None
 
     def __enter__(self) -> "PawFunction":
         return self
@@ -260,30 +262,45 @@ class PawFunction:
             raise PawError(f"{self.program.source}: this function was closed")
         return self._engine
 
-    def _kv_capacity(self, seqs: list[Sequence | None], todo: list[int], n_workers: int) -> int:
-        """Sequences in flight per worker that keep the map's keys and values within MAP_KV_BUDGET,
-        each slot sized as the engine sizes it, so long inputs run fewer at a time instead of
-        asking for gigabytes. At least one, whatever the budget."""
-        per_slot = own_positions([seqs[i] for i in todo]) * kv_bytes_per_position(self.config)
-        return max(1, MAP_KV_BUDGET // (n_workers * per_slot))
+    def _matcher(self, constraint: OutputConstraint | None):
+        """The compiled constraint (errors before any evaluation), or None."""
+        return None if constraint is None else self._constraints.compile(constraint)
 
-    def _sequence(self, ids: list[int], max_tokens: int | None) -> Sequence | None:
+    def _text(self, ids: list[int] | PawError, constraint: OutputConstraint | None) -> str | PawError:
+        """The output text: stripped; a constrained one only of its leading whitespace (a choice
+        or a regex match may end in whitespace)."""
+        if isinstance(ids, PawError):
+            return ids
+        text = self.tokenizer.decode(ids)
+        return text.strip() if constraint is None else text.lstrip(WHITESPACE.decode())
+
+    def _outcome(self, seq: Sequence | None, ids: list[int], matcher, what: str) -> list[int] | PawError:
+        """ids, or the IncompleteOutputError of a constrained output cut before it was complete."""
+        if matcher is None or (seq is not None and seq.constraint.complete):
+            return ids
+        partial = self.tokenizer.decode(ids)
+        return IncompleteOutputError(
+            f"{what} was cut after {len(ids)} tokens before it was complete (partial output {partial!r}); "
+            f"raise max_tokens, or shorten the input if the context end cut it", partial, ids)
+
+    def _sequence(self, ids: list[int], max_tokens: int | None, matcher=None) -> Sequence | None:
         """What the engine evaluates for a prompt: the tokens after the part it shares with the
-        cached prefix, and how many tokens it may generate (None when that is zero).
-        max_tokens has passed `_checked_max_tokens`."""
+        cached prefix, how many tokens it may generate (None when that is zero) and, with a
+        compiled constraint, the sequence's own state of it. max_tokens has passed
+        `_checked_max_tokens`."""
         room = self.config.n_ctx - len(ids)
         limit = room if max_tokens is None else min(max_tokens, room)
         if limit <= 0:
             return None
-        # All the prefix is shared unless the input merges with the prefix's last token in BPE;
-        # at least one token is evaluated, for the logits of the first output.
+        # The prompt starts with the prefix's ids (tokenized alone, see `prompt_ids`), so all of the
+        # cached prefix is shared; at least one token is evaluated, for the first output's logits.
         shared = 0
         for a, b in zip(ids, self._prefix_ids):
             if a != b:
                 break
             shared += 1
         shared = min(shared, len(ids) - 1)
-        return Sequence(ids[shared:], shared, limit)
+        return Sequence(ids[shared:], shared, limit, None if matcher is None else matcher.start())
 
     def _load_or_build_prefix(self, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
         n = len(self._prefix_ids)
@@ -334,44 +351,6 @@ def _checked_integer(name: str, value: object, minimum: int, expected: str) -> i
     return number
 
 
-def _run_workers(engines: list[Engine], groups: list[list[int]],
-                 work: Callable[[Engine, list[int], threading.Event], None]) -> None:
-    """Each engine in its own thread (the first in this one) takes the next group until none are
-    left. NumPy releases the GIL in its loops and BLAS calls, so the threads share the cores.
-    The first error (a Ctrl-C lands in this thread's) sets the event `work` gets, which stops the
-    others within one step, and is raised here."""
-    pending = iter(groups)
-    take = threading.Lock()
-    failed = threading.Event()
-
-    def worker(engine: Engine) -> None:
-        while not failed.is_set():
-            with take:
-                group = next(pending, None)
-            if group is None:
-                return
-            try:
-                work(engine, group, failed)
-            except Stopped:  # another worker failed: its error is the one raised
-                return
-            except BaseException:
-                failed.set()  # the others stop at their next step (a Ctrl-C waited for whole groups)
-                raise
-
-    with ThreadPoolExecutor(max_workers=len(engines) - 1, thread_name_prefix="paw-map") as pool:
-        others = [pool.submit(worker, engine) for engine in engines[1:]]
-        try:
-            worker(engines[0])
-            wait(others)
-        except BaseException:  # also a Ctrl-C while this thread waits for the others' last groups
-            failed.set()
-            raise
-        finally:
-            wait(others)  # no worker outlives the call
-        for future in others:
-            future.result()
-
-
 def function(program: str | os.PathLike[str] | Program, base_model: str | os.PathLike[str] | BaseModel | None = None,
              *, cache_dir: str | os.PathLike[str] | None = None, prefix_cache_enabled: bool = True) -> PawFunction:
     """Load a program (a `.paw` file, a program folder or a Program) and bind it to its interpreter.
@@ -390,5 +369,4 @@ def function(program: str | os.PathLike[str] | Program, base_model: str | os.Pat
         base, owns = BaseModel.load(interpreter), True
         log.info("interpreter: %s loaded in %.2f s", interpreter, time.perf_counter() - started)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()
-    return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns,
-                       scratch_dir=directory / "tmp")
+    return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns)

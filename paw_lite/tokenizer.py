@@ -1,6 +1,10 @@
 """GPT-2 byte-level BPE, built with `tokenizers` from a model file's own token list and merges.
 
-User text is always encoded as plain text: only the program's template may hold control tokens."""
+A prompt gets the ids the official runtime gives it (programasweights 0.4.14, runtime_llamacpp.py:
+llama.cpp's `tokenize(..., add_bos=False, special=True)` on the template's prefix, then on input +
+suffix), with one deliberate difference: user text is always encoded as plain text, so only the
+program's template may hold control tokens. tests/test_prompt_tokens.py checks this against
+llama.cpp on the real GPT-2 vocabulary."""
 
 from __future__ import annotations
 
@@ -8,11 +12,17 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 from gguf import TokenType
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from .errors import InvalidFileError
 from .gguf_file import get_field, get_int, get_str
+
+# llama.cpp splits text before BPE by the regex `tokenizer.ggml.pre` names (src/llama-vocab.cpp);
+# GPT-2's is the one implemented here, named "gpt-2" by GPT-2 conversions (llama.cpp's
+# convert_hf_to_gguf.py, whose ggml-vocab-gpt-2.gguf carries it, and `paw-lite convert gpt2`).
+GPT2_PRE = "gpt-2"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -75,6 +85,8 @@ class GPT2Tokenizer:
             raise InvalidFileError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
         special = [i for i, t in enumerate(types or []) if t == TokenType.CONTROL]
         eos = get_int(reader, "tokenizer.ggml.eos_token_id", path)
+        _check_pre(reader, path)
+        _check_added_tokens(reader, path)
         return cls(tokens, merges, special, eos, path)
 
     @classmethod
@@ -116,9 +128,11 @@ class GPT2Tokenizer:
         return self._encode_segments(self._segments(text))
 
     def encode_prompt(self, prefix: str, user_input: str, suffix: str) -> list[int]:
-        """Ids of prefix + input + suffix tokenized as one string, as the reference runtime does,
-        with control tokens recognised in the template parts only."""
-        return self._encode_segments(self._segments(prefix) + [user_input] + self._segments(suffix))
+        """Ids of a filled template as the official runtime tokenizes it: the prefix alone (it is
+        evaluated once and cached), then input + suffix as one string, so an input starting with a
+        newline does not merge with the prefix's last newline. Control tokens are recognised in the
+        template parts only; the official runtime also reads them in the input."""
+        return self.encode(prefix) + self._encode_segments([user_input] + self._segments(suffix))
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]
@@ -126,6 +140,32 @@ class GPT2Tokenizer:
     def decode(self, ids: list[int]) -> str:
         """UTF-8 text of the ids, invalid sequences replaced, control tokens dropped."""
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def _check_pre(reader, path: Path) -> None:
+    pre = get_field(reader, "tokenizer.ggml.pre", path, default=None)
+    if pre == GPT2_PRE:
+        return
+    said = "is missing" if pre is None else f"is {pre!r}"
+    how = ("llama.cpp then splits text with its 'default' pre-tokenizer" if pre is None
+           else "llama.cpp splits text with that model's pre-tokenizer")
+    raise InvalidFileError(f"{path}: tokenizer.ggml.pre {said}, expected {GPT2_PRE!r}: {how}, not GPT-2's, so its "
+                           f"token ids would differ from paw_lite's. Convert the interpreter again from its HF folder "
+                           f"with `paw-lite convert gpt2`, which writes {GPT2_PRE!r}")
+
+
+# llama.cpp adds a BOS (EOS) token around a prompt when the caller asks for special tokens and the file
+# sets these keys. The official runtime never asks (`tokenize(..., add_bos=False)`, which is llama.cpp's
+# add_special=false), so under it these keys change nothing, whatever their value: paw_lite adds no
+# BOS or EOS either, which tests/test_prompt_tokens.py checks on a file that sets them to true.
+_ADDED_TOKEN_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token")
+
+
+def _check_added_tokens(reader, path: Path) -> None:
+    for key in _ADDED_TOKEN_KEYS:
+        value = get_field(reader, key, path, default=False)
+        if not isinstance(value, (bool, np.bool_)):  # llama.cpp refuses a file whose key is not a bool
+            raise InvalidFileError(f"{path}: metadata key {key!r} is {value!r}, expected true or false")
 
 
 def hf_vocab(folder: Path) -> tuple[list[str], list[str], list[int], int, Path]:

@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vocab_source import gpt2_vocab as _read_gpt2_vocab, vocab_dir as _vocab_dir
+from paw_lite.testing.vocab import gpt2_vocab as _read_gpt2_vocab, vocab_dir as _vocab_dir
+
+pytest_plugins = ("oracles",)  # the import policy for oracles; a skip fails the run under CI
+# (imported by name below, after pytest has registered it: importing it first would keep pytest from
+# rewriting its asserts)
 
 
 @pytest.fixture
@@ -51,8 +55,10 @@ def make_hf_gpt2(folder: Path, hf_tokenizer_dir: Path, *, n_layer=2, n_embd=64, 
     """A deterministic random GPT-2 saved as an HF folder (safetensors + tokenizer files)."""
     import shutil
 
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from oracles import oracle
+
+    torch = oracle("torch")
+    GPT2Config, GPT2LMHeadModel = oracle("transformers").GPT2Config, oracle("transformers").GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=50257, n_positions=n_ctx, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
@@ -132,7 +138,9 @@ def cache_dir(tmp_path) -> Path:
 
 def hf_greedy(model, prompt_ids: list[int], max_new: int) -> list[int]:
     """transformers' greedy generate (the oracle), without the prompt and the EOS."""
-    import torch
+    from oracles import oracle
+
+    torch = oracle("torch")
 
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,

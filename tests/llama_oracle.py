@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from oracles import oracle
+
 
 def llama_greedy(model_path, lora_path, prompt_ids: list[int], max_tokens: int, n_ctx: int, eos: int = 50256) -> list[int]:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (.ci/run)")
+    llama_cpp = oracle("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=n_ctx,
                           n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2, verbose=False, seed=0, logits_all=True)
     try:
@@ -32,7 +34,7 @@ def assert_same_or_near_tie(ours: list[int], theirs: list[int], prompt_ids: list
     as a token) is a near-tie in the fp32 oracle `hf` (transformers): its logits of the two tokens
     within `tol`. ggml's fp16 GELU table (~1e-3) and its activation rounding with quantized
     weights can flip such a step, nothing else can."""
-    import torch
+    torch = oracle("torch")
 
     a, b = ours + [eos], theirs + [eos]
     for i, (x, y) in enumerate(zip(a, b)):

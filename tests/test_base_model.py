@@ -115,8 +115,26 @@ def test_an_adapter_is_refused_as_the_interpreter_saying_what_it_is(tiny_lora, t
                                        f"pass the interpreter GGUF (gpt2-q8_0.gguf) instead")
 
 
+def test_a_tokenizer_that_disagrees_with_the_vocabulary_size_is_an_error(tiny_gguf, monkeypatch):
+    """The two readings of tokenizer.ggml.tokens are compared with a real check (an assert vanishes
+    under python -O, and the model would run with embeddings the tokenizer cannot index)."""
+    from paw_lite.tokenizer import GPT2Tokenizer
+
+    real = GPT2Tokenizer.from_gguf
+
+    def short(reader, path):
+        tok = real(reader, path)
+        tok.n_vocab -= 1
+        return tok
+
+    monkeypatch.setattr(GPT2Tokenizer, "from_gguf", short)
+    with pytest.raises(InvalidFileError, match="the tokenizer has 50256 tokens but tokenizer.ggml.tokens lists 50257"):
+        BaseModel.load(tiny_gguf)
+
+
 def test_a_folder_without_config_json_says_what_it_should_hold(tmp_path):
-    from paw_lite.base_model import hf_gpt2_config, read_header
+    from paw_lite.base_model import read_header
+    from paw_lite.hf_gpt2 import hf_gpt2_config
     from paw_lite.errors import ModelNotFoundError
 
     empty = tmp_path / "empty"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import paw_lite
-from paw_lite.batch import ResultsFile
+from paw_lite.batch_files import ResultsFile
 
 MAX_TOKENS = 4
 
@@ -327,7 +327,7 @@ def test_json_looking_text_lines_say_how_to_read_them_as_text(cli, tmp_path):
 
 def test_an_input_the_check_refuses_does_not_send_its_chunk_one_at_a_time():
     """An over-long line made its whole chunk rerun one input at a time (4.6x slower)."""
-    from paw_lite.batch import BatchItem, run_batch
+    from paw_lite.batch_files import BatchItem, run_batch
     from paw_lite.errors import ContextOverflowError
 
     def check(text: str) -> None:
@@ -352,7 +352,7 @@ def test_records_are_written_in_order_as_soon_as_they_are_done():
     """A chunk's records used to be written only when its whole map returned: an interrupt lost
     every finished input of the chunk. Now each record goes out once it and those before it are
     done, so an interrupted chunk keeps its finished prefix."""
-    from paw_lite.batch import BatchItem, run_batch
+    from paw_lite.batch_files import BatchItem, run_batch
 
     recs = []
 
@@ -373,7 +373,7 @@ def test_records_are_written_in_order_as_soon_as_they_are_done():
 def test_blank_lines_after_the_last_jsonl_record_are_not_inputs(tmp_path):
     """An editor's extra newlines at the end of a JSONL file were error records (exit 1); a blank
     line between records still is one. In lines mode every line stays an input, blank ones too."""
-    from paw_lite.batch import read_inputs
+    from paw_lite.batch_files import read_inputs
 
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b'{"text": "alpha"}\n\n{"text": "beta"}\n\n  \r\n')

@@ -16,8 +16,9 @@ import pytest
 
 import paw_lite
 from paw_lite.base_model import BaseModel
-from paw_lite.engine import Engine, Sequence, Weights
+from paw_lite.engine import Engine, Sequence
 from paw_lite.gpt2 import KVCache, forward
+from paw_lite.gpt2_weights import Weights
 from paw_lite.lora import LoraAdapter
 from paw_lite.errors import PawError
 
@@ -100,8 +101,7 @@ def test_map_stops_each_input_at_the_context_end(tiny_fn, tiny_gguf, tiny_progra
     assert got == [tiny_fn.generate_ids(t) for t in texts]
     # the oracle: the reference forward pass, greedy until EOS or the last position of the context
     base = BaseModel.load(tiny_gguf)
-    with paw_lite.Program.load(tiny_program).adapter_file(tmp_path) as p:
-        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    merged = LoraAdapter.from_program(paw_lite.Program.load(tiny_program), base.config).merged_into(base.weights, base.config)
     assert got == [reference_greedy(base, merged, ids, tiny_fn.config.n_ctx - len(ids)) for ids in prompts]
     assert [len(ids) + len(out) for ids, out in zip(prompts, got)][:3] == [tiny_fn.config.n_ctx] * 3, \
         "these inputs must run into the context end (not EOS) for the test to mean anything"
@@ -120,8 +120,7 @@ def test_map_errors_before_any_work(tiny_fn):
 def test_engine_equals_the_reference_forward_pass(tiny_fn, tiny_gguf, tiny_program, tmp_path):
     """The fast path (prefix shared, batched) against gpt2.forward with the LoRA merged as lora.py merges it."""
     base = BaseModel.load(tiny_gguf)
-    with paw_lite.Program.load(tiny_program).adapter_file(tmp_path) as p:
-        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    merged = LoraAdapter.from_program(paw_lite.Program.load(tiny_program), base.config).merged_into(base.weights, base.config)
     for text in TEXTS[:6]:
         ids = tiny_fn.prompt_ids(text)
         assert tiny_fn.generate_ids(text, max_tokens=12) == reference_greedy(base, merged, ids, 12), text
@@ -129,10 +128,9 @@ def test_engine_equals_the_reference_forward_pass(tiny_fn, tiny_gguf, tiny_progr
 
 def _engine_and_reference(gguf, program, tmp_path):
     base = BaseModel.load(gguf)
-    with paw_lite.Program.load(program).adapter_file(tmp_path) as p:
-        adapter = LoraAdapter.from_gguf(p, base.config)
-    merged = adapter.merged_into(base.weights)
-    engine = Engine(Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale), base.config)
+    adapter = LoraAdapter.from_program(paw_lite.Program.load(program), base.config)
+    merged = adapter.merged_into(base.weights, base.config)
+    engine = Engine.gpt2(Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale), base.config)
     return base, merged, engine
 
 
@@ -144,7 +142,9 @@ def test_logits_parity_batched_single_and_reference(model, tiny_gguf, tiny_progr
     prefix, suffix = TEMPLATE.split("{INPUT_PLACEHOLDER}")
     prefix_ids = tok.encode(prefix)
     engine.set_prefix(*engine.eval_prefix(prefix_ids))
-    prompts = [tok.encode_prompt(prefix, t, suffix) for t in TEXTS]
+    # whole-string tokenization, not encode_prompt's: "\n\n\nleading newlines" then merges into the
+    # prefix's last token, so one sequence starts inside the cached prefix (a path the engine keeps)
+    prompts = [tok.encode(prefix + t + suffix) for t in TEXTS]
     seqs = []
     for ids in prompts:
         shared = next((i for i, (a, b) in enumerate(zip(ids, prefix_ids)) if a != b), len(prefix_ids))
@@ -237,11 +237,11 @@ def test_slots_taken_in_turn_equal_one_at_a_time(tiny_engine):
 
 def test_prompts_split_over_several_steps(tiny_fn, monkeypatch):
     """Prompts longer than one step takes (a step without any logits in between) give the same ids."""
-    from paw_lite import engine as engine_module
+    from paw_lite import scheduler
 
     want = [tiny_fn.generate_ids(t, max_tokens=5) for t in TEXTS]
-    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 3)
-    monkeypatch.setattr(engine_module, "MAX_ROWS", 4)
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 3)
+    monkeypatch.setattr(scheduler, "MAX_ROWS", 4)
     assert [tiny_fn.generate_ids(t, max_tokens=5) for t in TEXTS] == want
     assert tiny_fn.map_ids(TEXTS, max_tokens=5, batch_size=3) == want
 
@@ -270,6 +270,8 @@ def test_workers_option(tiny_fn, monkeypatch):
     monkeypatch.setattr(type(ctl), "set", lambda self, n: calls.append(n))
     assert tiny_fn.map_ids(TEXTS * 2, batch_size=8, workers=1) == one_by_one * 2
     assert calls == []
+    assert tiny_fn.map_ids(TEXTS * 2, batch_size=8, workers=2) == one_by_one * 2
+    assert calls == [1], "two workers hold BLAS at one thread"
     for bad in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="workers must be a positive integer"):
             tiny_fn.map(["a"], workers=bad)
@@ -281,7 +283,7 @@ def test_a_worker_error_reaches_the_caller(tiny_fn, monkeypatch):
     before = blas_threads.controller().get()
     monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
     tiny_fn.map_ids(TEXTS, batch_size=4)  # creates the second worker's engine
-    fork = tiny_fn._forks[0]
+    fork = tiny_fn._map_pool.forks[0]
 
     def broken(*args, **kwargs):
         raise MemoryError("worker out of memory")
@@ -299,7 +301,9 @@ def test_weights_are_the_reference_merge_in_the_gguf_layout(tiny_gguf, tiny_lora
     base = BaseModel.load(tiny_gguf)
     write_adapter_gguf(tmp_path / "a.gguf", tiny_lora, alpha, "f32")
     adapter = LoraAdapter.from_gguf(tmp_path / "a.gguf", base.config)
-    merged = adapter.merged_into(base.weights)
+    # The oracle: the textbook merge, W + scale * (B @ A) in float32, one target at a time.
+    scale = np.float32(adapter.scale)
+    merged = {f"{t}.weight": base.weights[f"{t}.weight"] + scale * (b @ a) for t, (a, b) in adapter.pairs.items()}
     before = {k: v.copy() for k, v in base.weights.items()}
     shared = Weights.from_gguf_names(base.weights, base.config, adapter.pairs, adapter.scale)
     assert all(np.array_equal(base.weights[k], v) for k, v in before.items()), "the base is left as it was"
@@ -328,15 +332,15 @@ def test_weights_are_the_reference_merge_in_the_gguf_layout(tiny_gguf, tiny_lora
 
 @pytest.mark.parametrize("rows", [1, 2, 37, 95, 96, 200])
 def test_projection_forms_agree_with_the_plain_product(rows):
-    """_project's three forms (matrix-vector, transposed product, x @ w.T) around the row thresholds."""
-    from paw_lite.engine import _SMALL_PRODUCT_ROWS, _project
+    """project's three forms (matrix-vector, transposed product, x @ w.T) around the row thresholds."""
+    from paw_lite.products import SMALL_PRODUCT_ROWS, project
 
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 96), dtype=np.float32)
     w = rng.standard_normal((160, 96), dtype=np.float32)
-    scratch = np.full(160 * min(rows, _SMALL_PRODUCT_ROWS), np.nan, np.float32)
+    scratch = np.full(160 * min(rows, SMALL_PRODUCT_ROWS), np.nan, np.float32)
     out = np.full((rows, 160), np.nan, np.float32)
-    got = _project(x, w, out, scratch)
+    got = project(x, w, out, scratch)
     assert got is out
     expect = x.astype(np.float64) @ w.T.astype(np.float64)
     # float32 products of length 96 with unit-normal terms: rounding stays far below 1e-4
@@ -344,16 +348,16 @@ def test_projection_forms_agree_with_the_plain_product(rows):
 
 
 def test_inplace_kernels_are_bit_identical_to_the_reference():
-    from paw_lite.engine import _gelu_inplace, _layer_norm
+    from paw_lite.gpt2_packed import gelu_inplace, layer_norm_into
     from paw_lite.gpt2 import gelu, layer_norm
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((150, 96)) * 3).astype(np.float32)
     g, b = rng.standard_normal(96).astype(np.float32), rng.standard_normal(96).astype(np.float32)
-    ln = _layer_norm(x, g, b, 1e-5, np.empty_like(x), np.empty_like(x))
+    ln = layer_norm_into(x, g, b, 1e-5, np.empty_like(x), np.empty_like(x))
     assert np.array_equal(ln.view(np.uint32), layer_norm(x, g, b, 1e-5).view(np.uint32))
     y = x.copy()
-    _gelu_inplace(y, np.empty((64, 96), np.float32))
+    gelu_inplace(y, np.empty((64, 96), np.float32))
     assert np.array_equal(y.view(np.uint32), gelu(x).view(np.uint32))
 
 
@@ -364,26 +368,26 @@ def test_greedy_over_head_blocks_is_the_argmax_of_the_logits(tiny_engine, monkey
     across blocks), and the logits must be the head products themselves."""
     import dataclasses
 
-    from paw_lite import engine as engine_module
+    from paw_lite import products
 
     engine, _ = tiny_engine
-    monkeypatch.setattr(engine_module, "_HEAD_MIN_BLOCK", 7)
-    monkeypatch.setattr(engine_module, "_HEAD_MAX_BLOCK", 7)  # 7 does not divide the vocabulary
+    monkeypatch.setattr(products, "_HEAD_MIN_BLOCK", 7)
+    monkeypatch.setattr(products, "_HEAD_MAX_BLOCK", 7)  # 7 does not divide the vocabulary
     rng = np.random.default_rng(4)
     n_vocab, d = engine.w.head.shape
     head = rng.standard_normal((n_vocab, d)).astype(np.float32)
     head[[12, 30, 31]] = head[10]  # ties with row 10: the same block (12) and later blocks (30, 31)
     head[n_vocab - 1] = head[n_vocab - 2]  # a tie inside the last, partial block
-    twin = Engine(dataclasses.replace(engine.w, head=head), engine.config)
+    twin = Engine.gpt2(dataclasses.replace(engine.w, head=head), engine.config).model
     h = rng.standard_normal((n_rows, d)).astype(np.float32)
     h[0] = head[10] * 3  # row 0's maximum is the tied row 10
     if n_rows > 2:
         h[2] = head[n_vocab - 2] * 3
     full = h @ head.T
-    logits = twin._logits(h)
+    logits = twin.logits(h)
     np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-4)
-    assert twin._greedy(h) == np.argmax(logits, axis=1).tolist() == np.argmax(full, axis=1).tolist()
-    assert twin._greedy(h)[0] == 10 and (n_rows < 3 or twin._greedy(h)[2] == n_vocab - 2)
+    assert twin.greedy(h) == np.argmax(logits, axis=1).tolist() == np.argmax(full, axis=1).tolist()
+    assert twin.greedy(h)[0] == 10 and (n_rows < 3 or twin.greedy(h)[2] == n_vocab - 2)
 
 
 def test_decode_memory_stays_flat(mid_fn):
@@ -409,8 +413,7 @@ def test_an_empty_prefix_works_batched_and_alone(tiny_gguf, tiny_lora, tmp_path)
     """A template that starts with the placeholder has no prefix to share: every token is the input's."""
     program = make_program(tmp_path / "noprefix.paw", tiny_lora, 16.0, template="{INPUT_PLACEHOLDER}\n[END_INPUT]")
     base = BaseModel.load(tiny_gguf)
-    with paw_lite.Program.load(program).adapter_file(tmp_path) as p:
-        merged = LoraAdapter.from_gguf(p, base.config).merged_into(base.weights)
+    merged = LoraAdapter.from_program(paw_lite.Program.load(program), base.config).merged_into(base.weights, base.config)
     with paw_lite.function(program, base_model=tiny_gguf, cache_dir=tmp_path / "c") as f:
         assert f._prefix_k.shape[2] == 0
         texts = [t for t in TEXTS if t]
@@ -438,17 +441,18 @@ EVENT_WAIT_S = 60
 
 
 def _watch_other_worker(monkeypatch, before_step=None):
-    """Wraps Engine.generate and Engine._step so the test sees each map thread's stop event and
+    """Wraps Engine.generate and GPT2Packed.forward (one evaluation step) so the test sees each map thread's stop event and
     counts the other (non-main) worker's steps: "before" those that began while its stop event was
     clear, "after" those that began once it was set. before_step(is_main, n) runs at the start of a
     step (n counts that thread's steps), before the real step."""
     import threading
 
-    from paw_lite import engine as engine_module
+    from paw_lite.engine import Engine
+    from paw_lite.gpt2_packed import GPT2Packed
 
     local = threading.local()
     steps = {"main": 0, "before": 0, "after": 0}
-    real_generate, real_step = engine_module.Engine.generate, engine_module.Engine._step
+    real_generate, real_step = Engine.generate, GPT2Packed.forward
 
     def generate(self, *args, stop=None, **kwargs):
         local.stop = stop
@@ -465,8 +469,8 @@ def _watch_other_worker(monkeypatch, before_step=None):
             before_step(is_main, steps["main"] if is_main else steps["before"] + steps["after"])
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module.Engine, "generate", generate)
-    monkeypatch.setattr(engine_module.Engine, "_step", step)
+    monkeypatch.setattr(Engine, "generate", generate)
+    monkeypatch.setattr(GPT2Packed, "forward", step)
     return steps
 
 
@@ -522,12 +526,12 @@ def test_an_interrupt_while_waiting_for_the_other_worker_stops_it(tiny_fn, monke
     first step, and that step waits until the main thread has run out of groups and is waiting."""
     import threading
 
-    from paw_lite import blas_threads, runtime
+    from paw_lite import blas_threads, parallel_map
 
     monkeypatch.setattr(blas_threads, "map_workers", lambda: 2)
     tiny_fn.map_ids(TEXTS, batch_size=4)
     other_stepping, main_waiting = threading.Event(), threading.Event()
-    real_wait = runtime.wait
+    real_wait = parallel_map.wait
 
     def before_step(is_main: bool, n: int) -> None:
         if n != 1:
@@ -545,7 +549,7 @@ def test_an_interrupt_while_waiting_for_the_other_worker_stops_it(tiny_fn, monke
         return real_wait(futures)
 
     steps = _watch_other_worker(monkeypatch, before_step)
-    monkeypatch.setattr(runtime, "wait", wait)
+    monkeypatch.setattr(parallel_map, "wait", wait)
     with pytest.raises(KeyboardInterrupt):
         tiny_fn.map_ids(TEXTS * 16, batch_size=8)
     assert main_waiting.is_set() and steps["before"] >= 1 and steps["after"] <= 1, steps

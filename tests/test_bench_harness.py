@@ -126,7 +126,7 @@ def test_the_product_floor_times_the_engine_products_on_loaded_weights(bench, ti
     """The floor rows: every matrix and the head, in the engine's product forms, on real weights.
     Only that it runs and reports what it says: its numbers are measurements, never asserted."""
     from paw_lite.base_model import BaseModel
-    from paw_lite.engine import Weights
+    from paw_lite.gpt2_weights import Weights
 
     base = BaseModel.load(tiny_gguf)
     sampler = bench.ProductFloor(Weights.from_gguf_names(base.weights, base.config), n_prompt=5)

@@ -1,5 +1,6 @@
 """fn.map lowers the BLAS thread count while its workers run: it must find NumPy's OpenBLAS
-and always give the count back, also when several maps overlap."""
+(through threadpoolctl) and always give the count back, also when several maps overlap and
+when the map runs in another thread than the one that set the count."""
 
 from __future__ import annotations
 
@@ -55,6 +56,25 @@ def test_overlapping_blocks_in_threads_restore_once_all_exit(ctl):
     for t in threads:
         t.join()
     assert ctl.get() == 2
+
+
+def test_a_thread_lowers_the_count_another_thread_set(ctl):
+    """threadpoolctl lets only the thread that last set OpenBLAS's count change it; a map run from
+    any thread must still hold BLAS at one thread, and restore the count."""
+    ctl.set(2)  # this (the main) thread set it last
+    seen = []
+
+    def map_in_a_thread():
+        with blas_threads.single_threaded():
+            seen.append(ctl.get())
+        seen.append(ctl.get())
+
+    t = threading.Thread(target=map_in_a_thread)
+    t.start()
+    t.join()
+    assert seen == [1, 2]
+    ctl.set(3)  # and this thread can still change it afterwards
+    assert ctl.get() == 3
 
 
 def test_restored_after_an_error(ctl):

@@ -10,7 +10,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from gguf import GGUFReader
 
+from oracles import oracle
 import paw_lite
 from conftest import hf_greedy
 from compiler_fixtures import (ALPHA, PREFIX_STEPS, TINY_BASES, TINY_RANK, max_rel, random_mapper_state, save_mapper,
@@ -21,11 +23,10 @@ from paw_lite.compiler.encoder import depth_layers, encoder_token_ids
 from paw_lite.compiler.prompts import examples_prompt, interpreter_template
 from paw_lite.compiler.pseudo import SHORTER_NOTE, fit_to_budget
 from paw_lite.errors import ContextOverflowError, IncompatibleModelError, ModelNotFoundError, PawError
-from paw_lite.gguf_file import open_gguf
 from paw_lite.program import MEMBERS, Program, content_program_id
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (.ci/run)")
-torch = pytest.importorskip("torch")
+oracle("llama_cpp", "transformers", "peft")
+torch = oracle("torch")
 pytestmark = pytest.mark.llama
 
 SPEC = "Classify a log line as ALERT when it reports a failure, else QUIET."
@@ -237,7 +238,7 @@ def test_cli_compile_end_to_end(models, interp, tmp_path, capsys):
     assert type(meta["lora_alpha"]) is int and type(peft_config["lora_alpha"]) is int  # 16, as published: not 16.0
     adapter_path = tmp_path / "adapter.gguf"
     adapter_path.write_bytes(prog.adapter_gguf)
-    reader = open_gguf(adapter_path)
+    reader = GGUFReader(adapter_path)  # gguf-py, an independent reader
     assert {t.tensor_type.name for t in reader.tensors} == {"Q4_0"} and len(reader.tensors) == 2 * 4 * config.n_layer
 
     hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(interp[0]), tmp_path / "peft").eval()
@@ -276,7 +277,7 @@ def test_compile_matches_transformers_and_torch_pipeline(models, qwen, tmp_path)
 
     adapter_path = tmp_path / "adapter.gguf"
     adapter_path.write_bytes(prog.adapter_gguf)
-    got = {t.name: np.asarray(t.data).reshape(want[t.name].shape) for t in open_gguf(adapter_path).tensors}
+    got = {t.name: np.asarray(t.data).reshape(want[t.name].shape) for t in GGUFReader(adapter_path).tensors}
     assert sorted(got) == sorted(want)
     errors = {name: max_rel(got[name], want[name]) for name in want}
     assert max(errors.values()) < 1e-4, errors
@@ -474,19 +475,19 @@ def test_an_interpreter_file_name_that_cannot_be_a_runtime_id_is_refused(models,
 def test_the_published_interpreter_under_another_name_is_still_named_gpt2_q8_0(models, interp, tmp_path, monkeypatch):
     """Programs name the runtime they need; a renamed copy of the published file named its copy's
     name, which `paw-lite run` then asked for and `models pull` could not fetch."""
-    from paw_lite import models_dir
+    from paw_lite.models_dir import manifest as md_manifest
     from paw_lite.base_model import file_sha256
 
     d, _, _ = models
     renamed = tmp_path / "my-gpt2.gguf"
     renamed.write_bytes(interp[1].read_bytes())
-    data = json.loads(models_dir.MANIFEST_PATH.read_text())
+    data = json.loads(md_manifest.MANIFEST_PATH.read_text())
     entry = next(e for e in data["files"] if e["role"] == "interpreter")
     entry["bytes"], entry["sha256"] = renamed.stat().st_size, file_sha256(renamed)
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     path = compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, interpreter=renamed)
     assert Program.load(path).meta["runtime_id"] == "my-gpt2"  # not the pinned file: its own name
-    monkeypatch.setattr(models_dir, "MANIFEST_PATH", tmp_path / "manifest.json")
+    monkeypatch.setattr(md_manifest, "MANIFEST_PATH", tmp_path / "manifest.json")
     path = compile(SPEC, tmp_path / "y.paw", pseudo_program=PSEUDO, models=d, interpreter=renamed)
     assert Program.load(path).meta["runtime_id"] == "gpt2-q8_0"
 

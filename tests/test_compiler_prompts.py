@@ -8,10 +8,12 @@ import tarfile
 
 import pytest
 
-from vocab_source import llama_sdist
+from paw_lite.testing.vocab import llama_sdist
 from paw_lite.compiler.prompts import (examples_prompt, fill, interpreter_template, minimal_prompt, prompt_text,
                                        render_chat)
 from paw_lite.errors import IncompatibleModelError, InvalidFileError
+
+from oracles import oracle
 
 # sha256 of the prompt files as published (paper, Appendix C): they are interface data.
 PROMPT_SHA256 = {
@@ -61,9 +63,9 @@ SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_t
 
 
 def test_rendering_matches_transformers_on_llama_cpp_templates():
-    from transformers.utils.chat_template_utils import render_jinja_template
+    render_jinja_template = oracle("transformers.utils.chat_template_utils").render_jinja_template
 
-    from qwen_fixtures import CHAT_TEMPLATE
+    from paw_lite.testing.qwen3 import CHAT_TEMPLATE
 
     templates = {"tiny-qwen": CHAT_TEMPLATE, **_sdist_templates()}
     conversations = [

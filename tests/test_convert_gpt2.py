@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles import oracle
 from paw_lite.convert.gguf_meta import read_gguf_meta
 from paw_lite.convert.gpt2 import convert_hf_gpt2
 from paw_lite.convert.verify import verify_gguf
 from paw_lite.errors import InvalidFileError
 
-torch = pytest.importorskip("torch")
+torch = oracle("torch")
+oracle("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_bin_equals_safetensors(tmp_path, tiny_hf, bin_folder, qtype):
 
 
 def test_bin_route_loads_in_llama_cpp(tmp_path, bin_folder):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = oracle("llama_cpp")
     from transformers import GPT2LMHeadModel
 
     out = convert_hf_gpt2(bin_folder, tmp_path / "bin-f32.gguf", "f32")
@@ -79,7 +81,7 @@ def test_bin_route_loads_in_llama_cpp(tmp_path, bin_folder):
 def test_file_type_is_what_llama_cpp_reports(tmp_path, tiny_hf, qtype, desc):
     """general.file_type is llama.cpp's file-type enum: Q8_0 was written as 8 (the Q8_0 tensor type),
     which llama.cpp reads as MOSTLY_Q5_0 and describes as "Q5_0"."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = oracle("llama_cpp")
     import ctypes
 
     out = convert_hf_gpt2(tiny_hf, tmp_path / f"{qtype}.gguf", qtype)
@@ -154,7 +156,7 @@ def test_converted_tokenizer_works_in_llama_cpp(tiny_gguf, vocab_dir, hf_tokeniz
     tokenizer the converter wrote. tokenizer.ggml.pre picks llama.cpp's pre-tokenizer regex;
     "default" (a Llama-3-like split: digits in threes, no ' ?' before letters) breaks numbers,
     contractions and spaces. tiny_gguf comes from tiny_hf, which carries the real GPT-2 vocabulary."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = oracle("llama_cpp")
     from transformers import GPT2TokenizerFast  # transformers 5: the same class as GPT2Tokenizer
 
     from test_tokenizer import EXTRA_CASES, reference_cases

@@ -1,5 +1,5 @@
 """lora_mapper.pt -> mapper.safetensors: values identical to torch.load, keys and shapes validated
-against the compiler meta and PAW-FACTS §2.4, the compiler's Mapper accepts and runs the result
+against the compiler meta and the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes, the compiler's Mapper accepts and runs the result
 like the PyTorch mapper on the original file, bad inputs leave no file."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles import oracle
 from compiler_fixtures import max_rel, random_mapper_state, torch_mapper, write_compiler_meta
 from paw_lite.compiler.config import CompilerMeta
 from paw_lite.compiler.mapper import Mapper
@@ -20,7 +21,7 @@ from paw_lite.errors import IncompatibleModelError, InvalidFileError
 from paw_lite.gpt2_layout import GPT2Config
 from paw_lite.safetensors_file import SafetensorsFile
 
-torch = pytest.importorskip("torch")
+torch = oracle("torch")
 
 HIDDEN, RANK, BASES = 64, 8, 4
 INTERP = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)
@@ -71,7 +72,7 @@ def test_meta_sizes_and_paw_defaults(meta):
     exp = shape.expected(HIDDEN)
     assert exp["A_bases_c_attn"] == (BASES, RANK, 64) and exp["B_bases_c_attn"] == (BASES, 192, RANK)
     assert exp["coeff_head.weight"] == (INTERP.n_layer * 4 * BASES * 2, HIDDEN)
-    # without meta: the published mapper of PAW-FACTS §2.4
+    # without meta: the published mapper of the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes
     full = mapper_shape(None).expected(2560)
     assert full["trunk.0.weight"] == (2560, 2560) and full["coeff_head.weight"] == (6144, 2560)
     assert full["A_bases_attn_c_proj"] == (64, 64, 768) and full["B_bases_c_attn"] == (64, 2304, 64)

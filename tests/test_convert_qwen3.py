@@ -1,7 +1,7 @@
 """HF Qwen3 -> GGUF: every type loads in llama.cpp, final hidden states match transformers, the
 tokenizer matches HF token for token, metadata is complete, and bad inputs fail cleanly.
 
-Oracle: transformers (fp32) on the same HF folder built by tests/qwen_fixtures.py. llama.cpp runs
+Oracle: transformers (fp32) on the same HF folder built by paw_lite/testing/qwen3.py. llama.cpp runs
 with embeddings on, pooling NONE, an F32 KV cache and flash attention off, so the only differences
 left are the weight type and llama.cpp's own arithmetic."""
 
@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles import oracle
 from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
-from qwen_fixtures import (CHAT_TEMPLATE, ENDOFTEXT_ID, FIRST_PREFIX_ID, IM_END_ID, IM_START_ID, N_VOCAB, PREFIX_TOKENS,
+from paw_lite.testing.qwen3 import (CHAT_TEMPLATE, ENDOFTEXT_ID, FIRST_PREFIX_ID, IM_END_ID, IM_START_ID, N_VOCAB, PREFIX_TOKENS,
                            make_tiny_qwen3, reference_cases, sample_ids)
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install")
+llama_cpp = oracle("llama_cpp")
+oracle("transformers")
 pytestmark = pytest.mark.llama
 
 # Max abs difference of the final hidden states (after the last RMSNorm) from transformers fp32, on
@@ -263,6 +265,14 @@ def test_bad_inputs_fail_cleanly(tmp_path, qwen_bf16):
     _expect_failure(qwen_bf16, out, InvalidFileError, "Qwen3 converts to one of", qtype="q4_0")
 
 
+def test_an_index_whose_weight_map_is_not_an_object_is_refused(tmp_path, qwen_bf16):
+    """Checked with a real error, not an assert (gone under python -O, leaving an AttributeError)."""
+    d = _copy(qwen_bf16, tmp_path / "index")
+    index = d / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}), encoding="utf-8")
+    _expect_failure(d, tmp_path / "x.gguf", InvalidFileError, "weight_map is a JSON list, expected an object")
+
+
 def test_truncated_shard_and_tokenizer_refused(tmp_path, qwen_bf16):
     out = tmp_path / "x.gguf"
     d = _copy(qwen_bf16, tmp_path / "trunc")
@@ -281,7 +291,7 @@ def test_truncated_shard_and_tokenizer_refused(tmp_path, qwen_bf16):
 def test_a_tokenizer_without_the_chat_tokens_is_refused_before_anything_is_written(tmp_path, qwen_bf16, monkeypatch):
     """Checked from tokenizer.json up front: a K-quant of a 4B model writes an 8 GB intermediate
     and quantizes it before the output could be verified."""
-    import convert.qwen3 as qwen3
+    import paw_lite.convert.qwen3 as qwen3
 
     d = _copy(qwen_bf16, tmp_path / "chat")
     tj = json.loads((d / "tokenizer.json").read_text())
@@ -360,7 +370,7 @@ def test_cli(tmp_path, qwen_bf16):
 
 def test_nan_in_a_bf16_source_is_refused_when_copied_as_bf16(tmp_path, qwen_bf16):
     """bf16 to bf16 copies the bits; it used to copy a NaN as well, which f16 and q8_0 refuse."""
-    torch = pytest.importorskip("torch")
+    torch = oracle("torch")
     from safetensors.torch import load_file, save_file
 
     d = _copy(qwen_bf16, tmp_path / "nan")

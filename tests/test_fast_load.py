@@ -1,4 +1,4 @@
-"""The fast model-loading path (paw_lite.gguf_fast) against gguf-py, the slow path it replaces:
+"""paw_lite's GGUF reader (paw_lite.gguf_file) against gguf-py, the slow reader it replaces:
 the same metadata and tensor index, bit-identical dequantized tensors, the fingerprint equal to the
 file's sha256, and malformed files refused with InvalidFileError (never another exception)."""
 
@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 
 from paw_lite.base_model import BaseModel, file_sha256
 from paw_lite.errors import InvalidFileError
-from paw_lite.gguf_fast import dequantize, iter_tensors, read_index
-from paw_lite.gguf_file import WEIGHT_TYPES, numpy_shape, open_gguf, tensor_to_f32
+from paw_lite.gguf_file import TensorInfo, dequantize, iter_tensors, numpy_shape, read_index, read_index_bytes
 
 from file_craft import gguf, gstr, kv, kv_array, kv_scalar, kv_str, tensor_info
 
@@ -48,7 +47,7 @@ def test_index_matches_gguf_reader(tiny_gguf):
     reader = GGUFReader(tiny_gguf)
     assert set(index.fields) == {k for k in reader.fields if not k.startswith("GGUF.")}
     for key, field in index.fields.items():
-        assert field.contents() == reader.fields[key].contents(), key
+        assert field.value == reader.fields[key].contents(), key
     assert [t.name for t in index.tensors] == [t.name for t in reader.tensors]
     for ours, theirs in zip(index.tensors, reader.tensors):
         assert ours.shape.tolist() == theirs.shape.tolist()
@@ -72,16 +71,46 @@ def q8_model(tiny_gguf, tmp_path_factory):
 
 def test_base_model_loads_the_same_bits_as_gguf_py(q8_model):
     base = BaseModel.load(q8_model)
-    reader = open_gguf(q8_model)
+    reader = GGUFReader(q8_model)
     assert {t.tensor_type for t in reader.tensors} == {T.F32, T.Q8_0}
     # read as two halves on two threads, handed over in file order
     assert list(base.weights) == [t.name for t in sorted(reader.tensors, key=lambda t: t.data_offset)]
     for t in reader.tensors:
-        want = tensor_to_f32(t, q8_model, WEIGHT_TYPES)
+        want = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32).reshape(numpy_shape(t))
         got = base.weights[t.name]
         assert got.shape == want.shape == numpy_shape(t)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), t.name
     assert base.fingerprint == file_sha256(q8_model)  # the whole file
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q8_0", "f16", "f32"])
+def test_adapter_bytes_are_what_gguf_py_writes(tmp_path, kind):
+    """adapter.gguf is built in memory (no file to write it through): byte for byte what gguf-py's
+    GGUFWriter writes for the same tensors, and read back by paw_lite and gguf-py alike."""
+    from gguf import GGUFWriter
+
+    from paw_lite.lora import ADAPTER_WRITE_TYPES, adapter_gguf_bytes
+
+    rng = np.random.default_rng(3)
+    tensors = {"blk.0.attn_qkv.weight.lora_a": rng.standard_normal((32, 64), dtype=np.float32),
+               "blk.0.attn_qkv.weight.lora_b": rng.standard_normal((192, 32), dtype=np.float32),
+               "blk.1.ffn_down.weight.lora_a": rng.standard_normal((32, 96), dtype=np.float32)}
+    qtype = ADAPTER_WRITE_TYPES[kind]
+    path = tmp_path / "gguf-py.gguf"
+    w = GGUFWriter(path, "gpt2")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 12.5)
+    for name, arr in tensors.items():
+        w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = adapter_gguf_bytes(tensors, 12.5, kind)
+    assert ours == path.read_bytes()
+    index = read_index_bytes(ours, "adapter.gguf")
+    assert [numpy_shape(t) for t in index.tensors] == [a.shape for a in tensors.values()]
 
 
 def test_iter_tensors_reads_each_tensor_and_nothing_else(tmp_path):
@@ -99,7 +128,6 @@ def test_iter_tensors_reads_each_tensor_and_nothing_else(tmp_path):
 
 def test_tensors_split_into_two_halves_of_about_equal_bytes():
     from paw_lite.base_model import _halves_by_size
-    from paw_lite.gguf_fast import TensorInfo
 
     sizes = [700, 10, 300, 300, 90, 5, 5, 1]
     infos = [TensorInfo(f"t{i}", np.array([n], np.uint64), T.F32, 0, n) for i, n in enumerate(sizes)]
@@ -118,8 +146,7 @@ def _write(tmp_path, raw: bytes):
 F32_16 = np.zeros(16, np.float32).tobytes()
 
 
-# Most of these are caught by gguf_file.check_structure, the bounds-checked walk read_index runs
-# first (the same policy as every GGUF paw_lite reads); read_index's own checks back it up.
+# What the one bounded walk refuses, for models and adapters alike.
 MALFORMED = {
     "data past the end": (gguf([kv_str("k", "v")], [tensor_info("a", [16], T.F32, 0)], F32_16[:40]), "tensor a .*the file has"),
     "unaligned offset": (gguf([kv_str("k", "v")], [tensor_info("a", [16], T.F32, 4)], F32_16), "offset 4 is not a multiple"),
@@ -134,6 +161,14 @@ MALFORMED = {
     "five dimensions": (gguf([], [tensor_info("a", [1, 1, 1, 1, 1], T.F32, 0)], F32_16), "5 dimensions"),
     "partial Q8_0 block": (gguf([], [tensor_info("a", [48], T.Q8_0, 0)], b"\0" * 64), "Q8_0 block"),
     "alignment 3": (gguf([kv_scalar("general.alignment", GGUFValueType.UINT32, 3)], []), "general.alignment is 3"),
+    # The GGUF specification's type, the only one llama.cpp (gguf.cpp) and gguf-py accept: one rule
+    # for every reader (the model reader once took any integer, the adapter reader UINT32 only).
+    "alignment UINT64": (gguf([kv_scalar("general.alignment", GGUFValueType.UINT64, 32)], []),
+                         "general.alignment has type UINT64, expected UINT32"),
+    "alignment INT32": (gguf([kv_scalar("general.alignment", GGUFValueType.INT32, 32)], []),
+                        "general.alignment has type INT32, expected UINT32"),
+    "alignment UINT16": (gguf([kv_scalar("general.alignment", GGUFValueType.UINT16, 32)], []),
+                         "general.alignment has type UINT16, expected UINT32"),
 }
 
 
@@ -141,6 +176,30 @@ MALFORMED = {
 def test_malformed_files_are_refused(tmp_path, raw, message):
     with pytest.raises(InvalidFileError, match=message):
         read_index(_write(tmp_path, raw))
+
+
+@pytest.mark.parametrize("raw, message", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_file_in_memory_is_refused_as_its_file_is(raw, message):
+    """A program's adapter.gguf is read from its bytes, by the same walk: the same errors, naming the source."""
+    with pytest.raises(InvalidFileError, match=message) as exc:
+        read_index_bytes(raw, "prog.paw: adapter.gguf")
+    assert str(exc.value).startswith("prog.paw: adapter.gguf: ")
+
+
+def test_an_alignment_other_than_32_places_the_data(tmp_path):
+    """general.alignment (UINT32) moves where the data starts and what offsets must be multiples of."""
+    data = np.arange(16, dtype=np.float32).tobytes()
+    raw = gguf([kv_scalar("general.alignment", GGUFValueType.UINT32, 256)], [tensor_info("a", [16], T.F32, 0)], data,
+               alignment=256)
+    index = read_index(_write(tmp_path, raw))
+    assert index.data_offset == 256 and index.fields["general.alignment"].value == 256
+    assert GGUFReader(_write(tmp_path, raw)).data_offset == 256  # gguf-py places it there too
+    (info, got), = iter_tensors(index)
+    assert bytes(got) == data
+    unaligned = gguf([kv_scalar("general.alignment", GGUFValueType.UINT32, 256)], [tensor_info("a", [16], T.F32, 64)],
+                     bytes(64) + data, alignment=256)
+    with pytest.raises(InvalidFileError, match="data offset 64 is not a multiple of the alignment 256"):
+        read_index(_write(tmp_path, unaligned))
 
 
 def test_truncation_anywhere_in_the_header_is_refused(tiny_gguf, tmp_path):

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
+from oracles import oracle
 from paw_lite.base_model import BaseModel
 from paw_lite.gpt2 import KVCache, forward
 
 from conftest import make_hf_gpt2
+
+torch = oracle("torch")
+oracle("transformers")
 
 LOGIT_TOL = 1e-4
 

@@ -167,19 +167,29 @@ def models_env(scratch):
 
 
 def check_adapter(path: Path) -> None:
-    """Read an adapter; if it is accepted, it must be one the runtime can apply to CONFIG."""
-    try:
-        adapter = LoraAdapter.from_gguf(path, CONFIG)
-    except PawError:
-        adapter = None
-    if adapter is not None:
+    """Read an adapter from its file and from its bytes (as a program's member is read): both give
+    the same result or the same error, and an accepted one is one the runtime can apply to CONFIG."""
+    outcomes = []
+    for read in (lambda: LoraAdapter.from_gguf(path, CONFIG),
+                 lambda: LoraAdapter.from_gguf_bytes(path.read_bytes(), CONFIG, str(path))):
+        try:
+            outcomes.append(read())
+        except PawError as exc:
+            outcomes.append(str(exc))
+    from_file, from_bytes = outcomes
+    if isinstance(from_file, str):
+        assert from_bytes == from_file
+    else:
+        assert from_bytes.rank == from_file.rank and from_bytes.alpha == from_file.alpha
+        assert all(np.array_equal(from_bytes.pairs[t][i], from_file.pairs[t][i]) for t in from_file.pairs for i in (0, 1))
+        adapter = from_file
         assert adapter.rank > 0 and np.isfinite(adapter.alpha) and adapter.alpha > 0
         for target, (a, b) in adapter.pairs.items():
             d_in, d_out = CONFIG.module_dims(target.split(".")[2])
             assert a.shape == (adapter.rank, d_in) and b.shape == (d_out, adapter.rank)
             assert a.dtype == b.dtype == np.float32 and np.isfinite(a).all() and np.isfinite(b).all()
     try:
-        describe_adapter_gguf(path)
+        describe_adapter_gguf(path.read_bytes(), str(path))
     except PawError:
         pass
 
@@ -199,8 +209,9 @@ def check_bundle(path: Path, scratch: Path) -> None:
         paths.resolve_interpreter(None, prog.meta.get("runtime_id"))
     except PawError:
         pass
-    with prog.adapter_file(scratch / "tmp") as adapter_path:
-        check_adapter(adapter_path)
+    adapter_path = scratch / "bundle-adapter.gguf"
+    adapter_path.write_bytes(prog.adapter_gguf)
+    check_adapter(adapter_path)
 
 
 @FUZZ

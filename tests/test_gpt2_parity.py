@@ -4,11 +4,16 @@ with and without a LoRA (PEFT on the transformers side); KV-cache decode against
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from oracles import oracle
 from paw_lite.base_model import BaseModel
 from paw_lite.gpt2 import KVCache, forward
 from paw_lite.lora import LoraAdapter, write_adapter_gguf, write_peft_dir
+
+from oracles import oracle
+
+torch = oracle("torch")
+oracle("transformers", "peft")
 
 LOGIT_TOL = 1e-4
 IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50256, 318, 257, 1332]
@@ -41,7 +46,7 @@ def test_logits_with_lora_match_peft(tiny_hf, tiny_gguf, tiny_lora, tmp_path):
     write_peft_dir(tmp_path / "peft", adapter)
     hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_hf), tmp_path / "peft").eval()
     ref = hf_logits(hf, IDS)
-    merged = adapter.merged_into(base.weights)
+    merged = adapter.merged_into(base.weights, base.config)
     ours = forward(IDS, merged, base.config, KVCache(base.config), 0, all_logits=True)
     plain = forward(IDS, base.weights, base.config, KVCache(base.config), 0, all_logits=True)
     assert np.abs(ours - plain).max() > 1.0, "the LoRA must change the logits for this test to mean anything"
@@ -78,5 +83,5 @@ def test_base_weights_untouched_by_merge(tiny_gguf, tiny_lora, tmp_path):
     base = BaseModel.load(tiny_gguf)
     before = base.weights["blk.0.attn_qkv.weight"].copy()
     write_adapter_gguf(tmp_path / "a.gguf", tiny_lora, 16.0, "f32")
-    LoraAdapter.from_gguf(tmp_path / "a.gguf", base.config).merged_into(base.weights)
+    LoraAdapter.from_gguf(tmp_path / "a.gguf", base.config).merged_into(base.weights, base.config)
     np.testing.assert_array_equal(base.weights["blk.0.attn_qkv.weight"], before)

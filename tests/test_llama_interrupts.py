@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
+from oracles import oracle
 from compiler_fixtures import tiny_qwen
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (.ci/run)")
+llama_cpp = oracle("llama_cpp")
 
 from paw_lite.compiler.llama import ContextSettings, LlamaModel  # noqa: E402
 

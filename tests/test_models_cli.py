@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from oracles import oracle
 from paw_lite.base_model import file_sha256
 
 from compiler_fixtures import random_mapper_state, write_compiler_meta
-from paw_lite import models_dir
+from paw_lite.models_dir import importing as md_import, manifest as md_manifest, pull as md_pull, verify as md_verify
 from paw_lite.cli import main
 from paw_lite.errors import IncompatibleModelError, InvalidFileError, PawError
 from paw_lite.gpt2_layout import GPT2Config
-from qwen_fixtures import make_tiny_qwen3
+from paw_lite.testing.qwen3 import make_tiny_qwen3
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("llama_cpp")
+torch = oracle("torch")
+oracle("llama_cpp")
 
 RANK, BASES = 8, 4
 TINY_GPT2 = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)  # = tiny_gguf
@@ -52,12 +53,12 @@ def downloads(tmp_path_factory, vocab_dir, tiny_gguf) -> dict[str, Path]:
 @pytest.fixture
 def manifest(tmp_path, monkeypatch, tiny_gguf) -> Path:
     """The real manifest with the interpreter pinned to the tiny stand-in's size and hash."""
-    data = json.loads(models_dir.MANIFEST_PATH.read_text())
+    data = json.loads(md_manifest.MANIFEST_PATH.read_text())
     entry = next(e for e in data["files"] if e["role"] == "interpreter")
     entry["bytes"], entry["sha256"] = tiny_gguf.stat().st_size, file_sha256(tiny_gguf)
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(models_dir, "MANIFEST_PATH", path)
+    monkeypatch.setattr(md_manifest, "MANIFEST_PATH", path)
     return path
 
 
@@ -74,7 +75,7 @@ def by_role(listing: dict) -> dict[str, dict]:
 def test_manifest_names_match_the_compiler():
     from paw_lite.compiler.config import DEFAULT_FILES
 
-    manifest = models_dir.load_manifest()
+    manifest = md_manifest.load_manifest()
     assert {role: e.file_name() for role, e in manifest.items()} == DEFAULT_FILES
     assert manifest["interpreter"].bytes == 139_804_832
     assert manifest["interpreter"].sha256 == "0aa260efb2cce9def922e0546b88ad731cf1a68554db73fa2d4a0949cfa958c5"
@@ -130,7 +131,7 @@ def test_import_refuses_an_unofficial_interpreter(tmp_path, downloads):
     src.mkdir()
     shutil.copy(downloads["programasweights/GPT2-GGUF-Q8_0"] / "gpt2-q8_0.gguf", src)
     with pytest.raises(IncompatibleModelError, match="not the published gpt2-q8_0.gguf"):
-        models_dir.import_dir(src, tmp_path / "models")
+        md_import.import_dir(src, tmp_path / "models")
     assert not (tmp_path / "models" / "gpt2-q8_0.gguf").exists()
 
 
@@ -154,13 +155,13 @@ class StandInHub:
 def test_pull_downloads_and_converts(tmp_path, manifest, downloads):
     hub = StandInHub(downloads)
     md = tmp_path / "models"
-    done = models_dir.pull(md, models_dir.ImportOptions(quant="q8_0"), hub=hub)
+    done = md_pull.pull(md, md_import.ImportOptions(quant="q8_0"), hub=hub)
     assert sorted(repo for repo, _ in hub.calls) == sorted(downloads)
     assert dict(hub.calls)["programasweights/paw-4b-gpt2"] == ["compiler/*", "lora_mapper.pt", "meta.json"]
     names = sorted(d["name"] for d in done)
     assert names == ["gpt2-q8_0.gguf", "paw-4b-gpt2-compiler-q8_0.gguf", "paw-4b-gpt2-mapper.safetensors",
                      "paw-4b-gpt2-meta.json", "qwen3-4b-instruct-2507-q8_0.gguf"]
-    statuses = {s.role: s for s in models_dir.survey(md, verify=True)}
+    statuses = {s.role: s for s in md_verify.survey(md, verify=True)}
     assert all(s.status == "ok" for s in statuses.values()), {r: s.detail for r, s in statuses.items()}
     assert "prefix_ids" not in statuses["pseudo_compiler"].info  # the stock model: no <prefix_k>
 
@@ -214,7 +215,7 @@ def test_doctor(tmp_path, capsys, monkeypatch):
 
 def test_doctor_reports_a_corrupt_model(tmp_path, capsys, monkeypatch, manifest, downloads):
     md = tmp_path / "models"
-    models_dir.import_dir(downloads["programasweights/GPT2-GGUF-Q8_0"], md)
+    md_import.import_dir(downloads["programasweights/GPT2-GGUF-Q8_0"], md)
     (md / "gpt2-q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 100)
     monkeypatch.setenv("PAW_LITE_CACHE", str(tmp_path / "cache"))
     rc, report = cli(capsys, "doctor", "--models", str(md))
@@ -287,7 +288,7 @@ def installed(tmp_path, manifest, downloads) -> Path:
     for item in downloads["programasweights/paw-4b-gpt2"].iterdir():
         (shutil.copytree if item.is_dir() else shutil.copy)(item, src / item.name)
     md = tmp_path / "models"
-    models_dir.import_dir(src, md)
+    md_import.import_dir(src, md)
     (md / "installed.json").unlink()
     return md
 
@@ -349,9 +350,9 @@ def test_each_row_reports_its_own_files_problem(tmp_path, capsys, monkeypatch, i
 
 def test_models_readme_lists_every_manifest_file():
     """models/README.md says what the models directory holds; its table listed the interpreter only."""
-    readme = (models_dir.MANIFEST_PATH.parent / "README.md").read_text(encoding="utf-8")
+    readme = (md_manifest.MANIFEST_PATH.parent / "README.md").read_text(encoding="utf-8")
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
-    manifest = models_dir.load_manifest()
+    manifest = md_manifest.load_manifest()
     assert len(rows) == len(manifest)
     for entry in manifest.values():
         row = next((r for r in rows if r.startswith(f"| `{entry.name}`")), None)
@@ -397,7 +398,7 @@ def test_import_finds_the_downloads_copied_in_as_folders_and_says_what_it_did_no
     md = tmp_path / "models"
     rc, done = cli(capsys, "models", "import", str(src), "--models", str(md), "--quant", "q8_0")
     assert rc == 0 and done["not_found"] == []
-    assert sorted(d["role"] for d in done["written"]) == sorted(models_dir.ROLES)
+    assert sorted(d["role"] for d in done["written"]) == sorted(md_manifest.ROLES)
     assert all(Path(d["source"]).is_absolute() for d in done["written"])
 
     rc, done = cli(capsys, "models", "import", str(src / "Qwen3-4B-Instruct-2507"), "--models", str(tmp_path / "m2"))
@@ -424,19 +425,19 @@ def test_import_checks_what_is_cheap_before_converting(tmp_path, manifest, downl
     shutil.copytree(downloads["programasweights/paw-4b-gpt2"], src)
     (src / "meta.json").write_text("{}")
     with pytest.raises(PawError, match="meta.json"):
-        models_dir.import_dir(src, tmp_path / "m1")
+        md_import.import_dir(src, tmp_path / "m1")
 
     shutil.copy(downloads["programasweights/paw-4b-gpt2"] / "meta.json", src / "meta.json")
     (tmp_path / "m2").mkdir()
     (tmp_path / "m2" / "installed.json").write_text('{"paw-4b-gpt2-meta.json": 5}')
     with pytest.raises(PawError, match="installed.json: malformed record"):
-        models_dir.import_dir(src, tmp_path / "m2")
+        md_import.import_dir(src, tmp_path / "m2")
 
     data = bytearray((downloads["programasweights/GPT2-GGUF-Q8_0"] / "gpt2-q8_0.gguf").read_bytes())
     data[-10] ^= 1  # a weight changed: not the pinned interpreter
     (src / "gpt2-q8_0.gguf").write_bytes(bytes(data))
     with pytest.raises(IncompatibleModelError, match="not the published"):
-        models_dir.import_dir(src, tmp_path / "m3")
+        md_import.import_dir(src, tmp_path / "m3")
 
     # a pseudo compiler whose tokenizer lacks the chat tokens: refused before the compiler's conversion
     (src / "gpt2-q8_0.gguf").unlink()
@@ -446,7 +447,7 @@ def test_import_checks_what_is_cheap_before_converting(tmp_path, manifest, downl
         added["special"] = added["special"] and added["content"] != "<|im_start|>"  # plain text, not CONTROL
     (stock / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(InvalidFileError, match=r"tokenizer\.json: chat token <\|im_start\|> is missing or not a CONTROL"):
-        models_dir.import_dir(src, tmp_path / "m4")
+        md_import.import_dir(src, tmp_path / "m4")
     assert not any((tmp_path / m).exists() for m in ("m1", "m3", "m4"))
 
 
@@ -465,8 +466,8 @@ def test_verify_compares_the_quantization_a_name_states_with_the_file(tmp_path, 
     assert "named q6_k but holds Q8_0" in pseudo["detail"] and "qwen3-4b-instruct-2507-q8_0.gguf" in pseudo["detail"]
 
     no_type = _without_file_type(q8, tmp_path / "src" / "stock.gguf")
-    assert models_dir.gguf_quant(no_type) == "q8_0"  # from its matrices
-    done = models_dir.import_dir(no_type.parent, tmp_path / "m2")
+    assert md_verify.gguf_quant(no_type) == "q8_0"  # from its matrices
+    done = md_import.import_dir(no_type.parent, tmp_path / "m2")
     assert [d["name"] for d in done] == ["qwen3-4b-instruct-2507-q8_0.gguf"]
 
 
@@ -509,7 +510,7 @@ def test_import_progress_restarts_for_each_conversion_pass(tmp_path, downloads):
     """The bar was one bare count over everything; now each pass (writing a file, llama.cpp's
     quantize) is named and counts its own tensors."""
     steps, tensors = [], []
-    models_dir.import_dir(downloads["Qwen/Qwen3-4B-Instruct-2507"], tmp_path / "models",
+    md_import.import_dir(downloads["Qwen/Qwen3-4B-Instruct-2507"], tmp_path / "models",
                           on_tensor=tensors.append, on_step=lambda what, n: steps.append((what, n, len(tensors))))
     name = "qwen3-4b-instruct-2507-q4_k_m.gguf"
     n = steps[0][1]
@@ -531,6 +532,6 @@ def test_another_model_kept_beside_the_downloads_is_skipped(tmp_path, manifest, 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    done = models_dir.import_dir(src, tmp_path / "models")
+    done = md_import.import_dir(src, tmp_path / "models")
     assert [d["role"] for d in done] == ["interpreter"]
     assert "other.gguf: architecture 'llama' is neither" in caplog.text and "skipped" in caplog.text

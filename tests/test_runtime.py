@@ -15,6 +15,7 @@ from paw_lite.program import Program
 
 from conftest import hf_greedy, make_program, random_lora
 from llama_oracle import assert_same_or_near_tie, llama_greedy
+from oracles import oracle
 
 INPUTS = ["disk usage at 99% on /var", "user logged in", "  leading spaces", "ünïcödé ✓", ""]
 
@@ -27,12 +28,10 @@ def fn(tiny_program, tiny_gguf, tmp_path_factory):
 
 
 def test_greedy_output_equals_transformers_peft(fn, tiny_hf, tiny_program, tmp_path):
-    from peft import PeftModel
-    from transformers import GPT2LMHeadModel
+    PeftModel, GPT2LMHeadModel = oracle("peft").PeftModel, oracle("transformers").GPT2LMHeadModel
 
     prog = Program.load(tiny_program)
-    with prog.adapter_file(tmp_path) as p:
-        adapter = LoraAdapter.from_gguf(p, fn.config)
+    adapter = LoraAdapter.from_program(prog, fn.config)
     write_peft_dir(tmp_path / "peft", adapter)
     hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_hf), tmp_path / "peft").eval()
     n_distinct = set()
@@ -258,7 +257,7 @@ def test_a_closed_function_refuses_every_call(tiny_program, tiny_gguf, tmp_path)
 def test_long_inputs_run_fewer_at_a_time(fn, monkeypatch):
     """fn.map caps the sequences in flight so their keys and values stay within MAP_KV_BUDGET; the
     results are those of one call at a time either way."""
-    from paw_lite import runtime
+    from paw_lite import parallel_map
     from paw_lite.engine import Engine
 
     texts = ["word " * 40, "disk full " * 15, "x", "user logged in"]
@@ -274,20 +273,25 @@ def test_long_inputs_run_fewer_at_a_time(fn, monkeypatch):
     c = fn.config
     own_tokens = len(fn._sequence(fn.prompt_ids(texts[0]), 4).ids)  # after the shared prefix
     per_sequence = 2 * c.n_layer * c.n_embd * 4 * (own_tokens + 4)
-    monkeypatch.setattr(runtime, "MAP_KV_BUDGET", 2 * per_sequence)  # room for two of the longest
+    monkeypatch.setattr(parallel_map, "MAP_KV_BUDGET", 2 * per_sequence)  # room for two of the longest
     assert fn.map_ids(texts, max_tokens=4, batch_size=128, workers=1) == want
     assert capacities == [2]
-    monkeypatch.setattr(runtime, "MAP_KV_BUDGET", 1)  # less than one: still one at a time
+    monkeypatch.setattr(parallel_map, "MAP_KV_BUDGET", 1)  # less than one: still one at a time
     capacities.clear()
     assert fn.map_ids(texts, max_tokens=4, batch_size=128, workers=1) == want
     assert capacities == [1]
 
 
-def test_an_unwritable_scratch_folder_is_a_clear_error(tiny_program, tiny_gguf, tmp_path):
+def test_an_unwritable_cache_folder_only_costs_the_prefix_cache(tiny_program, tiny_gguf, tmp_path, caplog):
+    """The adapter is read from memory, so the cache folder holds only the prefix cache: one that
+    cannot be written is a warning naming it, and the program still runs."""
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
-    with pytest.raises(PawError, match=r"cannot write the program's adapter.gguf there .*set PAW_LITE_CACHE"):
-        paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=not_a_folder / "cache")
+    with caplog.at_level("WARNING", logger="paw_lite"):
+        with paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=not_a_folder / "cache") as fn:
+            assert isinstance(fn("some input", max_tokens=2), str)
+    assert "cannot write prefix cache" in caplog.text and str(not_a_folder / "cache") in caplog.text
+    assert not_a_folder.read_text() == "x"
 
 
 # llama.cpp multiplies quantized weights by activations it first rounds to Q8_0 blocks (ggml's
@@ -318,8 +322,7 @@ def test_quantized_adapters_equal_transformers_and_llama_cpp(kind, tiny_gguf, ti
     tiny_lora (std 0.1, not 0.3): llama.cpp's activation rounding grows with the LoRA's share of
     the activations (0.86-1.03 max abs at 0.3, where all ten outputs part from llama.cpp's, some
     at leads of 0.5), and at 0.1 the LoRA still moves the logits by 6 or more."""
-    from peft import PeftModel
-    from transformers import GPT2LMHeadModel
+    PeftModel, GPT2LMHeadModel = oracle("peft").PeftModel, oracle("transformers").GPT2LMHeadModel
 
     prog = make_program(tmp_path / f"{kind}.paw", random_lora(2, 64, 32, std=0.1), 16.0, kind)
     adapter_path = tmp_path / "adapter.gguf"

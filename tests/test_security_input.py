@@ -5,14 +5,17 @@ never a crash, never a truncated prompt."""
 
 from __future__ import annotations
 
-
 import pytest
-import torch
 
 import paw_lite
 from paw_lite.errors import ContextOverflowError, PawError
 from paw_lite.lora import LoraAdapter, write_peft_dir
 from paw_lite.program import PLACEHOLDER, Program
+
+from oracles import oracle
+
+torch = oracle("torch")
+oracle("transformers", "peft")
 
 MAX_NEW = 8  # parity on the first 8 output tokens (or up to EOS / the context end)
 
@@ -39,17 +42,18 @@ def oracle(fn, tiny_hf, tiny_program, tmp_path_factory):
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
     tmp = tmp_path_factory.mktemp("peft")
-    with Program.load(tiny_program).adapter_file(tmp) as p:
-        adapter = LoraAdapter.from_gguf(p, fn.config)
+    adapter = LoraAdapter.from_program(Program.load(tiny_program), fn.config)
     write_peft_dir(tmp / "peft", adapter)
     model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_hf), tmp / "peft").eval()
     return model, GPT2TokenizerFast.from_pretrained(tiny_hf)
 
 
 def hf_prompt_ids(tokenizer, program: Program, text: str) -> list[int]:
-    """The whole prompt tokenized as one string, with special-token text in the input kept as text
-    (the template used here holds no control tokens, so the whole string may be split that way)."""
-    return tokenizer(program.prefix + text + program.suffix, split_special_tokens=True)["input_ids"]
+    """The prompt tokenized as the official runtime splits it (the prefix, then input + suffix), with
+    special-token text in the input kept as text (the template used here holds no control tokens,
+    so input + suffix may be split that way)."""
+    return (tokenizer(program.prefix)["input_ids"]
+            + tokenizer(text + program.suffix, split_special_tokens=True)["input_ids"])
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new: int) -> list[int]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from paw_lite.gguf_file import open_gguf
+from paw_lite.gguf_file import read_index
 from paw_lite.tokenizer import GPT2Tokenizer
+
+from oracles import oracle
 
 EXTRA_CASES = ["classify a log line as ALERT or QUIET", "  leading spaces\n\n\ttabs", "naïve café — 東京 🤖",
                "[INPUT]\nhello\n[END_INPUT]", "x" * 300, "don't won't it's", "12345 67.89"]
@@ -22,14 +24,12 @@ def reference_cases(vocab_dir, name):
 @pytest.fixture(scope="module")
 def tok(vocab_dir):
     path = vocab_dir / "ggml-vocab-gpt-2.gguf"
-    return GPT2Tokenizer.from_gguf(open_gguf(path), path)
+    return GPT2Tokenizer.from_gguf(read_index(path), path)
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizers(hf_tokenizer_dir):
-    from transformers import GPT2Tokenizer as HFGPT2Tokenizer
-
-    return (HFGPT2Tokenizer.from_pretrained(hf_tokenizer_dir),)
+    return (oracle("transformers").GPT2Tokenizer.from_pretrained(hf_tokenizer_dir),)
 
 
 def test_reference_cases_match_llama_cpp_and_hf(tok, vocab_dir, hf_tokenizers):
@@ -73,8 +73,10 @@ def test_user_text_never_becomes_a_control_token(tok, hf_tokenizers):
     assert ids.count(50256) == 1
 
 
-def test_prompt_is_tokenized_as_one_string(tok):
-    # a space-led input merges with the prefix's newline in BPE, exactly as full-string tokenization does
+def test_prompt_is_tokenized_as_prefix_then_input_and_suffix(tok):
+    # as the official runtime does (tests/test_prompt_tokens.py checks it against llama.cpp): an input
+    # starting with newlines does not merge with the prefix's last newline, as one string would
     prefix, suffix = "[INPUT]\n", "\n[END_INPUT]"
-    for text in ("  two spaces", "plain", "\n\nnewlines", "trailing   "):
-        assert tok.encode_prompt(prefix, text, suffix) == tok.encode(prefix + text + suffix)
+    for text in ("  two spaces", "plain", "\n\nnewlines", "trailing   ", "\n", ""):
+        assert tok.encode_prompt(prefix, text, suffix) == tok.encode(prefix) + tok.encode(text + suffix)
+    assert tok.encode_prompt(prefix, "\n\nnewlines", suffix) != tok.encode(prefix + "\n\nnewlines" + suffix)

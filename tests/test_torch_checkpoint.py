@@ -17,10 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oracles import oracle
 from paw_lite.convert.torch_checkpoint import load, load_state_dict
 from paw_lite.errors import InvalidFileError
 
-torch = pytest.importorskip("torch")
+torch = oracle("torch")
 
 
 def as_numpy(t) -> np.ndarray:

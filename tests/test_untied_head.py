@@ -11,18 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles import oracle
 import paw_lite
 from paw_lite.base_model import BaseModel
 from paw_lite.convert.gguf_meta import read_gguf_meta
 from paw_lite.convert.gpt2 import convert_hf_gpt2
-from paw_lite.engine import Engine, Sequence, Weights
+from paw_lite.engine import Engine, Sequence
+from paw_lite.gpt2_weights import Weights
 from paw_lite.gpt2 import KVCache, forward
 from paw_lite.lora import LoraAdapter, write_peft_dir
 from paw_lite.program import Program
 
 from conftest import hf_greedy
 
-torch = pytest.importorskip("torch")
+torch = oracle("torch")
+oracle("transformers", "peft")
 
 LOGIT_TOL = 1e-4  # NumPy fp32 against transformers fp32, as tests/test_gpt2_parity.py
 # llama.cpp's GELU goes through an fp16 table: 4.1e-3 measured on tied logits of std ~1
@@ -85,7 +88,7 @@ def test_reference_forward_uses_the_output_head(untied_hf, untied_gguf, hf_ref):
 
 def test_engine_uses_the_output_head(untied_gguf, hf_ref):
     base = BaseModel.load(untied_gguf)
-    engine = Engine(Weights.from_gguf_names(base.weights, base.config), base.config)
+    engine = Engine.gpt2(Weights.from_gguf_names(base.weights, base.config), base.config)
     # one sequence per prompt length: row t is the logits after IDS[:t + 1], as the engine
     # evaluates a prompt before choosing its first token
     got = engine.prompt_logits([Sequence(IDS[:t + 1], 0, 1) for t in range(len(IDS))])
@@ -100,8 +103,7 @@ def test_program_on_an_untied_base_equals_transformers_peft(untied_hf, untied_gg
     from transformers import GPT2LMHeadModel
 
     with paw_lite.function(tiny_program, base_model=untied_gguf, cache_dir=tmp_path / "c") as fn:
-        with Program.load(tiny_program).adapter_file(tmp_path) as p:
-            write_peft_dir(tmp_path / "peft", LoraAdapter.from_gguf(p, fn.config))
+        write_peft_dir(tmp_path / "peft", LoraAdapter.from_program(Program.load(tiny_program), fn.config))
         # a fresh model: PEFT wraps the one it is given in place
         hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(untied_hf), tmp_path / "peft").eval()
         outs = set()
@@ -114,7 +116,7 @@ def test_program_on_an_untied_base_equals_transformers_peft(untied_hf, untied_gg
 
 
 def test_llama_cpp_reads_the_converted_output_head(untied_gguf, hf_ref):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = oracle("llama_cpp")
 
     llm = llama_cpp.Llama(str(untied_gguf), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = bench.main_from_args(args)
     except RuntimeError as exc:
-        # A worker process failed (its stderr is in the message), or tests/vocab_source.py could not
+        # A worker process failed (its stderr is in the message), or paw_lite/testing/vocab.py could not
         # download or read the llama-cpp-python sdist with the GPT-2 vocabulary (its SdistError, a
         # RuntimeError, names the file and how to supply it offline).
         raise PawError(f"benchmark failed: {exc}") from None

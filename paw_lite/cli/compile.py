@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-type", choices=ADAPTER_TYPES, default="q4_0", help="adapter.gguf tensor type (default q4_0)")
     p.add_argument("--peft", type=Path, metavar="DIR", help="also write the program's LoRA in PEFT form to DIR")
     p.add_argument("--run", metavar="TEXT", help="run the new program on TEXT and print its output")
+    p.add_argument("--test", type=Path, metavar="CASES.jsonl",
+                   help="run the new program on these cases and print its pass rate (as `paw-lite test`)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="pseudo-program length limit in tokens (default 512)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
     p.add_argument("--pseudo-tokenizer", type=Path, metavar="DIR", help="HF tokenizer folder of the pseudo compiler (default: the GGUF's)")
@@ -59,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     # reach the prompts and give another program than the same spec typed inline.
     spec = _read_text(Path(args.spec[1:]), "spec").rstrip("\r\n") if args.spec.startswith("@") else args.spec
     pseudo = _read_text(args.pseudo_program, "pseudo-program") if args.pseudo_program else None
+    cases = None
+    if args.test:  # a missing or empty cases file shows before the compile
+        from ..cases import read_cases
+
+        cases = read_cases(args.test)
 
     def progress(message: str) -> None:
         print(f"paw-lite: {message}", file=sys.stderr)
@@ -111,5 +118,29 @@ def run(args: argparse.Namespace) -> int:
             raise type(exc)(f"wrote {result.path}, but running it on the --run text failed: {exc}") from exc
         summary["run"] = {"input": args.run, "output": output, "seconds": round(time.perf_counter() - t0, 3)}
         lines += [f"input:  {args.run}", f"output: {output}"]
+    if cases is not None:
+        summary["test"], line = _test(result, cases, args.test)
+        lines.append(line)
     emit(args, summary, "\n".join(lines))
     return 0
+
+
+def _test(result, cases: list, path: Path) -> tuple[dict, str]:
+    """The new program's report on the --test cases (the JSON report of `paw-lite test`) and its
+    pass-rate line."""
+    import dataclasses
+
+    from ..evaluate import evaluate
+    from .test import progress_bar, rate_line
+
+    try:
+        with progress_bar(len(cases), "test cases") as bar:
+            report = evaluate(result.program, cases, base_model=result.files.interpreter, on_case=lambda r: bar.update(1))
+    except PawError as exc:
+        raise type(exc)(f"wrote {result.path}, but testing it on {path} failed: {exc}") from exc
+    report = dataclasses.replace(report, program={**report.program, "source": str(result.path)}, cases_file=str(path))
+    line = f"test:   {rate_line(report)} on {path}"
+    invalid = report.invalid()
+    if invalid:
+        line += "".join(f"\n  could not be read: {r.reason}" for r in invalid)
+    return report.to_dict(), line

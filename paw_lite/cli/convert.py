@@ -60,7 +60,7 @@ def _qwen3(args: argparse.Namespace) -> dict[str, Any]:
     from ..convert.qwen3 import Qwen3Source, convert_qwen3
     from ..convert.verify import verify_gguf
 
-    from ..models_dir import qwen3_folder_role
+    from ..models_dir.importing import qwen3_folder_role
 
     source = Qwen3Source(args.src)  # headers only: the tensor count for the progress bar
     if args.type is None:
@@ -101,7 +101,7 @@ def qwen3_role(path: Path) -> str:
 
 
 def _gpt2(args: argparse.Namespace) -> dict[str, Any]:
-    from ..base_model import hf_gpt2_config
+    from ..hf_gpt2 import hf_gpt2_config
     from ..convert.gpt2 import convert_hf_gpt2
     from ..convert.verify import verify_gguf
 

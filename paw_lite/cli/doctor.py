@@ -138,7 +138,7 @@ def _numpy_logits(model: Path) -> np.ndarray:
 
 
 def check_models(directory: Path) -> list[dict[str, str]]:
-    from ..models_dir import NOT_A_FOLDER, NOT_A_FOLDER_FIX, survey
+    from ..models_dir.verify import NOT_A_FOLDER, NOT_A_FOLDER_FIX, survey
 
     if directory.exists() and not directory.is_dir():
         return [_check("models directory", "fail", f"{directory}: {NOT_A_FOLDER}", NOT_A_FOLDER_FIX)]
@@ -181,7 +181,7 @@ def check_map_workers() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models_dir import models_directory
+    from ..models_dir.manifest import models_directory
 
     checks = check_imports()
     checks.append(check_map_workers())

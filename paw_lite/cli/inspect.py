@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import paths
 from ..lora import describe_adapter_gguf
-from ..program import Program
+from ..program import ADAPTER, Program
 from . import emit, printable
 
 
@@ -21,8 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prog = Program.load(args.program)
-    with prog.adapter_file(None) as tmp:  # the system's temp folder: inspecting needs no writable cache
-        adapter = describe_adapter_gguf(tmp)
+    adapter = describe_adapter_gguf(prog.adapter_gguf, f"{prog.source}: {ADAPTER}")
     src = Path(args.program)
     info = {
         "program": str(src),

@@ -53,7 +53,8 @@ def _progress():
 
 
 def _fetch(args: argparse.Namespace, directory) -> int:
-    from ..models_dir import ImportOptions, import_dir, pull
+    from ..models_dir.importing import ImportOptions, import_dir
+    from ..models_dir.pull import pull
 
     options = ImportOptions(quant=args.quant, compiler_quant=args.compiler_quant, roles=tuple(args.only))
     check_writable(directory, "--models", into=True)  # before any download or conversion
@@ -79,7 +80,8 @@ def _fetch(args: argparse.Namespace, directory) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models_dir import NOT_A_FOLDER, NOT_A_FOLDER_FIX, models_directory, summarize, survey
+    from ..models_dir.manifest import models_directory
+    from ..models_dir.verify import NOT_A_FOLDER, NOT_A_FOLDER_FIX, summarize, survey
 
     directory = models_directory(args.models)
     if args.action in ("pull", "import"):

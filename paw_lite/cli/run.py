@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import batch
+from .. import batch_files as batch
 from ..atomic import check_writable
 from ..dask.file_run import DEFAULT_PARTITION_SIZE, cluster_runner  # imports dask itself only when used
 from ..errors import PawError

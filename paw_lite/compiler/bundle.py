@@ -1,16 +1,14 @@
-"""Step 4 (PAW-FACTS §4): LoRA tensors + pseudo-program -> a `Program` with the official members
+"""Step 4 (the official SDK's importer, programasweights 0.4.14 client.py): LoRA tensors + pseudo-program -> a `Program` with the official members
 and meta fields, content-addressed."""
 
 from __future__ import annotations
 
-import tempfile
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..lora import ADAPTER_WRITE_TYPES, whole_number, write_adapter_gguf
+from ..lora import adapter_gguf_bytes, whole_number
 from ..program import Program, content_program_id
 
 META_VERSION = 4
@@ -19,14 +17,10 @@ ADAPTER_TYPES = ("q4_0", "f16", "f32")  # Q4_0 is the official type; F16/F32 on 
 
 
 def adapter_bytes(tensors: dict[str, np.ndarray], alpha: float, adapter_type: str) -> bytes:
-    """The `adapter.gguf` member as bytes (gguf-py writes to paths: a private temporary file)."""
+    """The `adapter.gguf` member as bytes, built in memory."""
     if adapter_type not in ADAPTER_TYPES:
         raise ValueError(f"adapter type {adapter_type!r} is not one of {ADAPTER_TYPES}")
-    assert adapter_type in ADAPTER_WRITE_TYPES
-    with tempfile.TemporaryDirectory(prefix="paw_lite-adapter-") as tmp:
-        path = Path(tmp) / "adapter.gguf"
-        write_adapter_gguf(path, tensors, alpha, adapter_type)
-        return path.read_bytes()
+    return adapter_gguf_bytes(tensors, alpha, adapter_type)
 
 
 def build_program(*, spec: str, pseudo_program: str, template: str, adapter_gguf: bytes, rank: int, alpha: float,

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InvalidFileError, PawError, require
 from .. import interrupts
-from ..gguf_file import check_structure
+from ..gguf_file import read_index
 
 log = logging.getLogger("paw_lite.compiler")
 
@@ -56,9 +56,10 @@ class LlamaModel:
             raise InvalidFileError(f"{self.path}: is a folder, not a model file; pass the .gguf file itself")
         if not self.path.is_file():
             raise InvalidFileError(f"{self.path}: no such model file")
-        # Every record and tensor bound, as for the files paw_lite reads itself (~50 ms for Qwen's
-        # vocabulary): a truncated file is named precisely here, not as llama.cpp's bare NULL.
-        check_structure(self.path)
+        # The same bounded walk as for the files paw_lite reads itself: a truncated or malformed
+        # file is named precisely here, not as llama.cpp's bare NULL (or its abort on a
+        # general.alignment of another type than UINT32).
+        read_index(self.path)
         lib = _lib()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0

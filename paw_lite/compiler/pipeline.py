@@ -164,7 +164,7 @@ def compiler_fingerprint(files: ModelFiles) -> str:
 
 def _is_published_interpreter(path: Path) -> bool:
     """The published gpt2-q8_0.gguf under another name (size, then sha256, as the manifest pins them)."""
-    from ..models_dir import load_manifest
+    from ..models_dir.manifest import load_manifest
 
     entry = load_manifest()["interpreter"]
     try:
@@ -287,12 +287,10 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
     return CompileResult(program, files, phases.records, pseudo, len(ids))
 
 
-def export_peft(program: Program, interpreter: PathLike, folder: PathLike, cache_dir: PathLike | None = None) -> Path:
-    """The program's adapter (as stored, dequantized) in PEFT form. Its temporary copy goes under
-    the cache directory, as a call's does (not a shared /tmp folder another user may own)."""
+def export_peft(program: Program, interpreter: PathLike, folder: PathLike) -> Path:
+    """The program's adapter (as stored, dequantized) in PEFT form."""
     config, _ = read_header(interpreter)
-    with program.adapter_file(Path(cache_dir or paths.cache_dir()) / "tmp") as path:
-        adapter = LoraAdapter.from_gguf(path, config)
+    adapter = LoraAdapter.from_program(program, config)
     return write_peft_dir(folder, adapter)
 
 
@@ -342,7 +340,7 @@ def compile_report(spec: str, out: PathLike | None, *, pseudo_program: str | Non
     if out is not None:
         result.path = result.program.save(out)
     if peft is not None:
-        export_peft(result.program, result.files.interpreter, Path(peft).expanduser(), opts.cache_dir)
+        export_peft(result.program, result.files.interpreter, Path(peft).expanduser())
     return result
 
 

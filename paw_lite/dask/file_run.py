@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .. import batch
+from .. import batch_files as batch
 from ..errors import IncompatibleModelError, PawError, require
 from . import worker
 from .shipping import MapOptions, ShippedProgram, options, ship

@@ -11,7 +11,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout: this module serves its tests and benchmarks
 TEST_CACHE = Path(os.environ.get("PAW_LITE_TEST_CACHE", ROOT / ".test-cache"))
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 VOCAB_MEMBERS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-gpt-2.gguf.inp", "ggml-vocab-gpt-2.gguf.out",

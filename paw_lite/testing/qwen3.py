@@ -1,7 +1,7 @@
 """A tiny deterministic random Qwen3 saved as an HF folder, with the REAL Qwen tokenizer.
 
 The tokenizer is rebuilt from llama.cpp's `ggml-vocab-qwen2.gguf` (151,643 byte-level BPE tokens and
-its merges) plus the added tokens of the published compiler, laid out as in PAW-FACTS §1:
+its merges) plus the added tokens of the published compiler, laid out as in the model card of programasweights/paw-4b-gpt2 and the official SDK:
 
 - ids 151643..151668: Qwen3's own 26 added tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`,
   …, `<think>`, `</think>`), special or not exactly as Qwen3 marks them;
@@ -100,10 +100,12 @@ def make_qwen_tokenizer(vocab_dir: Path):
 _TOKENIZER_FILES: dict[Path, dict[str, bytes]] = {}  # vocab_dir -> saved files: built once per process (~3 s)
 
 
-def _save_tokenizer(folder: Path, vocab_dir: Path, template_in_jinja_file: bool) -> None:
+def save_qwen_tokenizer(folder: Path, vocab_dir: Path, template_in_jinja_file: bool) -> None:
     import tempfile
 
-    from transformers import PreTrainedTokenizerFast
+    from oracles import oracle
+
+    PreTrainedTokenizerFast = oracle("transformers").PreTrainedTokenizerFast
 
     key = Path(vocab_dir).resolve()
     if key not in _TOKENIZER_FILES:
@@ -139,8 +141,10 @@ def make_tiny_qwen3(folder: Path, vocab_dir: Path, *, n_layer: int = 4, seed: in
     `dtype` is the stored weight type ("bfloat16" like the published checkpoint, "float16" or
     "float32"). Load the oracle with `transformers.AutoModelForCausalLM.from_pretrained(folder,
     dtype=torch.float32)`: a bf16 folder then holds exactly the values the F32 GGUF holds."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from oracles import oracle
+
+    torch = oracle("torch")
+    Qwen3Config, Qwen3ForCausalLM = oracle("transformers").Qwen3Config, oracle("transformers").Qwen3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,7 +159,7 @@ def make_tiny_qwen3(folder: Path, vocab_dir: Path, *, n_layer: int = 4, seed: in
             if "norm" in name:
                 p.copy_(1.0 + torch.randn_like(p) * 0.2)
     model.to(getattr(torch, dtype)).save_pretrained(folder, max_shard_size=max_shard_size)
-    _save_tokenizer(folder, vocab_dir, template_in_jinja_file)
+    save_qwen_tokenizer(folder, vocab_dir, template_in_jinja_file)
     return folder
 
 

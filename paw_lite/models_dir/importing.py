@@ -1,0 +1,210 @@
+"""`paw-lite models import DIR`: find what a folder of downloads holds for each role, check it all,
+then copy the published files and convert the rest into the models directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_path, checked_or_removed, created_folder
+from ..base_model import file_sha256
+from ..errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError
+from .manifest import ROLES, ManifestEntry, load_manifest, read_installed, record_installed
+from .verify import ShapeSourceError, check_file, installed_mapper_shape, quant_of_meta
+
+log = logging.getLogger(__name__)
+
+
+# Both compilers are Qwen3-4B-Instruct-2507 (the trained one fine-tuned from it): (layers, width).
+PUBLISHED_QWEN3_SHAPE = (36, 2560)
+
+
+def _warn_unless_published_shape(path: Path, role: str, n_layer: int, n_embd: int) -> None:
+    """Another Qwen3 imports and runs, but is not the model the reference system compiles with."""
+    if (n_layer, n_embd) != PUBLISHED_QWEN3_SHAPE:
+        layers, width = PUBLISHED_QWEN3_SHAPE
+        log.warning("%s: a %d-layer, %d-wide Qwen3, not the published Qwen3-4B (%d layers, %d wide); imported as the %s, "
+                    "but programs compiled with it will differ from the reference system's", path, n_layer, n_embd,
+                    layers, width, role.replace("_", " "))
+
+
+def qwen3_folder_role(folder: Path) -> str:
+    """'compiler' for the trained compiler (its tokenizer adds <prefix_1>..), else 'pseudo_compiler'."""
+    tj = folder / "tokenizer.json"
+    try:
+        added = json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", [])
+    except (OSError, ValueError) as exc:
+        raise InvalidFileError(f"{tj}: cannot read: {exc}") from exc
+    return "compiler" if any(a.get("content") == "<prefix_1>" for a in added) else "pseudo_compiler"
+
+
+def _gguf_role(path: Path) -> tuple[str, str | None]:
+    """(role, quant name) of a GGUF from its header."""
+    from ..convert.gguf_meta import read_gguf_meta
+
+    meta = read_gguf_meta(path)
+    arch = meta.fields.get("general.architecture")
+    quant = quant_of_meta(meta)
+    if arch == "gpt2":
+        return "interpreter", quant
+    if arch == "qwen3":
+        tokens = meta.fields.get("tokenizer.ggml.tokens") or []
+        return ("compiler" if "<prefix_1>" in tokens else "pseudo_compiler"), quant
+    raise IncompatibleModelError(f"{path}: architecture {arch!r} is neither the GPT-2 interpreter nor a Qwen3 compiler")
+
+
+def _is_qwen3_folder(p: Path) -> bool:
+    try:
+        return p.is_dir() and json.loads((p / "config.json").read_text(encoding="utf-8")).get("model_type") == "qwen3"
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    quant: str = "q4_k_m"  # pseudo compiler
+    compiler_quant: str = "q8_0"
+    roles: tuple[str, ...] = ROLES
+
+
+@dataclass(frozen=True)
+class _Source:
+    role: str
+    path: Path
+    quant: str | None = None  # a GGUF's, from its header
+
+
+def _download_roots(src: Path) -> list[Path]:
+    """src, and its subfolders that are not a model themselves: the published repos copied in side by
+    side (`by-hand/paw-4b-gpt2/compiler/...`) are found as well as their files copied into src."""
+    return [src, *(p for p in sorted(src.iterdir()) if p.is_dir() and not p.name.startswith(".") and not _is_qwen3_folder(p))]
+
+
+def find_sources(src: Path, manifest: dict[str, ManifestEntry]) -> list[_Source]:
+    """What `src` holds for each role, from headers and names only (nothing converted yet)."""
+    found: list[_Source] = []
+    meta_names = ("meta.json", manifest["compiler_meta"].file_name())
+    candidates = [src] if _is_qwen3_folder(src) else []
+    for root in _download_roots(src):
+        candidates += sorted(root.iterdir())
+    for p in candidates:
+        if p.is_file() and p.suffix == ".gguf":
+            try:
+                role, quant = _gguf_role(p)
+            except IncompatibleModelError as exc:  # another model kept beside the downloads: not ours to refuse
+                log.warning("%s; skipped", exc)
+                continue
+            found.append(_Source(role, p, quant))
+        elif _is_qwen3_folder(p):
+            found.append(_Source(qwen3_folder_role(p), p))
+        elif p.is_file() and p.name in meta_names:
+            found.append(_Source("compiler_meta", p))
+        elif p.is_file() and p.name == "lora_mapper.pt":
+            found.append(_Source("mapper", p))
+    return found
+
+
+def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOptions = ImportOptions(),
+               on_tensor: Callable[[str], None] | None = None,
+               on_step: Callable[[str, int | None], None] | None = None) -> list[dict[str, Any]]:
+    """Bring files from `src` (downloads copied by hand, or a hub snapshot) into the models directory:
+    published GGUFs are verified and copied, HF folders and lora_mapper.pt are converted. Everything
+    cheap to check (headers, meta.json, the interpreter's hash, installed.json) is checked before
+    the first conversion, which takes minutes on the real models.
+
+    Progress: `on_step(what, n_tensors or None)` as each conversion pass starts (writing a file,
+    llama.cpp's quantize pass), then `on_tensor(name)` per tensor of that pass."""
+    from ..convert.mapper import convert_mapper
+    from ..convert.qwen3 import Qwen3Source, convert_qwen3, preflight
+
+    src = Path(src).expanduser().absolute()  # recorded in installed.json: not relative to today's folder
+    if not src.is_dir():
+        raise ModelNotFoundError(f"{src}: not a folder; pass the folder holding the downloaded model files")
+    manifest = load_manifest()
+    found = find_sources(src, manifest)
+    sources: dict[str, _Source] = {}
+    for f in found:
+        if f.role not in options.roles:
+            continue
+        if f.role in sources:  # which one was meant cannot be guessed
+            raise PawError(f"{src}: two candidates for the {f.role.replace('_', ' ')} ({sources[f.role].path}, {f.path}); "
+                           f"keep one, or import each from a folder of its own")
+        sources[f.role] = f
+    if not sources:
+        raise ModelNotFoundError(
+            f"{src}: nothing to import. Expected any of: gpt2-q8_0.gguf; a Qwen3 GGUF; the paw-4b-gpt2 download "
+            "(compiler/ folder, lora_mapper.pt, meta.json); a Qwen3-4B-Instruct-2507 HF folder")
+    read_installed(directory)  # a broken record fails now, not after the conversions
+    n_tensors: dict[str, int] = {}
+    for role, f in sources.items():
+        if f.path.suffix == ".gguf":
+            info = check_file(f.path, role, directory)
+            if role in ("compiler", "pseudo_compiler"):
+                _warn_unless_published_shape(f.path, role, info["n_layer"], info["n_embd"])
+            entry = manifest[role]
+            if "{quant}" in entry.name and f.quant is None:
+                raise InvalidFileError(f"{f.path}: cannot tell its quantization (no general.file_type, and its matrices are "
+                                       f"of no single known type); convert the HF folder with `paw-lite convert qwen3` instead")
+            if entry.sha256 and file_sha256(f.path) != entry.sha256:
+                raise IncompatibleModelError(f"{f.path}: not the published {entry.name} (sha256 differs from the manifest); "
+                                             "use your own interpreter with --base-model PATH instead")
+        elif role == "compiler_meta":
+            check_file(f.path, role, directory)
+        elif role in ("compiler", "pseudo_compiler"):
+            source = Qwen3Source(f.path)  # config and shard headers
+            preflight(source, options.compiler_quant if role == "compiler" else options.quant)  # tokenizer, llama.cpp
+            n_tensors[role] = len(source.tensors)
+            _warn_unless_published_shape(f.path, role, source.config.n_layer, source.config.n_embd)
+
+    done: list[dict[str, Any]] = []
+    with created_folder(directory):  # a failed import does not leave an empty models folder behind
+        # Models first: the mapper is checked against the compiler's width and the interpreter's modules.
+        for role in ("interpreter", "compiler", "pseudo_compiler"):
+            f = sources.get(role)
+            if f is None:
+                continue
+            entry = manifest[role]
+            if f.path.suffix == ".gguf":
+                name = entry.file_name(f.quant if "{quant}" in entry.name else None)
+                with atomic_path(directory / name) as tmp:
+                    shutil.copyfile(f.path, tmp)
+                done.append(record_installed(directory, name, role, str(f.path), "copied"))
+            else:
+                quant = options.compiler_quant if role == "compiler" else options.quant
+                name = entry.file_name(quant)
+                if on_step is not None:
+                    on_step(f"{name}: converting", n_tensors[role])
+
+                def on_pass(count: int, name: str = name) -> None:
+                    if on_step is not None:
+                        on_step(f"{name}: llama.cpp quantize", count)
+
+                convert_qwen3(f.path, directory / name, quant, on_tensor, on_pass)
+                checked_or_removed(directory / name, lambda: check_file(directory / name, role, directory))
+                done.append(record_installed(directory, name, role, str(f.path), f"paw-lite convert qwen3 --type {quant}"))
+        meta = sources.get("compiler_meta")
+        if meta is not None:
+            name = manifest["compiler_meta"].file_name()
+            with atomic_path(directory / name) as tmp:
+                shutil.copyfile(meta.path, tmp)
+            done.append(record_installed(directory, name, "compiler_meta", str(meta.path), "copied"))
+        mapper = sources.get("mapper")
+        if mapper is not None:
+            name = manifest["mapper"].file_name()
+            # the download's meta.json gives the mapper's rank and bases, imported or not
+            meta_path = next((f.path for f in found if f.role == "compiler_meta"), None)
+            if on_step is not None:
+                on_step(f"{name}: converting", None)
+            try:
+                shape = installed_mapper_shape(directory, meta_path)
+            except ShapeSourceError as exc:  # outside a verify row: that file's own error, with its own type
+                raise exc.__cause__ from None
+            convert_mapper(mapper.path, directory / name, shape, on_tensor)
+            done.append(record_installed(directory, name, "mapper", str(mapper.path), "paw-lite convert mapper"))
+    return done
