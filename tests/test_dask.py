@@ -68,6 +68,15 @@ def test_bag_outputs_equal_local_map(client, fn, tiny_program):
     assert sum(str(k).startswith("paw-lite-program-") for k in dict(outputs.__dask_graph__())) == 1
 
 
+def test_constraints_pass_through(client, fn, tiny_program):
+    choices = ["ALERT", "QUIET"]
+    outputs = paw_lite.dask.map(tiny_program, db.from_sequence(TEXTS, npartitions=3), choices=choices)
+    expected = fn.map(TEXTS, choices=choices)
+    assert set(expected) <= set(choices) and outputs.compute() == expected
+    with pytest.raises(paw_lite.PawError, match="at most one constraint per call"):  # on the client, before a graph
+        paw_lite.dask.map(tiny_program, db.from_sequence(TEXTS, npartitions=1), choices=choices, regex="A|Q")
+
+
 def test_dataframe_column(client, fn, tiny_program):
     frame = pd.DataFrame({"text": TEXTS, "host": [i % 5 for i in range(len(TEXTS))]}, index=range(100, 100 + len(TEXTS)))
     ddf = dd.from_pandas(frame, npartitions=3)

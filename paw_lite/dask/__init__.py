@@ -24,7 +24,9 @@ __all__ = ["MapOptions", "ShippedProgram", "map", "ship"]
 
 
 def map(program: str | os.PathLike[str] | Program | ShippedProgram, texts: Any, *, max_tokens: int | None = None,
-        base_model: str | os.PathLike[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+        base_model: str | os.PathLike[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+        choices: list[str] | None = None, regex: str | None = None,
+        json_schema: dict[str, Any] | str | None = None) -> Any:
     """The program's outputs for a Dask Bag of str, or a Dask Series of str, as a lazy collection
     of the same kind and partitions: a Bag in input order, or a Series on the input's index (so
     `ddf["label"] = paw_lite.dask.map(prog, ddf["text"])` adds a column).
@@ -33,9 +35,11 @@ def map(program: str | os.PathLike[str] | Program | ShippedProgram, texts: Any, 
     ShippedProgram from `ship` (to reuse one across maps). It travels to the workers as bytes.
     base_model: the interpreter as a path on the workers; None for each worker's models directory
     ($PAW_LITE_MODELS or its user cache), as a local run finds it.
-    max_tokens, batch_size: as `fn.map`, for each partition."""
+    max_tokens, batch_size: as `fn.map`, for each partition.
+    choices / regex / json_schema: one constraint for every input, as `fn.map` (checked here); an
+    output a constraint cuts short fails its partition with IncompleteOutputError, as `fn.map`."""
     dask = require("dask", "dask")
-    opts = options(max_tokens, batch_size, base_model)
+    opts = options(max_tokens, batch_size, base_model, choices, regex, json_schema)
     shipped = program if isinstance(program, ShippedProgram) else ship(program)
     # One key in the graph that every partition depends on: each worker receives the bytes once.
     # traverse=False: a dataclass would otherwise be unpacked into tasks.

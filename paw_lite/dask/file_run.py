@@ -24,7 +24,7 @@ from ..errors import IncompatibleModelError, PawError, require
 from . import worker
 from .shipping import MapOptions, ShippedProgram, options, ship
 
-# Inputs per partition: a task each. A partition costs 60-90 ms of a worker besides its compute
+# Inputs per partition: a task each. A partition costs 25-90 ms of a worker besides its compute
 # (scheduling, sending its inputs and records; benchmarks/dask_bench.py, docs/dask.md), and an input
 # ~90 ms of one worker thread with the full-size interpreter and 8-token outputs: from ~32 inputs on
 # that is under 5%, at 256 under 0.5%. Larger partitions would only coarsen the progress bar, lose
