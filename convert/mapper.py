@@ -1,6 +1,6 @@
 """`lora_mapper.pt` (a torch state dict) -> `mapper.safetensors` (fp32), without torch.
 
-Keys and shapes are validated against PAW-FACTS §2.4 as the compiler's mapper defines them
+Keys and shapes are validated against the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes as the compiler's mapper defines them
 (`paw_lite.compiler.mapper.MapperShape`), sized by the compiler meta (rank, number of bases), the
 interpreter (layers, module widths) and the compiler's hidden width; the written file is then
 checked by the same reader the compiler uses."""
@@ -22,7 +22,7 @@ from paw_lite.gpt2_layout import GPT2Config
 
 from .torch_checkpoint import load_state_dict
 
-# The published interpreter and compiler (PAW-FACTS §1): GPT-2 124M, Qwen3-4B hidden width 2560.
+# The published interpreter and compiler (the model card of programasweights/paw-4b-gpt2 and the official SDK): GPT-2 124M, Qwen3-4B hidden width 2560.
 PAW_GPT2 = GPT2Config(n_vocab=50257, n_ctx=2048, n_embd=768, n_head=12, n_layer=12, n_ff=3072, eps=1e-5)
 QWEN3_4B_HIDDEN = 2560
 DEFAULT_RANK = 64
@@ -32,7 +32,7 @@ _INTERPRETERS = {"gpt2", "openai-community/gpt2", "gpt2-q8_0"}
 
 def mapper_shape(meta: CompilerMeta | None, interpreter: GPT2Config | None = None,
                  hidden: int = QWEN3_4B_HIDDEN) -> MapperShape:
-    """The expected mapper shape. Without meta, PAW-FACTS §1 defaults (rank 64, 64 bases)."""
+    """The expected mapper shape. Without meta, the model card of programasweights/paw-4b-gpt2 and the official SDK defaults (rank 64, 64 bases)."""
     if meta is not None and interpreter is None and meta.interpreter_model is not None \
             and meta.interpreter_model.lower() not in _INTERPRETERS:
         raise IncompatibleModelError(f"{meta.source}: interpreter_model {meta.interpreter_model!r}; paw_lite maps to "

@@ -40,7 +40,7 @@ class MissingDependencyError(PawError):
 
 # The compile extra brings llama-cpp-python, which pip builds from source. GGML_NATIVE=OFF: the default
 # -march=native build crashes on Q8_0 models on CPUs with AMX. --no-cache-dir: pip would otherwise
-# reuse a wheel it built natively before, possibly on another CPU. (README.md, Install.)
+# reuse a wheel it built natively before, possibly on another CPU. (README.md, "Set up".)
 _LLAMA_BUILD = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir'
 COMPILE_INSTALL = f"{_LLAMA_BUILD} 'paw-lite[compile]'"
 # For a llama-cpp-python that is installed but broken on this CPU (a native build): rebuild it alone.

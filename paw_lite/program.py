@@ -1,6 +1,6 @@
 """PAW programs: the official `.paw` bundle (a ZIP) and unpacked program folders, both ways.
 
-Reading follows the official importer's rules (PAW-FACTS §4); nothing is extracted to disk."""
+Reading follows the official importer's rules (the official SDK's importer, programasweights 0.4.14 client.py); nothing is extracted to disk."""
 
 from __future__ import annotations
 

@@ -292,8 +292,8 @@ class PawFunction:
         limit = room if max_tokens is None else min(max_tokens, room)
         if limit <= 0:
             return None
-        # All the prefix is shared unless the input merges with the prefix's last token in BPE;
-        # at least one token is evaluated, for the logits of the first output.
+        # The prompt starts with the prefix's ids (tokenized alone, see `prompt_ids`), so all of the
+        # cached prefix is shared; at least one token is evaluated, for the first output's logits.
         shared = 0
         for a, b in zip(ids, self._prefix_ids):
             if a != b:

@@ -1,5 +1,5 @@
 """Tiny compiler models for the compiler tests: a random Qwen3 compiler (HF folder + GGUF), a random
-mapper with the published key names, a compiler meta.json, and the mapper of PAW-FACTS §2.4 written
+mapper with the published key names, a compiler meta.json, and the mapper of the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes written
 in PyTorch as the oracle."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ TINY_RANK = 32  # Q4_0 blocks are 32 wide: lora_b rows have length r
 TINY_BASES = 8
 PREFIX_STEPS = 64
 ALPHA = 16.0
-# The mapper's module axis is in sorted key-suffix order (PAW-FACTS §2.4), written out independently here.
+# The mapper's module axis is in sorted key-suffix order (the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes), written out independently here.
 SORTED_MODULES = sorted(((suffix, gguf_name) for gguf_name, (_, suffix) in LORA_MODULES.items()))
 
 
@@ -37,7 +37,7 @@ def tiny_qwen(tmp_path_factory, vocab_dir: Path) -> tuple[Path, Path]:
 
 def random_mapper_state(hidden: int, interpreter: GPT2Config, rank: int = TINY_RANK, n_bases: int = TINY_BASES,
                         trunk: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random fp32 weights with the published key names (PAW-FACTS §2.4) for these sizes."""
+    """Random fp32 weights with the published key names (the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes) for these sizes."""
     rng = np.random.default_rng(seed)
     trunk = trunk or hidden
     n_coeff = interpreter.n_layer * len(LORA_MODULES) * n_bases * 2
@@ -70,7 +70,7 @@ def write_compiler_meta(path: Path, *, rank: int = TINY_RANK, alpha: float = ALP
 
 
 def torch_mapper(state: dict[str, np.ndarray], hidden_states: list, n_layer: int, n_bases: int) -> dict[str, np.ndarray]:
-    """PAW-FACTS §2.4 in PyTorch (fp32): the oracle for the NumPy mapper. hidden_states: a list of
+    """the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes in PyTorch (fp32): the oracle for the NumPy mapper. hidden_states: a list of
     n_layer tensors (positions, hidden)."""
     torch = oracle("torch")
     F = oracle("torch.nn.functional")

@@ -1,5 +1,5 @@
 """The encoder pass through llama.cpp against transformers on a tiny random Qwen3 with the real Qwen
-tokenizer: the token sequence of PAW-FACTS §2.2, and the hidden states of the chosen layers."""
+tokenizer: the token sequence of the paper, arXiv 2607.02512, and the public reimplementation avra-m3/program-as-weights-server, and the hidden states of the chosen layers."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def hf_model(qwen):
 
 
 def transformers_sequence(tok, spec: str, pseudo: str, n_prefix: int = 64) -> list[int]:
-    """PAW-FACTS §2.2 with transformers: apply_chat_template + tokenizer, piece by piece."""
+    """the paper, arXiv 2607.02512, and the public reimplementation avra-m3/program-as-weights-server with transformers: apply_chat_template + tokenizer, piece by piece."""
     chat = tok.apply_chat_template([{"role": "user", "content": minimal_prompt(spec)}], add_generation_prompt=True, tokenize=True)
     chat = chat["input_ids"] if not isinstance(chat, list) else chat
     return (list(chat) + tok(pseudo, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]

@@ -1,4 +1,4 @@
-"""The NumPy mapper against PAW-FACTS §2.4 written in PyTorch; its file validation; the exact GELU;
+"""The NumPy mapper against the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes written in PyTorch; its file validation; the exact GELU;
 the layer map."""
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_rejects_wrong_hidden_state_shape(tmp_path):
 
 
 def test_expected_shapes_are_the_published_ones():
-    """PAW-FACTS §2.4 for the published compiler (hidden 2560) and GPT-2 124M (12 x 768), rank 64, 64 bases."""
+    """the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes for the published compiler (hidden 2560) and GPT-2 124M (12 x 768), rank 64, 64 bases."""
     gpt2 = GPT2Config(n_vocab=50257, n_ctx=2048, n_embd=768, n_head=12, n_layer=12, n_ff=3072, eps=1e-5)
     assert MapperShape(hidden=2560, interpreter=gpt2, rank=64, n_bases=64).expected(2560) == {
         "trunk.0.weight": (2560, 2560), "trunk.0.bias": (2560,),

@@ -1,5 +1,5 @@
 """lora_mapper.pt -> mapper.safetensors: values identical to torch.load, keys and shapes validated
-against the compiler meta and PAW-FACTS §2.4, the compiler's Mapper accepts and runs the result
+against the compiler meta and the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes, the compiler's Mapper accepts and runs the result
 like the PyTorch mapper on the original file, bad inputs leave no file."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_meta_sizes_and_paw_defaults(meta):
     exp = shape.expected(HIDDEN)
     assert exp["A_bases_c_attn"] == (BASES, RANK, 64) and exp["B_bases_c_attn"] == (BASES, 192, RANK)
     assert exp["coeff_head.weight"] == (INTERP.n_layer * 4 * BASES * 2, HIDDEN)
-    # without meta: the published mapper of PAW-FACTS §2.4
+    # without meta: the published mapper of the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes
     full = mapper_shape(None).expected(2560)
     assert full["trunk.0.weight"] == (2560, 2560) and full["coeff_head.weight"] == (6144, 2560)
     assert full["A_bases_attn_c_proj"] == (64, 64, 768) and full["B_bases_c_attn"] == (64, 2304, 64)

@@ -68,6 +68,15 @@ def test_bag_outputs_equal_local_map(client, fn, tiny_program):
     assert sum(str(k).startswith("paw-lite-program-") for k in dict(outputs.__dask_graph__())) == 1
 
 
+def test_constraints_pass_through(client, fn, tiny_program):
+    choices = ["ALERT", "QUIET"]
+    outputs = paw_lite.dask.map(tiny_program, db.from_sequence(TEXTS, npartitions=3), choices=choices)
+    expected = fn.map(TEXTS, choices=choices)
+    assert set(expected) <= set(choices) and outputs.compute() == expected
+    with pytest.raises(paw_lite.PawError, match="at most one constraint per call"):  # on the client, before a graph
+        paw_lite.dask.map(tiny_program, db.from_sequence(TEXTS, npartitions=1), choices=choices, regex="A|Q")
+
+
 def test_dataframe_column(client, fn, tiny_program):
     frame = pd.DataFrame({"text": TEXTS, "host": [i % 5 for i in range(len(TEXTS))]}, index=range(100, 100 + len(TEXTS)))
     ddf = dd.from_pandas(frame, npartitions=3)
@@ -242,14 +251,11 @@ def test_cli_scheduler_needs_an_input_file(cli):
     assert proc.returncode == 2 and "--scheduler only apply with --input-file" in json.loads(proc.stdout)["error"]
 
 
-def test_constraints_pass_through_to_the_workers(client, cli, fn, tiny_program, tiny_gguf, tmp_path):
-    """paw_lite.dask.map and --scheduler take a constraint: the outputs of a local fn.map, and
-    records (a cut input's error record too) equal a local run's byte for byte; a regex the
-    workers' interpreter cannot compile exits 2 naming --regex before any partition runs."""
+def test_cli_constraint_records_equal_a_local_run(client, cli, fn, tiny_gguf, tmp_path):
+    """--scheduler takes a constraint: records (a cut input's error record too) equal a local run's
+    byte for byte; a regex the workers' interpreter cannot compile exits 2 naming --regex before
+    any partition runs."""
     choices = ["ALERT", "QUIET"]
-    bag = db.from_sequence(TEXTS, npartitions=3)
-    assert paw_lite.dask.map(tiny_program, bag, max_tokens=40, choices=choices).compute() == \
-        fn.map(TEXTS, max_tokens=40, choices=choices)
     lengths = [len(ids) for ids in fn.map_ids(TEXTS, max_tokens=40, choices=choices)]
     assert min(lengths) < max(lengths)  # so --max-tokens min(lengths) cuts some inputs and not others
     flags = ["--max-tokens", str(min(lengths)), "--choice", "ALERT", "--choice", "QUIET", "--json"]

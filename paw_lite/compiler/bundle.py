@@ -1,4 +1,4 @@
-"""Step 4 (PAW-FACTS §4): LoRA tensors + pseudo-program -> a `Program` with the official members
+"""Step 4 (the official SDK's importer, programasweights 0.4.14 client.py): LoRA tensors + pseudo-program -> a `Program` with the official members
 and meta fields, content-addressed."""
 
 from __future__ import annotations

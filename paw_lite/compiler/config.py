@@ -1,4 +1,4 @@
-"""The compiler's inputs: its `meta.json` and where the model files are (PAW-FACTS §1)."""
+"""The compiler's inputs: its `meta.json` and where the model files are (the model card of programasweights/paw-4b-gpt2 and the official SDK)."""
 
 from __future__ import annotations
 

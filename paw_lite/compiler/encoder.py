@@ -1,4 +1,4 @@
-"""The encoder pass (PAW-FACTS §2.2-2.3): the trained compiler reads spec + pseudo-program + the
+"""The encoder pass (the paper, arXiv 2607.02512, and the public reimplementation avra-m3/program-as-weights-server): the trained compiler reads spec + pseudo-program + the
 prefix tokens; the hidden states of depth-matched layers at the prefix positions feed the mapper."""
 
 from __future__ import annotations

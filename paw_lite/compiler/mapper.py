@@ -1,4 +1,4 @@
-"""The mapper (PAW-FACTS §2.4) in NumPy, fp32: compiler hidden states -> LoRA A/B for every layer and
+"""The mapper (the public reimplementation avra-m3/program-as-weights-server, checked against the published lora_mapper.pt shapes) in NumPy, fp32: compiler hidden states -> LoRA A/B for every layer and
 target module of the interpreter, as a learned mixture of basis matrices."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The published prompt texts (shipped byte for byte in `paw_lite/prompts/`) and chat-template
-rendering as transformers' `apply_chat_template` does it (PAW-FACTS §2.1-2.2, §3)."""
+rendering as transformers' `apply_chat_template` does it (the paper, arXiv 2607.02512, and the public reimplementation avra-m3/program-as-weights-server)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Step 1 (PAW-FACTS §2.1): the pseudo compiler writes a pseudo-program from the spec, greedily, and
+"""Step 1 (the paper, arXiv 2607.02512, and the public reimplementation avra-m3/program-as-weights-server): the pseudo compiler writes a pseudo-program from the spec, greedily, and
 it must leave room for inputs in the interpreter's context."""
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..constraints import OutputConstraint
 from ..errors import require
 from ..program import Program
 from ..runtime import DEFAULT_BATCH_SIZE
@@ -37,11 +36,10 @@ def map(program: str | os.PathLike[str] | Program | ShippedProgram, texts: Any, 
     base_model: the interpreter as a path on the workers; None for each worker's models directory
     ($PAW_LITE_MODELS or its user cache), as a local run finds it.
     max_tokens, batch_size: as `fn.map`, for each partition.
-    choices / regex / json_schema: one constraint for every input, as `fn.map`'s (docs/constraints.md);
-    its form is checked here, its compilation on the workers. A cut constrained output raises its
-    IncompleteOutputError when the partition holding it is computed."""
+    choices / regex / json_schema: one constraint for every input, as `fn.map` (checked here); an
+    output a constraint cuts short fails its partition with IncompleteOutputError, as `fn.map`."""
     dask = require("dask", "dask")
-    opts = options(max_tokens, batch_size, base_model, OutputConstraint.of(choices, regex, json_schema))
+    opts = options(max_tokens, batch_size, base_model, choices, regex, json_schema)
     shipped = program if isinstance(program, ShippedProgram) else ship(program)
     # One key in the graph that every partition depends on: each worker receives the bytes once.
     # traverse=False: a dataclass would otherwise be unpacked into tasks.

@@ -25,7 +25,7 @@ from ..errors import IncompatibleModelError, PawError, require
 from . import worker
 from .shipping import MapOptions, ShippedProgram, options, ship
 
-# Inputs per partition: a task each. A partition costs 60-90 ms of a worker besides its compute
+# Inputs per partition: a task each. A partition costs 25-90 ms of a worker besides its compute
 # (scheduling, sending its inputs and records; benchmarks/dask_bench.py, docs/dask.md), and an input
 # ~90 ms of one worker thread with the full-size interpreter and 8-token outputs: from ~32 inputs on
 # that is under 5%, at 256 under 0.5%. Larger partitions would only coarsen the progress bar, lose
@@ -75,7 +75,8 @@ def cluster_runner(args: argparse.Namespace, constraint: OutputConstraint | None
     A constraint the workers' interpreter cannot compile raises its ConstraintError here, before
     any partition runs."""
     shipped = ship(args.program)  # a bad program fails here, before any cluster starts
-    opts = options(args.max_tokens, args.batch_size, args.base_model, constraint)
+    opts = options(args.max_tokens, args.batch_size, args.base_model,
+                   **({} if constraint is None else constraint.describe()))  # choices=, regex= or json_schema=
     size = args.partition_size or DEFAULT_PARTITION_SIZE
     with connect(args.scheduler) as client:
         # One task holds the program; partitions depend on it, so each worker receives it once, and a

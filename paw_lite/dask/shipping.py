@@ -42,13 +42,14 @@ def ship(program: str | os.PathLike[str] | Program) -> ShippedProgram:
 
 @dataclass(frozen=True)
 class MapOptions:
-    """How each partition runs: the keywords of `fn.map` that change outputs or memory (the
-    constraint among them), and the interpreter to use on the workers."""
+    """How each partition runs: the keywords of `fn.map` that change outputs or memory, and the
+    interpreter to use on the workers. A new keyword of `fn.map` becomes a field here and an entry
+    of `map_kwargs`; nothing else between the caller and `fn.map` needs to change."""
 
     max_tokens: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     base_model: str | None = None  # a path as the workers see it; None: each worker's models directory
-    constraint: OutputConstraint | None = None  # checked in form on the client, compiled on the workers
+    constraint: OutputConstraint | None = None  # choices / regex / json_schema, checked on the client
 
     def __post_init__(self) -> None:  # refused on the client, before a graph is built
         _checked_max_tokens(self.max_tokens)
@@ -58,12 +59,16 @@ class MapOptions:
                             f"got {type(self.base_model).__name__} (a loaded BaseModel cannot be shipped to workers)")
 
     def map_kwargs(self) -> dict[str, Any]:
-        constraint = {} if self.constraint is None else self.constraint.describe()  # choices=, regex= or json_schema=
-        return {"max_tokens": self.max_tokens, "batch_size": self.batch_size, **constraint}
+        kwargs: dict[str, Any] = {"max_tokens": self.max_tokens, "batch_size": self.batch_size}
+        c = self.constraint
+        if c is not None:  # back to fn.map's keyword (a schema as its canonical JSON text)
+            kwargs[c.kind] = list(c.choices) if c.kind == "choices" else c.pattern
+        return kwargs
 
 
 def options(max_tokens: int | None, batch_size: int, base_model: str | os.PathLike[str] | None,
-            constraint: OutputConstraint | None = None) -> MapOptions:
+            choices: list[str] | None = None, regex: str | None = None,
+            json_schema: dict[str, Any] | str | None = None) -> MapOptions:
     if isinstance(base_model, os.PathLike):
         base_model = os.fspath(base_model)
-    return MapOptions(max_tokens, batch_size, base_model, constraint)
+    return MapOptions(max_tokens, batch_size, base_model, OutputConstraint.of(choices, regex, json_schema))

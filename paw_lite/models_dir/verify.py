@@ -65,7 +65,7 @@ def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
 def installed_mapper_shape(directory: Path, meta_path: Path | None = None):
     """The mapper shape the files in `directory` call for: rank and bases from the compiler meta, the
     hidden width from the compiler GGUF, the module widths from the interpreter; the published
-    figures (PAW-FACTS §1) for whichever is not there yet."""
+    figures (the model card of programasweights/paw-4b-gpt2 and the official SDK) for whichever is not there yet."""
     from ..compiler.config import CompilerMeta
     from ..convert.gguf_meta import read_gguf_meta
     from ..convert.mapper import QWEN3_4B_HIDDEN, mapper_shape

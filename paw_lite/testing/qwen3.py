@@ -1,7 +1,7 @@
 """A tiny deterministic random Qwen3 saved as an HF folder, with the REAL Qwen tokenizer.
 
 The tokenizer is rebuilt from llama.cpp's `ggml-vocab-qwen2.gguf` (151,643 byte-level BPE tokens and
-its merges) plus the added tokens of the published compiler, laid out as in PAW-FACTS §1:
+its merges) plus the added tokens of the published compiler, laid out as in the model card of programasweights/paw-4b-gpt2 and the official SDK:
 
 - ids 151643..151668: Qwen3's own 26 added tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`,
   …, `<think>`, `</think>`), special or not exactly as Qwen3 marks them;
