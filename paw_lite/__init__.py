@@ -2,6 +2,7 @@
 
 from .base_model import BaseModel
 from .compiler import compile, compile_and_load
+from .constraints import ConstraintError, IncompleteOutputError
 from .errors import (
     ContextOverflowError,
     IncompatibleModelError,
@@ -19,8 +20,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BaseModel",
+    "ConstraintError",
     "ContextOverflowError",
     "IncompatibleModelError",
+    "IncompleteOutputError",
     "InvalidFileError",
     "InvalidInputError",
     "MissingDependencyError",
