@@ -72,6 +72,7 @@ class MaskProcessor:
         self.matcher, self.n_prompt = matcher, n_prompt
         self._state, self._seen = matcher.start(), []
         self.calls = 0  # logits it masked: one per sampled token
+        self.seconds = 0.0  # time spent in it (the mask's share of the official way's call)
 
     def state(self, out) -> object:
         out = [int(t) for t in out]
@@ -83,10 +84,12 @@ class MaskProcessor:
         return self._state
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
         self.calls += 1
         allowed = self.state(input_ids[self.n_prompt:]).allowed()
         masked = np.full(len(scores), -np.inf, np.float32)
         masked[allowed] = scores[allowed]
+        self.seconds += time.perf_counter() - t
         return masked
 
 
@@ -124,12 +127,17 @@ def official_generate(llm, prompt_tokens: list[int], limit: int, processor: Mask
     return out
 
 
-def official_call(eng: "ib._Llama", ids: list[int], matcher, limit: int) -> list[int]:
+def official_call(eng: "ib._Llama", ids: list[int], matcher, limit: int, mask_s: list[float] | None = None) -> list[int]:
     """One call on the cached prefix, as `_call_single_input` does it: n_tokens back to the prefix
-    (Llama.eval drops the KV cells past it), then `_generate` on the rest of the prompt."""
+    (Llama.eval drops the KV cells past it), then `_generate` on the rest of the prompt. mask_s,
+    if given, gets the time the call spent in its logits processor."""
     n_prefix = len(eng.prefix)
     eng.llm.n_tokens = n_prefix
-    return official_generate(eng.llm, ids[n_prefix:], limit, MaskProcessor(matcher, len(ids)))
+    proc = MaskProcessor(matcher, len(ids))
+    out = official_generate(eng.llm, ids[n_prefix:], limit, proc)
+    if mask_s is not None:
+        mask_s.append(proc.seconds)
+    return out
 
 
 def official_matchers(base: Path) -> tuple[object, object]:
@@ -194,11 +202,15 @@ def official_worker(w: ib.Workload, inner: int, n_calls: int, batch_size: int, a
     eng = ib._Llama(w)
     eng.eval_prefix()
     choice_matcher, schema_matcher = official_matchers(w.base)
-    choices = lambda i: official_call(eng, calls[i % len(calls)]["ids"], choice_matcher, CHOICE_LIMIT)  # noqa: E731
-    schema = lambda i: official_call(eng, calls[i % len(calls)]["ids"], schema_matcher, SCHEMA_LIMIT)  # noqa: E731
+    mask_s: dict[str, list[float]] = {"choices": [], "schema": []}
+    choices = lambda i: official_call(eng, calls[i % len(calls)]["ids"], choice_matcher, CHOICE_LIMIT, mask_s["choices"])  # noqa: E731
+    schema = lambda i: official_call(eng, calls[i % len(calls)]["ids"], schema_matcher, SCHEMA_LIMIT, mask_s["schema"])  # noqa: E731
     choices(len(calls) - 1), schema(len(calls) - 1)  # as paw_lite's worker: one untimed call of each first
     res["choices_call_s"], res["choices_ids"] = _timed_calls(choices, inner)
     res["schema_call_s"], res["schema_ids"] = _timed_calls(schema, inner)
+    # The mask's own cost inside the timed calls (the processor's time, per call).
+    res["choices_mask_s"] = statistics.median(mask_s["choices"][1:])
+    res["schema_mask_s"] = statistics.median(mask_s["schema"][1:])
     res["free_call_s"] = _timed_calls(lambda i: eng.call(calls[i]["ids"], ib.OUTPUT_TOKENS), inner)[0]
     t = time.perf_counter()
     outs = [choices(i) for i in range(n_calls)]
@@ -272,6 +284,7 @@ def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: in
         p, o = (statistics.median(vals[e]) for e in ENGINES)
         rows.append({"key": key, "label": label, "unit": unit, "lower_is_better": lower, "paw_lite": p, "official": o,
                      "ratio": p / o, "samples": vals})
+    mask = {k: statistics.median(s[f"{k}_mask_s"] for s in samples["official"]) for k in ("choices", "schema")}
     tok = GPT2Tokenizer.from_gguf(read_index(w.base), w.base)
     first = {e: samples[e][0] for e in ENGINES}
     agreement = [compare(kind, first["paw_lite"][key], first["official"][key], tok.decode) for kind, key in
@@ -287,6 +300,7 @@ def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: in
     return {
         "rows": rows,
         "agreement": agreement,
+        "official_mask_s_per_call": mask,
         "map_equals_calls": f"{sum(a == b for a, b in zip(paw['choices_ids'][:n], paw['map_ids'][:n]))}/{n}",
         "labels": list(LABELS), "schema": SCHEMA, "limits": {"choices": CHOICE_LIMIT, "json_schema": SCHEMA_LIMIT},
         "conditions": {
@@ -314,7 +328,10 @@ def format_table(result: dict) -> str:
                 f"{d['input']} (token {d['first_difference_at']}: {d['paw_lite']!r} vs {d['official']!r})" for d in a["differ"][:5])
             line += " ..." if len(a["differ"]) > 5 else ""
         lines.append(line + ".")
-    lines += [f"fn.map equals one call at a time on the timed inputs: {result['map_equals_calls']}.",
+    m = result["official_mask_s_per_call"]
+    lines += [f"The official way's logits processor (the mask) took {m['choices'] * 1000:.1f} ms of its choices call and "
+              f"{m['schema'] * 1000:.1f} ms of its schema call (medians).",
+              f"fn.map equals one call at a time on the timed inputs: {result['map_equals_calls']}.",
               f"Medians of {c['repeats']} fresh processes per engine (alternating) x {c['inner']} timed calls (the same "
               f"inputs on both sides); throughput over {c['calls']} inputs (fn.map batch_size {c['batch_size']}); "
               f"llama.cpp n_threads {c['llama_n_threads']}; {c['cpus']} CPUs, load average "

@@ -244,7 +244,7 @@ def test_constrained_report_shows_ratios_targets_and_agreement(cbench):
     result = {
         "rows": [row("choices_call_s", 0.1, 0.2), row("schema_call_s", 0.3, 0.4), row("map_calls_s", 30.0, 3.0, False),
                  row("free_call_s", 0.25, 0.2)],
-        "agreement": agreement, "map_equals_calls": "7/7",
+        "agreement": agreement, "map_equals_calls": "7/7", "official_mask_s_per_call": {"choices": 0.002, "schema": 0.0051},
         "conditions": {"repeats": 3, "inner": 7, "calls": 256, "batch_size": 128, "llama_n_threads": 2, "cpus": 2,
                        "loadavg_before": (0.5, 0, 0), "loadavg_after": (1.5, 0, 0), "numpy": "2", "llama_cpp_python": "0.3.36"},
     }
@@ -256,6 +256,7 @@ def test_constrained_report_shows_ratios_targets_and_agreement(cbench):
     assert "target map_calls_s: ratio >= 8: met (10.00)" in text
     assert "2/3 identical to the official way's" in text and "differ at inputs 1 (token 0: ' INFO' vs 'ALERT')" in text
     assert "load average 0.50 before, 1.50 after" in text
+    assert "took 2.0 ms of its choices call and 5.1 ms of its schema call" in text
 
 
 def test_bench_constrained_checks_its_options(capsys):
