@@ -402,8 +402,10 @@ ROWS = [
 ]
 
 
-def _run_worker(engine: str, cache: Path, opts: argparse.Namespace, agree: bool) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--cache", str(cache),
+def _run_worker(engine: str, cache: Path, opts: argparse.Namespace, agree: bool, script: Path | None = None) -> dict:
+    """One engine's measures in a fresh process: `script --worker engine ...` (this file, or another
+    benchmark that takes the same worker options, benchmarks/constrained_bench.py)."""
+    cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", engine, "--cache", str(cache),
            "--inner", str(opts.inner), "--calls", str(opts.calls), "--batch-size", str(opts.batch_size)]
     if agree:
         cmd.append("--agree")
@@ -525,16 +527,16 @@ def main_from_args(args: argparse.Namespace) -> dict:
     return result
 
 
-def _worker_main(argv: list[str]) -> None:
+def _worker_main(argv: list[str], workers: dict = WORKERS) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=ENGINES, required=True)
+    p.add_argument("--worker", choices=tuple(workers), required=True)
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--inner", type=int, required=True)
     p.add_argument("--calls", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--agree", action="store_true")
     a = p.parse_args(argv)
-    res = WORKERS[a.worker](Workload.load(a.cache), a.inner, a.calls, a.batch_size, a.agree)
+    res = workers[a.worker](Workload.load(a.cache), a.inner, a.calls, a.batch_size, a.agree)
     print(json.dumps(res))
 
 

@@ -136,3 +136,129 @@ def test_the_product_floor_times_the_engine_products_on_loaded_weights(bench, ti
     assert len(sampler.prompt_s) == len(sampler.token_s) == 2
     assert set(floor) == {"one_call_floor_s", "decode_floor_tok_s"}
     assert floor["one_call_floor_s"] > 2 / floor["decode_floor_tok_s"] > 0  # the prompt plus two decoded tokens
+
+
+# -- benchmarks/constrained_bench.py (`paw-lite bench --constrained`) --------------------------
+
+@pytest.fixture(scope="module")
+def cbench():
+    from paw_lite.cli.bench import CONSTRAINED_SCRIPT
+
+    return _bench_module(CONSTRAINED_SCRIPT)
+
+
+def test_constrained_labels_are_one_to_three_tokens(cbench, tok):
+    for label in cbench.LABELS:
+        for text in (label, " " + label):
+            assert 1 <= len(tok.encode(text)) <= 3, text
+
+
+def test_the_mask_processor_keeps_exactly_the_allowed_logits(cbench, tiny_gguf):
+    """The official way's logits processor: -inf outside the constraint state's allowed ids, the
+    logits themselves inside, for the state of the tokens after the prompt in input_ids, whether
+    it advances its state or has to rebuild it for a history it has not seen."""
+    choices, schema = cbench.official_matchers(tiny_gguf)
+    rng = np.random.default_rng(0)
+    prompt = [464, 3290, 318]
+    for matcher in (choices, schema):
+        proc = cbench.MaskProcessor(matcher, len(prompt))
+        out: list[int] = []
+        for _ in range(40):
+            scores = rng.standard_normal(50257).astype(np.float32)
+            masked = proc(np.array(prompt + out, np.intc), scores.copy())
+            fresh = matcher.start()
+            for t in out:
+                fresh.advance(t)
+            allowed = fresh.allowed()
+            assert len(allowed) and np.flatnonzero(np.isfinite(masked)).tolist() == allowed.tolist()
+            assert np.array_equal(masked[allowed], scores[allowed])
+            token = int(np.argmax(masked))
+            if token == 50256:
+                break
+            out.append(token)
+            if proc.state(out).finished:
+                break
+        assert fresh.complete or proc.state(out).finished
+        assert cbench.valid_output("choices" if matcher is choices else "json_schema",
+                                   b"".join(matcher.table.token_bytes[t] for t in out).decode("utf-8"))
+        # Another history than the one it followed: rebuilt from scratch, not advanced on top.
+        other = out[:1]
+        masked = proc(np.array(prompt + other, np.intc), np.zeros(50257, np.float32))
+        fresh = matcher.start()
+        fresh.advance(other[0])
+        assert np.flatnonzero(np.isfinite(masked)).tolist() == fresh.allowed().tolist()
+
+
+def test_the_official_way_on_llama_cpp_gives_paw_lite_s_constrained_outputs(cbench, tiny_program, tiny_gguf, tiny_lora,
+                                                                             tmp_path):
+    """The official way (llama.cpp eval + sample with the masking processor) on the tiny model
+    and its adapter: valid outputs, the same ids as paw_lite's constrained calls, and one sampled
+    token per output token (the loop stops where the output is finished, and never evaluates
+    anything after it)."""
+    import paw_lite
+    from paw_lite.constraints import IncompleteOutputError
+    from paw_lite.lora import write_adapter_gguf
+
+    adapter = write_adapter_gguf(tmp_path / "adapter.gguf", tiny_lora, 16.0, "f32")
+    choices, schema = cbench.official_matchers(tiny_gguf)
+    with paw_lite.function(tiny_program, base_model=tiny_gguf, cache_dir=tmp_path / "c") as fn:
+        prefix = fn._prefix_ids
+        w = cbench.ib.Workload(tiny_gguf, adapter, tiny_program, prefix, [], {})
+        eng = cbench.ib._Llama(w)
+        try:
+            eng.eval_prefix()
+            for text in ["ok", "disk usage at 99% on /var", "user logged in", "kernel panic - not syncing", "ünïcödé ✓"]:
+                ids = fn.prompt_ids(text)
+                assert ids[:len(prefix)] == prefix
+                for kind, matcher, limit, kwargs in (
+                        ("choices", choices, cbench.CHOICE_LIMIT, {"choices": list(cbench.LABELS)}),
+                        ("json_schema", schema, cbench.SCHEMA_LIMIT, {"json_schema": cbench.SCHEMA})):
+                    try:
+                        ours = fn.generate_ids(text, max_tokens=limit, **kwargs)
+                    except IncompleteOutputError as err:
+                        ours = err.ids
+                    eng.llm.n_tokens = len(prefix)
+                    proc = cbench.MaskProcessor(matcher, len(ids))
+                    theirs = cbench.official_generate(eng.llm, ids[len(prefix):], limit, proc)
+                    assert theirs == ours, (text, kind)
+                    assert cbench.valid_output(kind, fn.tokenizer.decode(theirs)), (text, kind, fn.tokenizer.decode(theirs))
+                    assert proc.calls == len(theirs)  # complete = finished here: no sample for an EOS
+                    assert cbench.official_call(eng, ids, matcher, limit) == theirs  # the benchmark's entry point
+        finally:
+            eng.close()
+
+
+def test_constrained_report_shows_ratios_targets_and_agreement(cbench):
+    def row(key, p, o, lower=True):
+        return {"key": key, "label": key, "unit": "s" if lower else "calls/s", "lower_is_better": lower,
+                "paw_lite": p, "official": o, "ratio": p / o, "samples": {}}
+
+    decode = {1: "ALERT", 2: " INFO", 3: "QUI", 4: '{"label":"INFO","severity":"low"}', 5: '{"label":"INFO"}'}
+    dec = lambda ids: "".join(decode[i] for i in ids)  # noqa: E731
+    agreement = [cbench.compare("choices", [[1], [2], [3]], [[1], [1], [3]], dec),
+                 cbench.compare("json_schema", [[4], [5]], [[4], [5]], dec)]
+    for a in agreement:
+        a["what"] = "test"
+    assert agreement[0]["identical"] == 2 and agreement[0]["differ"][0]["input"] == 1
+    assert agreement[0]["valid_paw_lite"] == 2 and agreement[1]["valid_official"] == 1
+    result = {
+        "rows": [row("choices_call_s", 0.1, 0.2), row("schema_call_s", 0.3, 0.4), row("map_calls_s", 30.0, 3.0, False),
+                 row("free_call_s", 0.25, 0.2)],
+        "agreement": agreement, "map_equals_calls": "7/7", "official_mask_s_per_call": {"choices": 0.002, "schema": 0.0051},
+        "conditions": {"repeats": 3, "inner": 7, "calls": 256, "batch_size": 128, "llama_n_threads": 2, "cpus": 2,
+                       "loadavg_before": (0.5, 0, 0), "loadavg_after": (1.5, 0, 0), "numpy": "2", "llama_cpp_python": "0.3.36"},
+    }
+    text = cbench.format_table(result)
+    assert "| choices_call_s | 100 ms | 200 ms | 0.50x |" in text
+    assert "| map_calls_s | 30.0 calls/s | 3.0 calls/s | 10.00x |" in text
+    assert "target choices_call_s: ratio <= 0.6: met (0.50)" in text
+    assert "target schema_call_s: ratio <= 0.6: NOT met (0.75)" in text
+    assert "target map_calls_s: ratio >= 8: met (10.00)" in text
+    assert "2/3 identical to the official way's" in text and "differ at inputs 1 (token 0: ' INFO' vs 'ALERT')" in text
+    assert "load average 0.50 before, 1.50 after" in text
+    assert "took 2.0 ms of its choices call and 5.1 ms of its schema call" in text
+
+
+def test_bench_constrained_checks_its_options(capsys):
+    assert main(["bench", "--constrained", "--calls", "0"]) == 2
+    assert "--calls must be at least 1" in capsys.readouterr().err

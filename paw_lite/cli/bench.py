@@ -1,8 +1,9 @@
-"""`paw-lite bench [--json]`: the NumPy interpreter against llama.cpp, side by side.
+"""`paw-lite bench [--json]`: the NumPy interpreter against llama.cpp, side by side;
+`paw-lite bench --constrained`: constrained outputs against the official runtime's logits-processor way.
 
-The benchmark lives in `benchmarks/interpreter_bench.py` of a source checkout (it builds its
-random models from the real GPT-2 vocabulary in the llama-cpp-python sdist, a development
-dependency); this command runs it and prints its table or JSON."""
+The benchmarks live in `benchmarks/interpreter_bench.py` and `benchmarks/constrained_bench.py` of a
+source checkout (they build their random models from the real GPT-2 vocabulary in the
+llama-cpp-python sdist, a development dependency); this command runs one and prints its table or JSON."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from ..runtime import DEFAULT_BATCH_SIZE
 from . import emit, require_positive
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "interpreter_bench.py"
+CONSTRAINED_SCRIPT = BENCH_SCRIPT.with_name("constrained_bench.py")
 
 
-def _bench_module() -> ModuleType:
-    if not BENCH_SCRIPT.exists():
-        raise PawError(f"{BENCH_SCRIPT}: not found; `paw-lite bench` runs from a source checkout of paw-lite "
-                       f"(pip install -e .), where benchmarks/interpreter_bench.py lives")
-    spec = importlib.util.spec_from_file_location("paw_lite_interpreter_bench", BENCH_SCRIPT)
+def _bench_module(script: Path = BENCH_SCRIPT) -> ModuleType:
+    if not script.exists():
+        raise PawError(f"{script}: not found; `paw-lite bench` runs from a source checkout of paw-lite "
+                       f"(pip install -e .), where benchmarks/{script.name} lives")
+    spec = importlib.util.spec_from_file_location(f"paw_lite_{script.stem}", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -37,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "paw_lite and llama.cpp (llama-cpp-python) on a full-size random GPT-2 "
                                    "with a rank-64 adapter; medians of fresh processes, ratio per row.")
     add_arguments(p)
+    p.add_argument("--constrained", action="store_true",
+                   help="instead: constrained outputs (choices, a JSON schema, fn.map with choices) against the "
+                        "official runtime's way, llama.cpp eval + sample with a masking logits processor "
+                        "(benchmarks/constrained_bench.py)")
     p.set_defaults(func=run)
 
 
@@ -55,8 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require("llama_cpp", "compile")
+    if args.constrained:
+        require("llguidance", "constrain")
     require_positive(args, "repeats", "inner", "calls", "batch_size")
-    bench = _bench_module()
+    bench = _bench_module(CONSTRAINED_SCRIPT if args.constrained else BENCH_SCRIPT)
     if args.cache is None:
         args.cache = bench.DEFAULT_CACHE
     try:
@@ -67,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
         # RuntimeError, names the file and how to supply it offline).
         raise PawError(f"benchmark failed: {exc}") from None
     emit(args, result, bench.format_table(result))
-    print(f"(JSON written to {args.output or args.cache / 'results.json'})", file=sys.stderr)
+    print(f"(JSON written to {args.output or args.cache / getattr(bench, 'OUTPUT_NAME', 'results.json')})", file=sys.stderr)
     return 0
