@@ -17,8 +17,9 @@ SMALL_PRODUCT_ROWS = 96
 # Vocabulary rows per head block: a (block, rows) float32 product of at most 1 MB, half of L2.
 _HEAD_BLOCK_FLOATS = 256 * 1024
 _HEAD_MIN_BLOCK, _HEAD_MAX_BLOCK = 256, 4096
-# A constrained pick gathers its allowed head rows when they are at most 1/8 of the vocabulary;
-# gathering more copies about what one pass over the whole head reads.
+# A constrained pick gathers its allowed head rows when they are at most 1/8 of the vocabulary.
+# Measured for one row on GPT-2's head (50,257 x 768, busy 2-core host): 256 ids 0.04 ms, 2,048
+# 0.4 ms, 6,282 (1/8) 3.4 ms, 12,000 12.8 ms, against 7-9 ms for the whole head then indexed.
 _FEW_IDS_SHARE = 8
 
 
