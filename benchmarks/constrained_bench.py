@@ -360,26 +360,11 @@ def format_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from paw_lite.cli.bench import add_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return parser
+    return ib.build_parser(__doc__)
 
 
 def main_from_args(args: argparse.Namespace) -> dict:
-    from paw_lite.atomic import atomic_path, check_writable
-
-    args.cache = args.cache or DEFAULT_CACHE
-    if args.quick:
-        args.repeats, args.inner, args.calls = 1, 3, 32
-    out = args.output or args.cache / OUTPUT_NAME
-    check_writable(args.cache, "--cache", into=True)  # before minutes of work, not after
-    check_writable(out, "--output")
-    result = run(args.cache, args.repeats, args.inner, args.calls, args.batch_size, lambda msg: print(msg, file=sys.stderr))
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return ib.main_from_args(args, run, OUTPUT_NAME)
 
 
 if __name__ == "__main__":

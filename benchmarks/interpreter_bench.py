@@ -503,25 +503,27 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:
+    """`paw-lite bench`'s options, for this script or another built on it (its docstring given)."""
     from paw_lite.cli.bench import add_arguments
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_arguments(parser)
     return parser
 
 
-def main_from_args(args: argparse.Namespace) -> dict:
+def main_from_args(args: argparse.Namespace, runner=None, output_name: str = "results.json") -> dict:
+    """Run the benchmark (`runner`, this script's `run` by default) and write its JSON result."""
     from paw_lite.atomic import atomic_path, check_writable
 
     args.cache = args.cache or DEFAULT_CACHE
     if args.quick:
         args.repeats, args.inner, args.calls = 1, 3, 32
-    out = args.output or args.cache / "results.json"
+    out = args.output or args.cache / output_name
     check_writable(args.cache, "--cache", into=True)  # before minutes of work, not after
     check_writable(out, "--output")
     log = (lambda msg: print(msg, file=sys.stderr))
-    result = run(args.cache, args.repeats, args.inner, args.calls, args.batch_size, log)
+    result = (runner or run)(args.cache, args.repeats, args.inner, args.calls, args.batch_size, log)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result
