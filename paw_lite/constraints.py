@@ -300,6 +300,7 @@ class GrammarState:
         self.m = matcher
         self.llm = llmatcher
         self.ids: list[int] = []
+        self._ff: list[int] | None = None  # the forced tokens of this state, until the next token
 
     @property
     def complete(self) -> bool:
@@ -319,9 +320,13 @@ class GrammarState:
         return np.flatnonzero(bits[:self.m.n_vocab])
 
     def _forced(self) -> list[int]:
-        return [] if self.llm.is_accepting() else self.llm.compute_ff_tokens()
+        # take_forced and the next step's allowed() ask in the same state: computed once.
+        if self._ff is None:
+            self._ff = [] if self.llm.is_accepting() else self.llm.compute_ff_tokens()
+        return self._ff
 
     def advance(self, token: int) -> None:
+        self._ff = None
         if not self.llm.consume_token(token):
             raise PawError(f"llguidance refused token {token}: {self.llm.get_error()}")  # not an allowed token
         if token != self.m.table.eos:
