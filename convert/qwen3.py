@@ -13,21 +13,20 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_ARCH, TensorNameMap
 
 from paw_lite.atomic import TMP_SUFFIX, atomic_path, remove_stale_temporaries
-from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, require
+from paw_lite.errors import InvalidFileError, ModelNotFoundError, require
+from paw_lite.qwen3_layout import ARCH, Qwen3Config
 from paw_lite.safetensors_file import SafetensorsFile
 
 from .gguf_stream import TensorPlan, write_streamed
 from .hf_bpe import BPEVocab, check_chat_tokens, read_bpe_vocab
 from .llama_quantize import K_QUANTS, llama_quantize
 
-ARCH = "qwen3"
 log = logging.getLogger(__name__)
 
 _T = GGMLQuantizationType
@@ -60,82 +59,6 @@ def read_rows(st: SafetensorsFile, key: str, r0: int, r1: int) -> np.ndarray:
     if out.size != count:
         raise InvalidFileError(f"{st.path}: {key} is cut short ({out.size} of {count} values read; file changed or truncated?)")
     return out.reshape((r1 - r0, *shape[1:]) if len(shape) > 1 else shape)
-
-
-@dataclass(frozen=True)
-class Qwen3Config:
-    """Hyperparameters from config.json, in GGUF terms."""
-
-    n_vocab: int
-    n_ctx: int
-    n_embd: int
-    n_ff: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    eps: float
-    rope_theta: float
-    tied: bool
-
-    @classmethod
-    def from_hf(cls, path: Path) -> "Qwen3Config":
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ModelNotFoundError(f"{path}: no config.json; pass an HF Qwen3 model folder") from exc
-        except (OSError, ValueError) as exc:
-            raise InvalidFileError(f"{path}: cannot read the model config: {exc}") from exc
-        if cfg.get("model_type") != "qwen3":
-            raise IncompatibleModelError(f"{path}: model_type is {cfg.get('model_type')!r}, expected 'qwen3'")
-        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias"):
-            raise IncompatibleModelError(f"{path}: hidden_act {cfg.get('hidden_act')!r} / attention_bias "
-                                         f"{cfg.get('attention_bias')!r}: Qwen3 uses silu and no attention bias")
-        # transformers 5 keeps rope settings in `rope_parameters`; older files use rope_theta/rope_scaling.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise IncompatibleModelError(f"{path}: rope type {rope_type!r} is not supported (only the default rotary embedding)")
-        if cfg.get("use_sliding_window"):
-            raise IncompatibleModelError(f"{path}: use_sliding_window is true; only full attention is supported")
-        try:
-            n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            out = cls(
-                n_vocab=int(cfg["vocab_size"]),
-                n_ctx=int(cfg["max_position_embeddings"]),
-                n_embd=n_embd,
-                n_ff=int(cfg["intermediate_size"]),
-                n_layer=int(cfg["num_hidden_layers"]),
-                n_head=n_head,
-                n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
-                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
-                eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-                tied=bool(cfg.get("tie_word_embeddings", False)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidFileError(f"{path}: missing or malformed Qwen3 hyperparameter: {exc}") from exc
-        if min(out.n_vocab, out.n_ctx, out.n_embd, out.n_ff, out.n_layer, out.n_head, out.n_head_kv, out.head_dim) <= 0 \
-                or out.n_head % out.n_head_kv:
-            raise InvalidFileError(f"{path}: inconsistent hyperparameters {out}")
-        return out
-
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """GGUF name -> NumPy shape (rows, cols) of every tensor the file must hold."""
-        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.n_vocab, self.n_embd), "output_norm.weight": (self.n_embd,)}
-        if not self.tied:
-            shapes["output.weight"] = (self.n_vocab, self.n_embd)
-        for i in range(self.n_layer):
-            shapes.update({
-                f"blk.{i}.attn_norm.weight": (self.n_embd,), f"blk.{i}.attn_q.weight": (q, self.n_embd),
-                f"blk.{i}.attn_k.weight": (kv, self.n_embd), f"blk.{i}.attn_v.weight": (kv, self.n_embd),
-                f"blk.{i}.attn_output.weight": (self.n_embd, q), f"blk.{i}.attn_q_norm.weight": (self.head_dim,),
-                f"blk.{i}.attn_k_norm.weight": (self.head_dim,), f"blk.{i}.ffn_norm.weight": (self.n_embd,),
-                f"blk.{i}.ffn_gate.weight": (self.n_ff, self.n_embd), f"blk.{i}.ffn_up.weight": (self.n_ff, self.n_embd),
-                f"blk.{i}.ffn_down.weight": (self.n_embd, self.n_ff),
-            })
-        return shapes
 
 
 class Qwen3Source:
