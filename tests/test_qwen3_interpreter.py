@@ -373,6 +373,18 @@ def test_consuming_load_takes_the_tensors_and_stacks_in_place(base, adapter_file
     assert w.layers[1].ffn_gate_up.flags.c_contiguous and w.layers[1].ffn_up.base is w.layers[1].ffn_gate_up
 
 
+def test_streaming_load_equals_the_dict_merge(qwen_hf, converted, merged, adapter_files):
+    """load_qwen3 decodes into the final arrays and merges there: the same bits as merging the
+    read tensors (`LoraAdapter.merged_into`), from the HF folder and from the F32 GGUF alike."""
+    adapter = adapter_files[2]
+    for source in (qwen_hf, converted("f32")):
+        _, w = load_qwen3(source, adapter.pairs, adapter.scale)
+        assert np.array_equal(w.head, merged.head) and np.array_equal(w.output_norm, merged.output_norm)
+        for got, want in zip(w.layers, merged.layers):
+            for field in dataclasses.fields(got):
+                assert np.array_equal(getattr(got, field.name), getattr(want, field.name)), (source, field.name)
+
+
 def test_config_from_gguf_matches_config_json(converted, base):
     config, _ = base
     _, from_file = read_gguf_config(converted("q8_0"))
