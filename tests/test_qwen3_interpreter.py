@@ -199,6 +199,10 @@ def test_greedy_equals_transformers_peft_batched_alone_chunked_and_forked(base, 
     assert [engine.generate([s], eos=EOS)[0] for s in seqs] == want
     assert engine.generate(seqs, eos=EOS, capacity=2) == want  # slots taken in turn
     assert engine.fork().generate(seqs, eos=EOS) == want
+    # fn.map's pool: two workers (the engine and a fork) take pieces of 8 sequences
+    from paw_lite.parallel_map import MapPool
+
+    assert MapPool(engine).generate(seqs + seqs[:2], EOS, batch_size=8, workers=2) == want + want[:2]
     monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 4)  # prompts over several steps, mixed with decoding rows
     monkeypatch.setattr(scheduler, "MAX_ROWS", 9)
     assert engine.generate(seqs, eos=EOS, capacity=3) == want
