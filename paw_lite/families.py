@@ -25,13 +25,20 @@ class Family:
     prefix_steps: int | None  # meta.json `prefix_steps`
     eos_tokens: tuple[str, ...]  # tokens that end an output (the first is the file's EOS)
     chat_wrapped: bool  # whether the template carries the Qwen chat wrapping
+    # llama.cpp's `tokenizer.ggml.pre` of the interpreter: the regex text is split by before BPE
+    pre_tokenizer: str
+
+    @property
+    def convert_command(self) -> str:
+        """The command that writes this family's interpreter GGUF from its HF folder."""
+        return f"paw-lite convert {self.arch}"
 
 
 COMPACT = Family(name="compact", compiler="paw-4b-gpt2", interpreter="gpt2", runtime_id="gpt2-q8_0", arch="gpt2",
-                 prefix_steps=64, eos_tokens=("<|endoftext|>",), chat_wrapped=False)
+                 prefix_steps=64, eos_tokens=("<|endoftext|>",), chat_wrapped=False, pre_tokenizer="gpt-2")
 STANDARD = Family(name="standard", compiler="paw-4b-qwen3-0.6b", interpreter="Qwen/Qwen3-0.6B",
                   runtime_id="qwen3-0.6b-q6_k", arch="qwen3", prefix_steps=None,
-                  eos_tokens=("<|im_end|>", "<|endoftext|>"), chat_wrapped=True)
+                  eos_tokens=("<|im_end|>", "<|endoftext|>"), chat_wrapped=True, pre_tokenizer="qwen2")
 FAMILIES: dict[str, Family] = {f.name: f for f in (COMPACT, STANDARD)}
 
 
