@@ -133,7 +133,7 @@ def _gpt2_gguf_config(reader: GGUFIndex, path: Path) -> GPT2Config:
 
 
 def _gguf_tokenizer(reader: GGUFIndex, config: ModelConfig, family: Family, path: Path) -> BPETokenizer:
-    tokenizer = BPETokenizer.from_gguf(reader, path, family)
+    tokenizer = BPETokenizer.from_gguf(reader, path)  # of the family the file's architecture names
     if tokenizer.n_vocab != config.n_vocab:  # both come from tokenizer.ggml.tokens, read by two readers
         raise InvalidFileError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but tokenizer.ggml.tokens "
                                f"lists {config.n_vocab}; re-convert the model with `{family.convert_command}`")

@@ -20,7 +20,7 @@ from gguf import TokenType
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from .errors import InvalidFileError
-from .families import COMPACT, Family
+from .families import COMPACT, FAMILIES, Family
 from .gguf_file import get_field, get_int, get_str
 
 # llama.cpp splits text before BPE by the regex `tokenizer.ggml.pre` names (src/llama-vocab.cpp).
@@ -114,8 +114,13 @@ class BPETokenizer:
         self.max_token_bytes = max(1, max((len(b) for i, b in enumerate(self._bytes) if i not in raw), default=1))
 
     @classmethod
-    def from_gguf(cls, reader, path: Path, family: Family = COMPACT) -> "BPETokenizer":
-        """The tokenizer of an interpreter GGUF of `family` (whose pre-tokenizer the file must name)."""
+    def from_gguf(cls, reader, path: Path, family: Family | None = None) -> "BPETokenizer":
+        """The tokenizer of an interpreter GGUF of `family` (whose pre-tokenizer the file must name);
+        None: the family of the file's architecture (GPT-2's for any other, or none: its
+        pre-tokenizer check then says what is wrong)."""
+        if family is None:
+            arch = get_field(reader, "general.architecture", path, default=None)
+            family = next((f for f in FAMILIES.values() if f.arch == arch), COMPACT)
         model = get_str(reader, "tokenizer.ggml.model", path)
         if model != "gpt2":
             raise InvalidFileError(f"{path}: tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE)")
