@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Collection
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -142,11 +143,17 @@ class ConstraintState(Protocol):
 
 
 class TokenTable:
-    """A vocabulary's token strings as bytes, looked up the ways the choice matcher needs."""
+    """A vocabulary's token strings as bytes, looked up the ways the choice matcher needs. `eos`:
+    the id that ends an output, or several (Qwen3: <|im_end|>, <|endoftext|>), the first being the
+    model file's EOS, the one llguidance is told of; a complete choice may end on any of them."""
 
-    def __init__(self, token_bytes: list[bytes], eos: int, special: dict[int, str]):
+    def __init__(self, token_bytes: list[bytes], eos: int | SequenceOf[int], special: dict[int, str]):
         self.token_bytes = token_bytes
-        self.eos = eos
+        ends = [int(eos)] if isinstance(eos, (int, np.integer)) else [int(t) for t in eos]
+        if not ends:
+            raise ValueError("a token table needs at least one EOS id")
+        self.eos = ends[0]
+        self.eos_ids: Collection[int] = frozenset(ends)
         self.special = special
         self.by_bytes: dict[bytes, list[int]] = {}
         self.after_whitespace: dict[bytes, list[int]] = {}  # what follows a token's leading whitespace
@@ -164,8 +171,10 @@ class TokenTable:
 
     @classmethod
     def of(cls, tokenizer) -> "TokenTable":
+        """The table of a tokenizer: its `eos_ids` when it has several (Qwen's), else its `eos_id`."""
         special = {i: name for name, i in tokenizer.special.items()}
-        return cls([tokenizer.token_bytes(i) for i in range(tokenizer.n_vocab)], tokenizer.eos_id, special)
+        eos = getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id
+        return cls([tokenizer.token_bytes(i) for i in range(tokenizer.n_vocab)], eos, special)
 
     def spells(self, text: bytes) -> bool:
         """Whether some sequence of (non-control) tokens spells text exactly."""
@@ -231,11 +240,11 @@ class ChoiceState:
                 for k in range(len(body) + 1, len(c) + 1):
                     ids.update(by_bytes.get(c[len(body):k], ()))
         if self.complete:
-            ids.add(self.m.table.eos)
+            ids.update(self.m.table.eos_ids)
         return np.array(sorted(ids), np.int64)
 
     def advance(self, token: int) -> None:
-        if token == self.m.table.eos and self.complete:
+        if token in self.m.table.eos_ids and self.complete:
             self.ended = True
             return
         b = self.m.table.token_bytes[token]
@@ -329,7 +338,7 @@ class GrammarState:
         self._ff = None
         if not self.llm.consume_token(token):
             raise PawError(f"llguidance refused token {token}: {self.llm.get_error()}")  # not an allowed token
-        if token != self.m.table.eos:
+        if token not in self.m.table.eos_ids:
             self.ids.append(token)
 
     def take_forced(self, limit: int) -> list[int]:

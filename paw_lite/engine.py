@@ -25,7 +25,7 @@ from .gpt2_layout import GPT2Config
 from .gpt2_packed import GPT2Packed
 from .gpt2_weights import Weights
 from .kv_cache import SlotCache, SoloCache
-from .scheduler import Sequence, Stopped, own_positions
+from .scheduler import EOS, Sequence, Stopped, own_positions
 
 __all__ = ["Engine", "Sequence", "Stopped", "own_positions"]
 
@@ -77,11 +77,12 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate(self, seqs: list[Sequence], eos: int, capacity: int | None = None,
+    def generate(self, seqs: list[Sequence], eos: EOS, capacity: int | None = None,
                  on_tokens: Callable[[int], None] | None = None,
                  stop: threading.Event | None = None,
                  on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
-        """Greedy continuations of every sequence, each stopping at EOS or its limit; on_tokens is
+        """Greedy continuations of every sequence, each stopping at EOS (a token id, or a collection
+        of ids any of which ends an output: Qwen3's <|im_end|> and <|endoftext|>) or its limit; on_tokens is
         called after each step that made tokens, with how many it made (for progress), and
         on_done(i, ids) as sequence i finishes. Once `stop` is set, the next step raises Stopped
         instead of running. Up to `capacity` sequences (all by default) are in flight, a finished
@@ -92,10 +93,10 @@ class Engine:
         """Logits after the last token of each sequence (n_seqs, n_vocab): what generation
         chooses each one's first token from, evaluated the way generation evaluates them."""
         logits = np.empty((len(seqs), self.n_vocab), np.float32)
-        self._run([replace(s, limit=1) for s in seqs], -1, None, first_logits=logits)
+        self._run([replace(s, limit=1) for s in seqs], (), None, first_logits=logits)
         return logits
 
-    def _run(self, seqs: list[Sequence], eos: int, capacity: int | None,
+    def _run(self, seqs: list[Sequence], eos: EOS, capacity: int | None,
              first_logits: np.ndarray | None = None, **callbacks) -> list[list[int]]:
         if not seqs:
             return []

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import blas_threads
 from .engine import Engine, Sequence, Stopped, own_positions
+from .scheduler import EOS
 
 # fn.map's default sequences in flight, shared among the worker threads (one per core): each holds
 # its own keys and values (74 KB per token on GPT-2 124M: 128 x 50 tokens = 470 MB) besides the
@@ -33,7 +34,7 @@ class MapPool:
         self.engine = engine
         self.forks: list[Engine] = []
 
-    def generate(self, seqs: list[Sequence | None], eos: int, batch_size: int, workers: int | None,
+    def generate(self, seqs: list[Sequence | None], eos: EOS, batch_size: int, workers: int | None,
                  on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
         """Greedy output ids of every sequence ([] for None). batch_size bounds the sequences in
         flight (and so the memory), whatever the worker count; workers None: one per core.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +25,17 @@ MAX_ROWS = 2048
 # Query tokens of one sequence per step: bounds the attention score buffer (heads x CHUNK x context).
 PREFILL_CHUNK = 512
 _KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
+
+# What ends an output: one token id (GPT-2's <|endoftext|>) or several (Qwen3 ends on <|im_end|>
+# or <|endoftext|>). An empty collection, or an id outside the vocabulary, never ends one.
+EOS = int | Collection[int]
+
+
+def eos_ids(eos: EOS) -> frozenset[int]:
+    """The token ids that end an output."""
+    if isinstance(eos, (int, np.integer)):
+        return frozenset((int(eos),))
+    return frozenset(int(t) for t in eos)
 
 
 class Stopped(Exception):
@@ -81,11 +92,12 @@ def prefill(model: PackedForward, cache: SlotCache, ids: list[int]) -> None:
                       np.zeros(1, bool))
 
 
-def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: int,
+def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: EOS,
         first_logits: np.ndarray | None = None, on_tokens: Callable[[int], None] | None = None,
         stop: threading.Event | None = None,
         on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
-    """Greedy continuations of every sequence, each stopping at EOS or its limit, taking turns in
+    """Greedy continuations of every sequence, each stopping at EOS (any of the ids `eos` gives) or
+    its limit, taking turns in
     the cache's slots. Each step evaluates one token of every decoding sequence together with
     prompt tokens of newly admitted ones, so when outputs end at different steps the slots stay
     full and the matmuls large. on_tokens(n) after each step that made n tokens; on_done(i, ids)
@@ -96,6 +108,7 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: int,
     rows when they are few). Tokens it forces are not picked one step each: they join the next
     evaluation as extra rows of the sequence's segment (before the first pick, of its prompt), and
     a sequence whose output is complete and cannot go on ends without another evaluation."""
+    ends = eos_ids(eos)
     outs: list[list[int]] = [[] for _ in seqs]
     prompts: list[list[int]] = []  # what each sequence evaluates before its first pick
     waiting: deque[int] = deque()
@@ -156,14 +169,14 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: int,
             token = picks[row]
             row += 1
             seq, new = seqs[i], []
-            if token != eos:
+            if token not in ends:
                 new.append(token)
                 if seq.constraint is not None:
                     seq.constraint.advance(token)
                     new += seq.constraint.take_forced(seq.limit - len(outs[i]) - 1)
                 outs[i] += new
                 made += len(new)
-            if token == eos or _ended(seq, outs[i]):
+            if token in ends or _ended(seq, outs[i]):
                 decoding.pop(i, None)
                 free.append(slot)
                 if on_done is not None:

@@ -174,3 +174,18 @@ def reference_cases(vocab_dir: Path) -> list[tuple[str, list[int]]]:
 def sample_ids(n: int, seed: int = 0) -> np.ndarray:
     """Random token ids of ordinary text tokens (for parity tests)."""
     return np.random.default_rng(seed).integers(0, N_BASE_TOKENS, size=n)
+
+
+def random_qwen3_lora(config, rank: int, seed: int = 1, std: float = 0.05) -> dict[str, np.ndarray]:
+    """GGUF-named LoRA tensors (A and non-zero B) for the 7 target modules of every layer of a Qwen3
+    of `config` (a `paw_lite.qwen3_layout.Qwen3Config`), in the order `LoraAdapter.tensors` gives."""
+    from paw_lite.qwen3_layout import LORA_MODULES
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(config.n_layer):
+        for module in LORA_MODULES:
+            d_in, d_out = config.module_dims(module)
+            out[f"blk.{i}.{module}.weight.lora_a"] = (rng.standard_normal((rank, d_in)) * std).astype(np.float32)
+            out[f"blk.{i}.{module}.weight.lora_b"] = (rng.standard_normal((d_out, rank)) * std).astype(np.float32)
+    return out
