@@ -2,8 +2,8 @@
 row sees (`AttentionPlan`, one per group of segments), and the attention itself (`attend`), the
 prefix's keys and a sequence's own keys as two blocks under one softmax.
 
-Model-independent: a layer's queries (H, N, hd) and its slot of a `kv_cache.SlotCache` are all it
-needs, whatever computed them."""
+Model-independent: a layer's queries (H, N, hd) and its slot of a `kv_cache.SlotCache` (H_kv heads:
+H for GPT-2, fewer for Qwen3's grouped-query attention) are all it needs, whatever computed them."""
 
 from __future__ import annotations
 
@@ -111,25 +111,35 @@ def attend(q: np.ndarray, i: int, cache: SlotCache, plan: AttentionPlan, scale: 
     """Causal attention of the packed queries q (H, N, hd) over their sequence's prefix part
     and own keys. Returns (H, N, hd). The two blocks of keys share one softmax: one running
     maximum, one denominator; the value products are summed before normalising. Heads are
-    taken a few at a time so each chunk's scores stay in L2 through the softmax passes."""
+    taken a few at a time so each chunk's scores stay in L2 through the softmax passes.
+
+    Grouped-query attention: the cache may hold fewer key/value heads (H_kv) than there are query
+    heads; query head h reads kv head h // (H / H_kv). The g = H / H_kv query heads of one kv head
+    are stacked as extra query rows, so each kv head's keys are multiplied once for all of them."""
     H, N, hd = q.shape
     S, Tq, Tk = plan.n_grid, plan.tq, plan.tk
     P = cache.prefix_k.shape[2]
+    H_kv = cache.k.shape[1]
+    g = H // H_kv
     qp = plan.pad(q)  # (H, S * Tq, hd)
     qp *= scale  # scaling q, not the scores: fewer passes; for head size 64 (1/8) the same bits
-    k_own, v_own = plan.own(cache.k[i]), plan.own(cache.v[i])  # (H, S, Tk, hd)
-    kp, vp = cache.prefix_k[i], cache.prefix_v[i]  # (H, P, hd)
+    k_own, v_own = plan.own(cache.k[i]), plan.own(cache.v[i])  # (H_kv, S, Tk, hd)
+    kp, vp = cache.prefix_k[i], cache.prefix_v[i]  # (H_kv, P, hd)
+    hidden = plan.hidden if plan.hidden is None or g == 1 else np.tile(plan.hidden, (1, g, 1))  # (S, g * Tq, .)
     out = np.empty((H, S * Tq, hd), np.float32)
-    per_chunk = max(1, min(H, _SCORES_PER_CHUNK // (S * Tq * (P + Tk))))
-    for h in range(0, H, per_chunk):
-        hs = slice(h, h + per_chunk)
-        n_h = len(range(H)[hs])
-        s_own = np.matmul(qp[hs].reshape(n_h, S, Tq, hd), k_own[hs].swapaxes(-1, -2))  # (h, S, Tq, Tk)
-        if plan.hidden is not None:  # query at own index first+t sees own keys 0..first+t
-            np.copyto(s_own[..., plan.hidden_from:], _NEG_INF, where=plan.hidden)
+    per_chunk = max(1, min(H_kv, _SCORES_PER_CHUNK // (S * g * Tq * (P + Tk))))
+    for h in range(0, H_kv, per_chunk):
+        hs = slice(h, h + per_chunk)  # kv heads
+        n_h = len(range(H_kv)[hs])
+        qs = slice(h * g, (h + n_h) * g)  # their query heads
+        # (n_h, g, S, Tq, hd) -> (n_h, S, g * Tq, hd): a view when g is 1
+        qg = qp[qs].reshape(n_h, g, S, Tq, hd).transpose(0, 2, 1, 3, 4).reshape(n_h, S, g * Tq, hd)
+        s_own = np.matmul(qg, k_own[hs].swapaxes(-1, -2))  # (h, S, g * Tq, Tk)
+        if hidden is not None:  # query at own index first+t sees own keys 0..first+t
+            np.copyto(s_own[..., plan.hidden_from:], _NEG_INF, where=hidden)
         m = s_own.max(axis=-1, keepdims=True)
         if P:
-            s_pre = np.matmul(qp[hs], kp[hs].swapaxes(-1, -2)).reshape(n_h, S, Tq, P)
+            s_pre = np.matmul(qg.reshape(n_h, S * g * Tq, hd), kp[hs].swapaxes(-1, -2)).reshape(n_h, S, g * Tq, P)
             if plan.prefix_hidden is not None:  # a prompt that shares only part of the prefix
                 np.copyto(s_pre, _NEG_INF, where=plan.prefix_hidden)
             np.maximum(m, s_pre.max(axis=-1, keepdims=True), out=m)
@@ -138,10 +148,12 @@ def attend(q: np.ndarray, i: int, cache: SlotCache, plan: AttentionPlan, scale: 
         s_own -= m
         np.exp(s_own, out=s_own)
         denom = s_own.sum(axis=-1, keepdims=True)
-        o = out[hs].reshape(n_h, S, Tq, hd)
+        o = out[qs].reshape(n_h, S, Tq, hd) if g == 1 else np.empty((n_h, S, g * Tq, hd), np.float32)
         np.matmul(s_own, v_own[hs], out=o)
         if P:
             denom += s_pre.sum(axis=-1, keepdims=True)
-            o += np.matmul(s_pre.reshape(n_h, S * Tq, P), vp[hs]).reshape(n_h, S, Tq, hd)
+            o += np.matmul(s_pre.reshape(n_h, S * g * Tq, P), vp[hs]).reshape(n_h, S, g * Tq, hd)
         o /= denom
+        if g > 1:
+            out[qs] = o.reshape(n_h, S, g, Tq, hd).transpose(0, 2, 1, 3, 4).reshape(n_h * g, S * Tq, hd)
     return plan.unpad(out)

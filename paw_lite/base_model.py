@@ -1,21 +1,31 @@
-"""Loading the GPT-2 interpreter: a GGUF file (the official layout) or an HF GPT-2 folder."""
+"""Loading an interpreter: a GGUF file (the official layout) or an HF folder, of either family:
+GPT-2 (Compact programs) or Qwen3 (Standard programs). The file's architecture says which
+(`families.family_of_arch`); what differs between the two is the table `_KINDS` at the end."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
+from .engine import Engine
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, malformed_file
-from .gguf_file import (WEIGHT_TYPES, TensorInfo, get_field, get_float, get_int, get_str, iter_tensors, numpy_shape, read_index,
-                        tensor_to_f32)
-from .gpt2_layout import ARCH, GPT2Config
+from .families import COMPACT, STANDARD, Family, family_of_arch
+from .gguf_file import (WEIGHT_TYPES, GGUFIndex, TensorInfo, get_field, get_float, get_int, get_str, iter_tensors, numpy_shape,
+                        read_index, tensor_to_f32)
+from .gpt2_layout import GPT2Config
 from .hf_gpt2 import INTERPRETER_SOURCES, hf_gpt2_config, hf_gpt2_tensors
-from .tokenizer import GPT2Tokenizer
+from .qwen3_layout import Qwen3Config
+from .tokenizer import BPETokenizer
+
+ModelConfig = Union[GPT2Config, Qwen3Config]
+LoraPairs = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
 def file_sha256(path: Path) -> str:
@@ -28,37 +38,45 @@ def file_sha256(path: Path) -> str:
 
 @dataclass
 class BaseModel:
-    """A GPT-2 interpreter in memory: float32 weights under GGUF names, its tokenizer, and a content
-    fingerprint that keys the prefix caches built on it."""
+    """An interpreter in memory: float32 weights under GGUF names, its tokenizer, its family and a
+    content fingerprint that keys the prefix caches built on it."""
 
-    config: GPT2Config
+    config: ModelConfig
     weights: dict[str, np.ndarray] = field(repr=False)
-    tokenizer: GPT2Tokenizer = field(repr=False)
+    tokenizer: BPETokenizer = field(repr=False)
     source: Path
     fingerprint: str
+    family: Family = COMPACT
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "BaseModel":
-        """Load a GPT-2 GGUF file or HF folder. One BaseModel can serve several functions
-        (`paw_lite.function(..., base_model=base)`): that saves its load and its embeddings, but each
-        function still holds its own LoRA-merged copy of the block matrices."""
+        """Load an interpreter GGUF file or HF folder (GPT-2 or Qwen3). One BaseModel can serve
+        several functions (`paw_lite.function(..., base_model=base)`): that saves its load and its
+        embeddings, but each function still holds its own LoRA-merged copy of the block matrices."""
         path = Path(path).expanduser()
         if path.is_dir():
-            with malformed_file(path, "HF GPT-2 folder"):
-                return _load_hf_dir(path)
+            family = _hf_family(path)
+            with malformed_file(path, f"HF {family.model} folder"):
+                return _KINDS[family.name].load_hf(path)
         if not path.exists():
-            raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 folder)")
-        with malformed_file(path, "GPT-2 GGUF"):
+            raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 or Qwen3 folder)")
+        with malformed_file(path, "interpreter GGUF"):
             return _load_gguf(path)
 
+    def engine(self, lora: LoraPairs, lora_scale: float, consume: bool = False) -> Engine:
+        """An engine over these weights with the LoRA pairs {"blk.{i}.{module}": (A, B)} merged in
+        (W + scale * B @ A). With consume, the weights are merged in their own memory and taken
+        out of this BaseModel (a base loaded for one function is never held twice)."""
+        return _KINDS[self.family.name].engine(self.weights, self.config, lora, lora_scale, consume)
 
-def _check_shapes(weights: dict[str, np.ndarray], config: GPT2Config, source: Path) -> None:
+
+def _check_shapes(weights: Mapping[str, object], config: ModelConfig, family: Family, source: Path) -> None:
     expected = config.tensor_shapes()
-    if "output.weight" in weights:
+    if "output.weight" in weights:  # an untied head (GPT-2's config does not say; Qwen3's does)
         expected["output.weight"] = (config.n_vocab, config.n_embd)
     unknown = sorted(set(weights) - set(expected))
     if unknown:
-        raise InvalidFileError(f"{source}: unexpected tensors for a GPT-2 model: {', '.join(unknown[:5])}")
+        raise InvalidFileError(f"{source}: unexpected tensors for a {family.model} model: {', '.join(unknown[:5])}")
     for name, shape in expected.items():
         if name not in weights:
             raise InvalidFileError(f"{source}: tensor {name} is missing")
@@ -66,40 +84,44 @@ def _check_shapes(weights: dict[str, np.ndarray], config: GPT2Config, source: Pa
             raise InvalidFileError(f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[GPT2Config, GPT2Tokenizer]:
+def read_header(path: str | os.PathLike[str]) -> tuple[ModelConfig, BPETokenizer]:
     """Config and tokenizer of an interpreter (GGUF file or HF folder), checked, without loading its weights."""
     path = Path(path)
     if path.is_dir():
-        config = hf_gpt2_config(path / "config.json", INTERPRETER_SOURCES)
-        return config, GPT2Tokenizer.from_hf_dir(path)
+        kind = _KINDS[_hf_family(path).name]
+        config = kind.hf_config(path)
+        return config, kind.hf_tokenizer(path, config)
     if not path.exists():
-        raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 folder)")
-    _, config, tokenizer = _gguf_header(path)
-    return config, tokenizer
+        raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 or Qwen3 folder)")
+    reader, family, config = _gguf_config(path)
+    return config, _gguf_tokenizer(reader, config, family, path)
 
 
-def _gguf_header(path: Path):
-    reader, config = _gguf_config(path)
-    return reader, config, _gguf_tokenizer(reader, config, path)
-
-
-def _gguf_config(path: Path):
-    """The index and the checked hyperparameters and tensor shapes of an interpreter GGUF."""
+def _gguf_config(path: Path) -> tuple[GGUFIndex, Family, ModelConfig]:
+    """The index, family and checked hyperparameters and tensor shapes of an interpreter GGUF."""
     reader = read_index(path)  # gguf-py's GGUFReader takes ~2 s over a 50k-token vocabulary; this ~0.1 s
-    # A program's adapter.gguf names the interpreter's architecture ('gpt2') too: without this check
-    # it passed the one below and failed on a hyperparameter only a model has.
+    # A program's adapter.gguf names the interpreter's architecture too: without this check it
+    # passed the one below and failed on a hyperparameter only a model has.
     if (get_field(reader, "adapter.type", path, None) == "lora"
             or get_field(reader, "general.type", path, None) == "adapter"):
+        arch = get_field(reader, "general.architecture", path, None)
+        runtime = next((f.runtime_id for f in (COMPACT, STANDARD) if f.arch == arch), COMPACT.runtime_id)
         raise IncompatibleModelError(f"{path}: is a LoRA adapter, not a base model; pass the interpreter GGUF "
-                                     f"(gpt2-q8_0.gguf) instead")
-    arch = get_str(reader, "general.architecture", path)
-    if arch != ARCH:
-        raise IncompatibleModelError(f"{path}: architecture is {arch!r}; the interpreter runs GPT-2 ('gpt2') models")
+                                     f"({runtime}.gguf) instead")
+    family = family_of_arch(get_str(reader, "general.architecture", path), str(path))
+    config = _KINDS[family.name].gguf_config(reader, path)
+    # Check every shape from the header before dequantizing anything.
+    _check_shapes({t.name: _ShapeOnly(numpy_shape(t)) for t in reader.tensors}, config, family, path)
+    return reader, family, config
+
+
+def _gpt2_gguf_config(reader: GGUFIndex, path: Path) -> GPT2Config:
+    arch = COMPACT.arch
     n_embd = get_int(reader, f"{arch}.embedding_length", path)
     tokens = get_field(reader, "tokenizer.ggml.tokens", path)
     if not isinstance(tokens, list):
         raise InvalidFileError(f"{path}: tokenizer.ggml.tokens is not a list of strings")
-    config = GPT2Config(
+    return GPT2Config(
         n_vocab=len(tokens),
         n_ctx=get_int(reader, f"{arch}.context_length", path),
         n_embd=n_embd,
@@ -108,35 +130,32 @@ def _gguf_config(path: Path):
         n_ff=get_int(reader, f"{arch}.feed_forward_length", path, default=4 * n_embd),
         eps=get_float(reader, f"{arch}.attention.layer_norm_epsilon", path),
     ).validate(path)
-    infos = {t.name: t for t in reader.tensors}
-    # Check every shape from the header before dequantizing anything.
-    _check_shapes({n: _ShapeOnly(numpy_shape(t)) for n, t in infos.items()}, config, path)
-    return reader, config
 
 
-def _gguf_tokenizer(reader, config: GPT2Config, path: Path) -> GPT2Tokenizer:
-    tokenizer = GPT2Tokenizer.from_gguf(reader, path)
+def _gguf_tokenizer(reader: GGUFIndex, config: ModelConfig, family: Family, path: Path) -> BPETokenizer:
+    tokenizer = BPETokenizer.from_gguf(reader, path)  # of the family the file's architecture names
     if tokenizer.n_vocab != config.n_vocab:  # both come from tokenizer.ggml.tokens, read by two readers
         raise InvalidFileError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but tokenizer.ggml.tokens "
-                               f"lists {config.n_vocab}; re-convert the model with `paw-lite convert gpt2`")
+                               f"lists {config.n_vocab}; re-convert the model with `{family.convert_command}`")
     return tokenizer
 
 
 def _load_gguf(path: Path) -> BaseModel:
-    index, config = _gguf_config(path)
+    index, family, config = _gguf_config(path)
     # Jobs at once: NumPy dequantizes (two halves of the tensors) and hashlib hashes with the GIL
     # released, while the tokenizer is built in Python here. The fingerprint is the sha256 of the
     # whole file: it costs little wall time next to dequantizing (a second read comes from the page
     # cache), so nothing weaker is used.
+    types = _KINDS[family.name].weight_types
     in_file_order = sorted(index.tensors, key=lambda t: t.data_offset)
     with ThreadPoolExecutor(max_workers=3) as pool:
         digest = pool.submit(file_sha256, path)
-        halves = [pool.submit(_read_tensors, index, path, part) for part in _halves_by_size(in_file_order)]
-        tokenizer = _gguf_tokenizer(index, config, path)
+        halves = [pool.submit(_read_tensors, index, path, part, types) for part in _halves_by_size(in_file_order)]
+        tokenizer = _gguf_tokenizer(index, config, family, path)
         loaded = {name: array for half in halves for name, array in half.result().items()}
         fingerprint = digest.result()
     weights = {t.name: loaded[t.name] for t in in_file_order}
-    return BaseModel(config, weights, tokenizer, path, fingerprint)
+    return BaseModel(config, weights, tokenizer, path, fingerprint, family)
 
 
 def _halves_by_size(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
@@ -150,9 +169,9 @@ def _halves_by_size(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
     return groups
 
 
-def _read_tensors(index, path: Path, tensors: list[TensorInfo]) -> dict[str, np.ndarray]:
+def _read_tensors(index, path: Path, tensors: list[TensorInfo], types: frozenset) -> dict[str, np.ndarray]:
     """float32 tensors by name, read in file order."""
-    return {info.name: tensor_to_f32(info, raw, path, WEIGHT_TYPES) for info, raw in iter_tensors(index, tensors)}
+    return {info.name: tensor_to_f32(info, raw, path, types) for info, raw in iter_tensors(index, tensors)}
 
 
 class _ShapeOnly:
@@ -162,16 +181,90 @@ class _ShapeOnly:
         self.shape = shape
 
 
-def _load_hf_dir(folder: Path) -> BaseModel:
-    cfg_path = folder / "config.json"
-    config = hf_gpt2_config(cfg_path, INTERPRETER_SOURCES)
-    st_path = folder / "model.safetensors"
-    weights = dict(hf_gpt2_tensors(folder))
-    _check_shapes(weights, config, st_path)
-    tokenizer = GPT2Tokenizer.from_hf_dir(folder)
+def _hf_family(folder: Path) -> Family:
+    """An HF folder's family from config.json's model_type (absent: GPT-2, as early GPT-2 folders)."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return COMPACT  # the GPT-2 reader says what is wrong with the file
+    model_type = cfg.get("model_type", COMPACT.arch) if isinstance(cfg, dict) else COMPACT.arch
+    return STANDARD if model_type == STANDARD.arch else COMPACT
+
+
+def _load_hf_dir(folder: Path, kind: "_Kind") -> BaseModel:
+    config = kind.hf_config(folder)
+    weights, files = kind.hf_weights(folder, config)
+    _check_shapes(weights, config, kind.family, files[0] if len(files) == 1 else folder)
+    tokenizer = kind.hf_tokenizer(folder, config)
     if tokenizer.n_vocab != config.n_vocab:
         raise InvalidFileError(f"{folder}: tokenizer has {tokenizer.n_vocab} tokens but config.json says vocab_size {config.n_vocab}")
     h = hashlib.sha256()
-    for p in (cfg_path, st_path):
+    for p in [folder / "config.json", *files]:
         h.update(file_sha256(p).encode())
-    return BaseModel(config, weights, tokenizer, folder, h.hexdigest())
+    return BaseModel(config, weights, tokenizer, folder, h.hexdigest(), kind.family)
+
+
+# -- what differs between the families ----------------------------------------------------------
+
+def _gpt2_hf_weights(folder: Path, config: GPT2Config) -> tuple[dict[str, np.ndarray], list[Path]]:
+    return dict(hf_gpt2_tensors(folder)), [folder / "model.safetensors"]
+
+
+def _gpt2_engine(weights: dict[str, np.ndarray], config: GPT2Config, lora: LoraPairs, scale: float,
+                 consume: bool) -> Engine:
+    from .gpt2_weights import Weights
+
+    return Engine.gpt2(Weights.from_gguf_names(weights, config, lora, scale, consume=consume), config)
+
+
+def _qwen3_hf_weights(folder: Path, config: Qwen3Config) -> tuple[dict[str, np.ndarray], list[Path]]:
+    from .qwen3_weights import hf_qwen3_tensors
+
+    return hf_qwen3_tensors(folder, config)
+
+
+def _qwen3_engine(weights: dict[str, np.ndarray], config: Qwen3Config, lora: LoraPairs, scale: float,
+                  consume: bool) -> Engine:
+    from .qwen3_weights import Qwen3Weights
+
+    return Engine.qwen3(Qwen3Weights.from_gguf_names(weights, config, lora, scale, consume=consume), config)
+
+
+def _qwen3_weight_types() -> frozenset:
+    from .qwen3_weights import QWEN3_WEIGHT_TYPES
+
+    return QWEN3_WEIGHT_TYPES
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one family's interpreter is read and run."""
+
+    family: Family
+    gguf_config: Callable[[GGUFIndex, Path], ModelConfig]
+    weight_types_of: Callable[[], frozenset]  # the GGUF tensor types its weights may have
+    hf_config: Callable[[Path], ModelConfig]
+    hf_weights: Callable[[Path, ModelConfig], tuple[dict[str, np.ndarray], list[Path]]]  # and the files they came from
+    hf_tokenizer: Callable[[Path, ModelConfig], BPETokenizer]
+    engine: Callable[[dict[str, np.ndarray], ModelConfig, LoraPairs, float, bool], Engine]
+
+    @property
+    def weight_types(self) -> frozenset:
+        return self.weight_types_of()
+
+    def load_hf(self, folder: Path) -> BaseModel:
+        return _load_hf_dir(folder, self)
+
+
+_KINDS: dict[str, _Kind] = {
+    COMPACT.name: _Kind(
+        COMPACT, _gpt2_gguf_config, lambda: WEIGHT_TYPES,
+        lambda folder: hf_gpt2_config(folder / "config.json", INTERPRETER_SOURCES), _gpt2_hf_weights,
+        lambda folder, config: BPETokenizer.from_hf_dir(folder), _gpt2_engine),
+    STANDARD.name: _Kind(
+        STANDARD, Qwen3Config.from_gguf, _qwen3_weight_types,
+        lambda folder: Qwen3Config.from_hf(folder / "config.json"), _qwen3_hf_weights,
+        lambda folder, config: BPETokenizer.from_hf_qwen_dir(folder, config.n_vocab, STANDARD), _qwen3_engine),
+}

@@ -1,8 +1,9 @@
-"""The fast GPT-2 path the runtime uses: a program's prefix evaluated once and shared by every call,
-and ragged batches of sequences evaluated together. Where each part lives:
+"""The fast path the runtime uses, for GPT-2 and Qwen3 alike: a program's prefix evaluated once and
+shared by every call, and ragged batches of sequences evaluated together. Where each part lives:
 
-- `gpt2_weights.py`: the weights, LoRA merged in (the form the reference `gpt2.py` runs on too);
-- `gpt2_packed.py`: the forward over the packed rows of a step (embed -> blocks -> head);
+- `gpt2_weights.py` / `qwen3_weights.py`: the weights, LoRA merged in (the form the references
+  `gpt2.py` / `qwen3.py` run on too);
+- `gpt2_packed.py` / `qwen3_packed.py`: the forward over the packed rows of a step (embed -> blocks -> head);
 - `attention.py`: which keys each row attends to, and the attention itself;
 - `kv_cache.py`: the slots keys and values live in;
 - `scheduler.py`: which tokens each step holds, EOS, limits, slots taken in turn.
@@ -25,6 +26,9 @@ from .gpt2_layout import GPT2Config
 from .gpt2_packed import GPT2Packed
 from .gpt2_weights import Weights
 from .kv_cache import SlotCache, SoloCache
+from .qwen3_layout import Qwen3Config
+from .qwen3_packed import Qwen3Packed
+from .qwen3_weights import Qwen3Weights
 from .scheduler import EOS, Sequence, Stopped, own_positions
 
 __all__ = ["Engine", "Sequence", "Stopped", "own_positions"]
@@ -32,8 +36,8 @@ __all__ = ["Engine", "Sequence", "Stopped", "own_positions"]
 
 class Engine:
     """Evaluates a model over one shared prefix plus, per sequence, its own tokens. Not for
-    concurrent use: `fork` gives another thread its own buffers. Nothing here is GPT-2's but
-    `gpt2` and `w`: another family is another `scheduler.PackedForward`."""
+    concurrent use: `fork` gives another thread its own buffers. Nothing here is a family's but
+    the constructors `gpt2` and `qwen3`: a family is a `scheduler.PackedForward`."""
 
     def __init__(self, model: scheduler.PackedForward):
         self.model = model
@@ -46,9 +50,13 @@ class Engine:
     def gpt2(cls, weights: Weights, config: GPT2Config) -> "Engine":
         return cls(GPT2Packed(weights, config))
 
+    @classmethod
+    def qwen3(cls, weights: Qwen3Weights, config: Qwen3Config) -> "Engine":
+        return cls(Qwen3Packed(weights, config))
+
     @property
-    def w(self) -> Weights:
-        """The GPT-2 weights the engine runs on."""
+    def w(self) -> Weights | Qwen3Weights:
+        """The weights the engine runs on (`Weights` for GPT-2, `Qwen3Weights` for Qwen3)."""
         return self.model.w
 
     def fork(self) -> "Engine":
@@ -60,7 +68,7 @@ class Engine:
     # -- prefix -------------------------------------------------------------------------------
 
     def set_prefix(self, k: np.ndarray, v: np.ndarray) -> None:
-        """Keys and values of the shared prefix: (n_layer, n_head, P, head_dim) each."""
+        """Keys and values of the shared prefix: (n_layer, n_head_kv, P, head_dim) each (`kv_shape`)."""
         self.prefix_k, self.prefix_v = k, v
         self._solo = None
 

@@ -253,7 +253,7 @@ def evaluate(program: Any, cases: Cases, *, match: str = DEFAULT_MATCH, max_toke
         from . import paths
 
         prog = program.checked() if isinstance(program, Program) else Program.load(program)
-        interpreter_path = paths.resolve_interpreter(base_model, prog.meta.get("runtime_id"))
+        interpreter_path = paths.resolve_interpreter(base_model, prog.runtime_id)
         fn, owned = function(prog, base_model=interpreter_path, cache_dir=cache_dir), True
     load_s = time.perf_counter() - started if owned else None
     try:

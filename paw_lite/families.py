@@ -18,6 +18,7 @@ class Family:
     """One program family."""
 
     name: str  # paw_lite's name for it: "compact" or "standard"
+    model: str  # the interpreter's model, for messages: "GPT-2", "Qwen3"
     compiler: str  # the published compiler that makes its programs
     interpreter: str  # meta.json `interpreter` (the HF model id the SDK writes)
     runtime_id: str  # meta.json `runtime_id`: the interpreter file is `<runtime_id>.gguf`
@@ -25,13 +26,20 @@ class Family:
     prefix_steps: int | None  # meta.json `prefix_steps`
     eos_tokens: tuple[str, ...]  # tokens that end an output (the first is the file's EOS)
     chat_wrapped: bool  # whether the template carries the Qwen chat wrapping
+    # llama.cpp's `tokenizer.ggml.pre` of the interpreter: the regex text is split by before BPE
+    pre_tokenizer: str
+
+    @property
+    def convert_command(self) -> str:
+        """The command that writes this family's interpreter GGUF from its HF folder."""
+        return f"paw-lite convert {self.arch}"
 
 
-COMPACT = Family(name="compact", compiler="paw-4b-gpt2", interpreter="gpt2", runtime_id="gpt2-q8_0", arch="gpt2",
-                 prefix_steps=64, eos_tokens=("<|endoftext|>",), chat_wrapped=False)
-STANDARD = Family(name="standard", compiler="paw-4b-qwen3-0.6b", interpreter="Qwen/Qwen3-0.6B",
+COMPACT = Family(name="compact", model="GPT-2", compiler="paw-4b-gpt2", interpreter="gpt2", runtime_id="gpt2-q8_0", arch="gpt2",
+                 prefix_steps=64, eos_tokens=("<|endoftext|>",), chat_wrapped=False, pre_tokenizer="gpt-2")
+STANDARD = Family(name="standard", model="Qwen3", compiler="paw-4b-qwen3-0.6b", interpreter="Qwen/Qwen3-0.6B",
                   runtime_id="qwen3-0.6b-q6_k", arch="qwen3", prefix_steps=None,
-                  eos_tokens=("<|im_end|>", "<|endoftext|>"), chat_wrapped=True)
+                  eos_tokens=("<|im_end|>", "<|endoftext|>"), chat_wrapped=True, pre_tokenizer="qwen2")
 FAMILIES: dict[str, Family] = {f.name: f for f in (COMPACT, STANDARD)}
 
 
@@ -56,8 +64,24 @@ def family_of_arch(arch: str, source: str) -> Family:
     for family in FAMILIES.values():
         if arch == family.arch:
             return family
-    raise IncompatibleModelError(f"{source}: architecture {arch!r}; paw_lite's interpreters are "
-                                 f"{', '.join(repr(f.arch) for f in FAMILIES.values())}")
+    known = " and ".join(f"{f.model} ({f.arch!r}, {f.name.capitalize()} programs)" for f in FAMILIES.values())
+    raise IncompatibleModelError(f"{source}: architecture is {arch!r}; the interpreter runs {known} models")
+
+
+def describe(family: Family) -> str:
+    """'a Standard program (interpreter Qwen/Qwen3-0.6B, qwen3-0.6b-q6_k.gguf)', for messages."""
+    return f"a {family.name.capitalize()} program (interpreter {family.interpreter}, {family.runtime_id}.gguf)"
+
+
+def check_fits(program_family: Family, interpreter_family: Family, program: str, interpreter: str) -> None:
+    """A program runs only on its own family's interpreter: refuse another, saying which to use."""
+    if program_family == interpreter_family:
+        return
+    raise IncompatibleModelError(
+        f"{program} is {describe(program_family)}, but the interpreter {interpreter} is a {interpreter_family.model} "
+        f"model, which runs {interpreter_family.name.capitalize()} programs; pass base_model= / --base-model "
+        f"{program_family.runtime_id}.gguf (or an HF {program_family.model} folder), or leave it out to use "
+        f"{program_family.runtime_id}.gguf from the models directory")
 
 
 def standard_template(pseudo_program: str, placeholder: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError
 
-DEFAULT_RUNTIME_ID = "gpt2-q8_0"
+DEFAULT_RUNTIME_ID = "gpt2-q8_0"  # a Compact program's (families.COMPACT.runtime_id); Standard: qwen3-0.6b-q6_k
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -39,11 +39,13 @@ def is_safe_name(name: str) -> bool:
 
 
 def resolve_interpreter(base_model: str | os.PathLike[str] | None, runtime_id: str | None) -> Path:
-    """The interpreter file for a program: an explicit path, else `<runtime_id>.gguf` in the models directory."""
+    """The interpreter file for a program: an explicit path, else `<runtime_id>.gguf` in the models
+    directory (`Program.runtime_id`: gpt2-q8_0 for Compact programs, qwen3-0.6b-q6_k for Standard ones)."""
     if base_model is not None:
         path = Path(base_model).expanduser()
         if not path.exists():
-            raise ModelNotFoundError(f"{path}: no such interpreter model (pass a GPT-2 GGUF file or an HF GPT-2 folder)")
+            raise ModelNotFoundError(f"{path}: no such interpreter model (pass a GGUF file or an HF folder: GPT-2 "
+                                     f"for Compact programs, Qwen3 for Standard ones)")
         return path
     rid = runtime_id or DEFAULT_RUNTIME_ID
     if not is_safe_name(rid):
@@ -55,5 +57,5 @@ def resolve_interpreter(base_model: str | os.PathLike[str] | None, runtime_id: s
     raise ModelNotFoundError(
         f"interpreter {path.name} is not in the models directory {directory}. Get it with `paw-lite models pull` "
         f"(needs a network; or `paw-lite models import DIR` for files brought in by hand), pass --base-model PATH / "
-        f"base_model=PATH (a GPT-2 GGUF or HF folder), or set PAW_LITE_MODELS to the folder that holds it"
+        f"base_model=PATH (a GGUF file or HF folder of the program's interpreter), or set PAW_LITE_MODELS to the folder that holds it"
     )

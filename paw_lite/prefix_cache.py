@@ -23,8 +23,10 @@ FORMAT_VERSION = 1
 _MAX_HEADER = 64 * 1024
 
 
-def cache_key(base_fingerprint: str, adapter_sha256: str, prefix_ids: list[int]) -> str:
-    payload = json.dumps([FORMAT_VERSION, base_fingerprint, adapter_sha256, prefix_ids], separators=(",", ":"))
+def cache_key(family: str, base_fingerprint: str, adapter_sha256: str, prefix_ids: list[int]) -> str:
+    """What the prefix's keys and values depend on: the program family (its forward pass), the
+    interpreter's content, the adapter's and the prefix's token ids."""
+    payload = json.dumps([FORMAT_VERSION, family, base_fingerprint, adapter_sha256, prefix_ids], separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

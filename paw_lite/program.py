@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .errors import IncompatibleModelError, InvalidFileError, PawError, regular_file_size
+from .errors import InvalidFileError, PawError, regular_file_size
+from .families import COMPACT, FAMILIES, Family, family_of_interpreter
 
 log = logging.getLogger("paw_lite")
 
@@ -44,7 +45,7 @@ MAX_COMPRESSION_RATIO = 100
 # STORED and DEFLATED are what ZIP writers (and the browser SDK's reader) use; the others only add
 # decompressor code that a hostile file could reach.
 COMPRESSION_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
-SUPPORTED_INTERPRETERS = ("gpt2",)
+SUPPORTED_INTERPRETERS = tuple(f.interpreter for f in FAMILIES.values())  # "gpt2" (Compact), "Qwen/Qwen3-0.6B" (Standard)
 # meta.json versions of the published programs. Another version still runs (the members are what
 # a version change would alter, and they are checked), with a warning: its meaning is unknown here.
 KNOWN_META_VERSIONS = (3, 4)
@@ -74,6 +75,18 @@ class Program:
     @property
     def program_id(self) -> str | None:
         return self.meta.get("program_id")
+
+    @property
+    def family(self) -> Family:
+        """Compact (GPT-2) or Standard (Qwen3-0.6B), from meta.json `interpreter` (absent: GPT-2,
+        as in early programs). `from_members` has checked it."""
+        return family_of_interpreter(self.meta.get("interpreter", COMPACT.interpreter), self.source)
+
+    @property
+    def runtime_id(self) -> str:
+        """The interpreter's name: it runs on `<runtime_id>.gguf` from the models directory (as the
+        official SDK picks it); meta.json's, else the family's."""
+        return self.meta.get("runtime_id") or self.family.runtime_id
 
     @property
     def prefix(self) -> str:
@@ -106,9 +119,7 @@ class Program:
         if len(adapter) < MIN_ADAPTER_BYTES:
             raise InvalidFileError(f"{source}: {ADAPTER} is {len(adapter)} bytes, the minimum is {MIN_ADAPTER_BYTES}")
         meta = _parse_meta(_text(members, META, source), source)
-        interpreter = meta.get("interpreter", "gpt2")
-        if interpreter not in SUPPORTED_INTERPRETERS:
-            raise IncompatibleModelError(f"{source}: {META} says interpreter {interpreter!r}; paw_lite runs {', '.join(SUPPORTED_INTERPRETERS)} programs")
+        family_of_interpreter(meta.get("interpreter", COMPACT.interpreter), source)
         template = _text(members, TEMPLATE, source)
         count = template.count(PLACEHOLDER)
         if count != 1:

@@ -20,7 +20,7 @@ from .base_model import BaseModel
 from .constraints import WHITESPACE, Constraints, IncompleteOutputError, OutputConstraint
 from .engine import Engine, Sequence
 from .errors import ContextOverflowError, IncompatibleModelError, PawError
-from .gpt2_weights import Weights
+from .families import check_fits
 from .lora import LoraAdapter
 from .parallel_map import DEFAULT_BATCH_SIZE, MapPool
 from .program import ADAPTER, Program
@@ -45,19 +45,20 @@ class PawFunction:
     same cores (NumPy's BLAS already uses them all) and each holds its own merged weights."""
 
     def __init__(self, program: Program, base: BaseModel, *, cache_dir: Path | None, owns_base: bool):
+        check_fits(program.family, base.family, program.source, str(base.source))
         self.program = program
+        self.family = base.family
         self.config = base.config
         self.tokenizer = base.tokenizer
         started = time.perf_counter()
         adapter = load_adapter(program, base)
         # The LoRA is merged into the engine's weights. A base loaded for this function alone is merged
         # in its own memory (never held twice); a shared base stays untouched, so each function on it
-        # holds its own merged copy of the 48 matrices (~340 MB for GPT-2 124M): sharing saves the
+        # holds its own merged copy of the block matrices (~340 MB for GPT-2 124M): sharing saves the
         # load and the embeddings, not the matrices.
-        weights = Weights.from_gguf_names(base.weights, self.config, adapter.pairs, adapter.scale, consume=owns_base)
+        self._engine: Engine | None = base.engine(adapter.pairs, adapter.scale, consume=owns_base)
         log.info("%s: LoRA rank %d (alpha %g) on %d modules merged in %.2f s", program.source, adapter.rank, adapter.alpha,
                  len(adapter.pairs), time.perf_counter() - started)
-        self._engine: Engine | None = Engine.gpt2(weights, self.config)
         self._map_pool = MapPool(self._engine)  # fn.map's workers: this engine and forks of it
         self._prefix_ids = self.tokenizer.encode(program.prefix)
         self._suffix_ids = self.tokenizer.encode(program.suffix)
@@ -70,7 +71,7 @@ class PawFunction:
         self._lock = threading.Lock()
         self._holder: int | None = None  # the thread in a call, to refuse a call from inside it
         adapter_sha = hashlib.sha256(program.adapter_gguf).hexdigest()
-        self.prefix_cache_key = prefix_cache.cache_key(base.fingerprint, adapter_sha, self._prefix_ids)
+        self.prefix_cache_key = prefix_cache.cache_key(self.family.name, base.fingerprint, adapter_sha, self._prefix_ids)
         # What decides the outputs, so stored results can tell which function made them.
         self.fingerprint = hashlib.sha256("\0".join(
             (base.fingerprint, adapter_sha, program.template)).encode("utf-8", "surrogatepass")).hexdigest()
@@ -79,7 +80,7 @@ class PawFunction:
     # -- public -------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        state = "closed" if self._engine is None else f"{self.config.n_layer}-layer GPT-2"
+        state = "closed" if self._engine is None else f"{self.config.n_layer}-layer {self.family.model}"
         return f"<PawFunction {self.program.source} ({self.program.program_id or 'no program id'}) on {state}>"
 
     @property
@@ -116,7 +117,7 @@ class PawFunction:
         ids: list[int] = []
         if seq is not None:
             with self._exclusive():
-                ids = self._live_engine().generate([seq], self.tokenizer.eos_id, on_tokens=on_tokens)[0]
+                ids = self._live_engine().generate([seq], self.tokenizer.eos_ids, on_tokens=on_tokens)[0]
         outcome = self._outcome(seq, ids, matcher, "the output")
         if isinstance(outcome, PawError):
             raise outcome
@@ -190,7 +191,7 @@ class PawFunction:
         if any(s is not None for s in seqs):
             with self._exclusive():
                 self._live_engine()
-                outs = self._map_pool.generate(seqs, self.tokenizer.eos_id, batch_size, workers, report)
+                outs = self._map_pool.generate(seqs, self.tokenizer.eos_ids, batch_size, workers, report)
         results = [outcome(i, ids) for i, ids in enumerate(outs)]
         if errors == "raise":
             for r in results:
@@ -304,7 +305,8 @@ class PawFunction:
 
     def _load_or_build_prefix(self, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
         n = len(self._prefix_ids)
-        shape = (self.config.n_layer, self.config.n_head, n, self.config.head_dim)
+        kv = self._live_engine().model.kv_shape
+        shape = (kv.n_layer, kv.n_head, n, kv.head_dim)
         path = prefix_cache.cache_path(cache_dir, self.prefix_cache_key) if cache_dir is not None else None
         if path is not None:
             cached = prefix_cache.load(path, self.prefix_cache_key, shape)
@@ -355,8 +357,9 @@ def function(program: str | os.PathLike[str] | Program, base_model: str | os.Pat
              *, cache_dir: str | os.PathLike[str] | None = None, prefix_cache_enabled: bool = True) -> PawFunction:
     """Load a program (a `.paw` file, a program folder or a Program) and bind it to its interpreter.
 
-    base_model: a GPT-2 GGUF file or HF folder, a loaded BaseModel, or None for the program's
-    runtime in the models directory ($PAW_LITE_MODELS or the user cache).
+    base_model: the interpreter of the program's family (GPT-2 for Compact programs, Qwen3 for
+    Standard ones) as a GGUF file or HF folder, a loaded BaseModel, or None for the program's
+    runtime (`<runtime_id>.gguf`) in the models directory ($PAW_LITE_MODELS or the user cache).
     cache_dir: where prefix KV caches live ($PAW_LITE_CACHE or the user cache by default)."""
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):  # before seconds of loading
         raise TypeError(f"cache_dir must be a path (str or os.PathLike) or None, not {type(cache_dir).__name__}")
@@ -365,7 +368,7 @@ def function(program: str | os.PathLike[str] | Program, base_model: str | os.Pat
         base, owns = base_model, False
     else:
         started = time.perf_counter()
-        interpreter = paths.resolve_interpreter(base_model, prog.meta.get("runtime_id"))
+        interpreter = paths.resolve_interpreter(base_model, prog.runtime_id)
         base, owns = BaseModel.load(interpreter), True
         log.info("interpreter: %s loaded in %.2f s", interpreter, time.perf_counter() - started)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()

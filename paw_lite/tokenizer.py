@@ -1,10 +1,13 @@
-"""GPT-2 byte-level BPE, built with `tokenizers` from a model file's own token list and merges.
+"""Byte-level BPE (GPT-2's and Qwen's), built with `tokenizers` from a model file's own token list,
+token types and merges.
 
 A prompt gets the ids the official runtime gives it (programasweights 0.4.14, runtime_llamacpp.py:
 llama.cpp's `tokenize(..., add_bos=False, special=True)` on the template's prefix, then on input +
 suffix), with one deliberate difference: user text is always encoded as plain text, so only the
-program's template may hold control tokens. tests/test_prompt_tokens.py checks this against
-llama.cpp on the real GPT-2 vocabulary."""
+program's template may hold control tokens (`<|endoftext|>`, `<|im_start|>`, ...) and the added
+tokens llama.cpp also matches (USER_DEFINED ones, Qwen's `<think>` and `</think>`).
+tests/test_prompt_tokens.py checks this against llama.cpp on the real GPT-2 vocabulary,
+tests/test_qwen_tokens.py on the real Qwen vocabulary."""
 
 from __future__ import annotations
 
@@ -14,15 +17,40 @@ from pathlib import Path
 
 import numpy as np
 from gguf import TokenType
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from .errors import InvalidFileError
+from .families import COMPACT, FAMILIES, Family
 from .gguf_file import get_field, get_int, get_str
 
-# llama.cpp splits text before BPE by the regex `tokenizer.ggml.pre` names (src/llama-vocab.cpp);
-# GPT-2's is the one implemented here, named "gpt-2" by GPT-2 conversions (llama.cpp's
-# convert_hf_to_gguf.py, whose ggml-vocab-gpt-2.gguf carries it, and `paw-lite convert gpt2`).
-GPT2_PRE = "gpt-2"
+# llama.cpp splits text before BPE by the regex `tokenizer.ggml.pre` names (src/llama-vocab.cpp).
+# GPT-2's is named "gpt-2" by GPT-2 conversions (llama.cpp's convert_hf_to_gguf.py, whose
+# ggml-vocab-gpt-2.gguf carries it, and `paw-lite convert gpt2`); Qwen2's and Qwen3's "qwen2".
+GPT2_PRE = COMPACT.pre_tokenizer
+# The qwen2 split as Qwen's tokenizer.json writes it; llama.cpp spells the case-insensitive group
+# out ('[sS]|...'), the same language.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+
+
+def _gpt2_split() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex is ByteLevel's own
+
+
+def _qwen2_split() -> pre_tokenizers.PreTokenizer:
+    # No NFC normaliser, unlike Qwen's tokenizer.json: llama.cpp (the official runtime) has none.
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+PRE_TOKENIZERS = {"gpt-2": _gpt2_split, "qwen2": _qwen2_split}
+# Token types (llama.cpp's, gguf.TokenType) matched in a template as one token: llama.cpp matches
+# CONTROL and UNKNOWN ones when asked to parse special tokens, USER_DEFINED ones always.
+_MATCHED_TYPES = (TokenType.CONTROL, TokenType.UNKNOWN, TokenType.USER_DEFINED)
+# Token types llama.cpp's detokenize (special=False, as the official runtime calls it) writes as
+# their raw text; NORMAL and BYTE tokens are byte-level decoded, every other type writes nothing.
+_RAW_TEXT_TYPES = (TokenType.USER_DEFINED,)
+_BYTE_LEVEL_TYPES = (TokenType.NORMAL, TokenType.BYTE)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -43,12 +71,20 @@ _UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 _TO_LATIN1 = str.maketrans({**{chr(i): "?" for i in range(256)}, **{c: chr(b) for c, b in _UNICODE_TO_BYTE.items()}})
 
 
-class GPT2Tokenizer:
-    """Encode and decode GPT-2 token ids. `special_ids` are the control tokens (e.g. <|endoftext|>)."""
+class BPETokenizer:
+    """Encode and decode byte-level BPE token ids. `special_ids` are the control tokens (e.g.
+    <|endoftext|>), `user_defined_ids` the added tokens llama.cpp writes as text (Qwen's <think>):
+    both are matched in templates only (`special`). `eos_id` is the file's EOS; `eos_ids` every
+    token that ends an output (the file's first, then the family's others)."""
 
-    def __init__(self, tokens: list[str], merges: list[str], special_ids: list[int], eos_id: int, source: Path | str):
+    def __init__(self, tokens: list[str], merges: list[str], special_ids: list[int], eos_id: int, source: Path | str,
+                 *, pre: str = GPT2_PRE, user_defined_ids: list[int] = (), silent_ids: list[int] = (),
+                 eos_ids: tuple[int, ...] = ()):
         if not 0 <= eos_id < len(tokens):
             raise InvalidFileError(f"{source}: eos token id {eos_id} is outside the vocabulary of {len(tokens)} tokens")
+        if pre not in PRE_TOKENIZERS:
+            raise InvalidFileError(f"{source}: pre-tokenizer {pre!r} is not one paw_lite implements "
+                                   f"({', '.join(PRE_TOKENIZERS)})")
         vocab = {tok: i for i, tok in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise InvalidFileError(f"{source}: the token list holds duplicate tokens")
@@ -58,20 +94,33 @@ class GPT2Tokenizer:
         except Exception as exc:  # tokenizers raises its own untyped errors on bad vocab/merges
             raise InvalidFileError(f"{source}: the BPE vocabulary or merges are malformed: {exc}") from exc
         self._tok = Tokenizer(bpe)
-        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        self._tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
         self._tok.decoder = decoders.ByteLevel()
         self.n_vocab = len(tokens)
+        self.pre = pre
         self.eos_id = eos_id
-        self.special = {tokens[i]: i for i in special_ids}
+        self.eos_ids = tuple(dict.fromkeys((eos_id, *eos_ids)))
+        for i in self.eos_ids:
+            if not 0 <= i < len(tokens):
+                raise InvalidFileError(f"{source}: end-of-output token id {i} is outside the vocabulary of {len(tokens)} tokens")
+        self.special = {tokens[i]: i for i in (*special_ids, *user_defined_ids)}
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True))) if self.special else None
-        special = set(special_ids)  # translate + latin-1: each character to its byte, unknown ones to "?" (10x faster per char)
-        self._bytes = [b"" if i in special else tok.translate(_TO_LATIN1).encode("latin-1", "replace") for i, tok in enumerate(tokens)]
-        # Special tokens are never produced from user text, so plain text needs at least
+        control, raw = set(special_ids) | set(silent_ids), set(user_defined_ids)
+        # translate + latin-1: each character to its byte, unknown ones to "?" (10x faster per char)
+        self._bytes = [b"" if i in control else tok.encode("utf-8") if i in raw
+                       else tok.translate(_TO_LATIN1).encode("latin-1", "replace") for i, tok in enumerate(tokens)]
+        # Matched tokens are never produced from user text, so plain text needs at least
         # len(bytes) / max_token_bytes tokens (used to refuse huge inputs before tokenizing them).
-        self.max_token_bytes = max(1, max(len(b) for b in self._bytes))
+        self.max_token_bytes = max(1, max((len(b) for i, b in enumerate(self._bytes) if i not in raw), default=1))
 
     @classmethod
-    def from_gguf(cls, reader, path: Path) -> "GPT2Tokenizer":
+    def from_gguf(cls, reader, path: Path, family: Family | None = None) -> "BPETokenizer":
+        """The tokenizer of an interpreter GGUF of `family` (whose pre-tokenizer the file must name);
+        None: the family of the file's architecture (GPT-2's for any other, or none: its
+        pre-tokenizer check then says what is wrong)."""
+        if family is None:
+            arch = get_field(reader, "general.architecture", path, default=None)
+            family = next((f for f in FAMILIES.values() if f.arch == arch), COMPACT)
         model = get_str(reader, "tokenizer.ggml.model", path)
         if model != "gpt2":
             raise InvalidFileError(f"{path}: tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE)")
@@ -83,15 +132,38 @@ class GPT2Tokenizer:
                 raise InvalidFileError(f"{path}: tokenizer.ggml.{key} is not a list of {kind.__name__}")
         if types is not None and len(types) != len(tokens):
             raise InvalidFileError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
-        special = [i for i, t in enumerate(types or []) if t == TokenType.CONTROL]
         eos = get_int(reader, "tokenizer.ggml.eos_token_id", path)
-        _check_pre(reader, path)
+        pre = _check_pre(reader, path, family)
         _check_added_tokens(reader, path)
-        return cls(tokens, merges, special, eos, path)
+        return cls.from_token_types(tokens, types or [], merges, eos, path, pre, family)
 
     @classmethod
-    def from_hf_dir(cls, folder: Path) -> "GPT2Tokenizer":
+    def from_token_types(cls, tokens: list[str], types: list[int], merges: list[str], eos_id: int, source: Path | str,
+                         pre: str, family: Family) -> "BPETokenizer":
+        """From llama.cpp's token types (gguf.TokenType per token); the family's EOS tokens that the
+        vocabulary holds end an output too."""
+        control = [i for i, t in enumerate(types) if t in _MATCHED_TYPES and t not in _RAW_TEXT_TYPES]
+        user_defined = [i for i, t in enumerate(types) if t in _RAW_TEXT_TYPES]
+        ids = {tok: i for i, tok in enumerate(tokens)}
+        ends = tuple(ids[name] for name in family.eos_tokens if name in ids)
+        # Other types (UNUSED: padding rows) are never matched and write nothing, as in llama.cpp.
+        silent = [i for i, t in enumerate(types) if t not in _MATCHED_TYPES and t not in _BYTE_LEVEL_TYPES]
+        return cls(tokens, merges, control, eos_id, source, pre=pre, user_defined_ids=user_defined, silent_ids=silent,
+                   eos_ids=ends)
+
+    @classmethod
+    def from_hf_dir(cls, folder: Path) -> "BPETokenizer":
+        """A GPT-2 tokenizer from an HF folder."""
         return cls(*hf_vocab(folder))
+
+    @classmethod
+    def from_hf_qwen_dir(cls, folder: Path, n_rows: int, family: Family) -> "BPETokenizer":
+        """A Qwen tokenizer from an HF folder, with the token types `paw-lite convert qwen3` writes."""
+        from .convert.hf_bpe import read_bpe_vocab
+
+        vocab = read_bpe_vocab(folder, n_rows)
+        return cls.from_token_types(vocab.tokens, vocab.token_types, vocab.merges, vocab.eos_id, folder / "tokenizer.json",
+                                    family.pre_tokenizer, family)
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of text with no special-token recognition (for user input)."""
@@ -138,20 +210,26 @@ class GPT2Tokenizer:
         return self._bytes[token_id]
 
     def decode(self, ids: list[int]) -> str:
-        """UTF-8 text of the ids, invalid sequences replaced, control tokens dropped."""
+        """UTF-8 text of the ids, invalid sequences replaced, control tokens dropped (as llama.cpp's
+        detokenize does it for the official runtime: added USER_DEFINED tokens are written as text)."""
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
 
 
-def _check_pre(reader, path: Path) -> None:
+GPT2Tokenizer = BPETokenizer  # its name while GPT-2 was the only family
+
+
+def _check_pre(reader, path: Path, family: Family) -> str:
+    """The file's pre-tokenizer, which must be its family's."""
     pre = get_field(reader, "tokenizer.ggml.pre", path, default=None)
-    if pre == GPT2_PRE:
-        return
+    want = family.pre_tokenizer
+    if pre == want:
+        return pre
     said = "is missing" if pre is None else f"is {pre!r}"
     how = ("llama.cpp then splits text with its 'default' pre-tokenizer" if pre is None
            else "llama.cpp splits text with that model's pre-tokenizer")
-    raise InvalidFileError(f"{path}: tokenizer.ggml.pre {said}, expected {GPT2_PRE!r}: {how}, not GPT-2's, so its "
+    raise InvalidFileError(f"{path}: tokenizer.ggml.pre {said}, expected {want!r}: {how}, not {family.arch}'s, so its "
                            f"token ids would differ from paw_lite's. Convert the interpreter again from its HF folder "
-                           f"with `paw-lite convert gpt2`, which writes {GPT2_PRE!r}")
+                           f"with `{family.convert_command}`, which writes {want!r}")
 
 
 # llama.cpp adds a BOS (EOS) token around a prompt when the caller asks for special tokens and the file

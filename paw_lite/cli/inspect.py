@@ -6,7 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-from .. import paths
 from ..lora import describe_adapter_gguf
 from ..program import ADAPTER, Program
 from . import emit, printable
@@ -28,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
         "program_id": prog.program_id,
         "spec": prog.spec,
         "pseudo_program": prog.pseudo_program,
-        "interpreter": prog.meta.get("interpreter", "gpt2"),
-        "runtime_id": prog.meta.get("runtime_id", paths.DEFAULT_RUNTIME_ID),
+        "family": prog.family.name,
+        "interpreter": prog.family.interpreter,
+        "runtime_id": prog.runtime_id,
         "compiler_snapshot": prog.meta.get("compiler_snapshot"),
         "meta_version": prog.meta.get("version"),
         "adapter": adapter,
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         f"program      {printable(info['program'])}",
         f"program id   {printable(info['program_id'])}",
         f"spec         {printable(prog.spec)}",
-        f"interpreter  {printable(str(info['interpreter']))} (runtime {printable(str(info['runtime_id']))})",
+        f"interpreter  {printable(str(info['interpreter']))} (runtime {printable(str(info['runtime_id']))}, "
+        f"a {prog.family.name.capitalize()} program)",
         f"adapter      rank {adapter['rank']}, alpha {adapter['alpha']:g}, {adapter['n_tensors']} tensors ({printable(kinds)}), {len(prog.adapter_gguf):,} bytes",
         f"bundle       {info['sizes']['bundle_bytes']:,} bytes" if info["sizes"]["bundle_bytes"] else "bundle       (folder)",
         "pseudo-program:",

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, help="JSONL results (default: stdout); an existing file is resumed")
     p.add_argument("--retry-failed", action="store_true",
                    help="on resume, also run again the lines whose records are errors (their new records are appended)")
-    p.add_argument("--base-model", help="interpreter GGUF or HF GPT-2 folder (default: the models directory)")
+    p.add_argument("--base-model", help="interpreter GGUF or HF folder: GPT-2 for Compact programs, Qwen3 for Standard ones (default: the program's runtime_id in the models directory)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after N output tokens (default: EOS or context end)")
     p.add_argument("--input-format", choices=batch.INPUT_FORMATS, default="auto",
                    help="how to read --input-file: text lines, JSONL, or auto (JSONL for .jsonl files or when the first line starts with '{')")

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"how cases without a 'match' field compare (default {DEFAULT_MATCH}: equal after stripping)")
     p.add_argument("--min-pass-rate", metavar="R", type=_rate, default=None,
                    help="exit with status 1 when the pass rate is below R (0.9, or 90%%): a gate for CI")
-    p.add_argument("--base-model", help="interpreter GGUF or HF GPT-2 folder (default: the models directory)")
+    p.add_argument("--base-model", help="interpreter GGUF or HF folder: GPT-2 for Compact programs, Qwen3 for Standard ones (default: the program's runtime_id in the models directory)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop each output after N tokens (default: EOS or context end)")
     p.add_argument("--batch-size", type=int, default=None, help="inputs in flight at once (default: fn.map's)")
     p.add_argument("--workers", type=int, default=None, help="threads sharing the inputs (default: one per core)")
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     # not show only after the first program's run.
     programs = [Program.load(name) for name in [args.program] + ([args.against] if args.against else [])]
     for program in programs:
-        paths.resolve_interpreter(args.base_model, program.meta.get("runtime_id"))
+        paths.resolve_interpreter(args.base_model, program.runtime_id)
     reports: list[EvaluationReport] = []
     interrupted = False
     for program in programs:  # one loaded at a time

@@ -65,7 +65,7 @@ class _LoadedFunctions:
                 _limit_blas(worker.nthreads)
                 self._blas_limited = True
             try:
-                interpreter = paths.resolve_interpreter(options.base_model, shipped.program().meta.get("runtime_id"))
+                interpreter = paths.resolve_interpreter(options.base_model, shipped.program().runtime_id)
                 key = (shipped.digest, str(interpreter))
                 fn = self._functions.get(key)
                 if fn is None:
