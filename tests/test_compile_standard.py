@@ -42,6 +42,7 @@ PSEUDO = ("[PSEUDO_PROGRAM]\nTask: Answer ALERT for failures, QUIET otherwise.\n
 # The Standard template as the published Standard programs ship it (Qwen chat wrapping, empty think block).
 TEMPLATE = ("<|im_start|>user\n" + PSEUDO + "\n\n[INPUT]\n{INPUT_PLACEHOLDER}\n[END_INPUT]<|im_end|>\n"
             "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+N_CTX = 384  # the tiny interpreter's context: 128 positions for a pseudo-program under the 256 reserved
 N_INTERP_LAYERS = 3  # the tiny compiler has 4: t(l) = int((l+1)*4/3) - 1 = 0, 1, 3 (a ratio other than 36/28)
 STANDARD_META = {"interpreter_model": "Qwen/Qwen3-0.6B", "compiler_snapshot": "paw-4b-qwen3-0.6b-tiny-test"}
 
@@ -138,6 +139,10 @@ def standard_interp(tmp_path_factory, vocab_dir):
 
     root = tmp_path_factory.mktemp("std-interp")
     hf = make_tiny_qwen3(root / "hf", vocab_dir, n_layer=N_INTERP_LAYERS, seed=5, dtype="float32")
+    # A short context: a random model rarely writes EOS, and `--run` / `--test` generate to the end
+    config = json.loads((hf / "config.json").read_text())
+    config["max_position_embeddings"] = N_CTX
+    (hf / "config.json").write_text(json.dumps(config))
     return hf, convert_qwen3(hf, root / "tiny-qwen3-interp-f32.gguf", "f32")
 
 
@@ -283,6 +288,65 @@ def _gpt2_config():
     from paw_lite.gpt2_layout import GPT2Config
 
     return GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)
+
+
+# -- running what was compiled ------------------------------------------------------------------------
+
+
+EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+INPUTS = ["disk usage at 99% on /var", "user alice logged in", "  ünïcödé ✓"]
+
+
+def hf_greedy_qwen(model, prompt_ids: list[int], max_new: int) -> list[int]:
+    """transformers' greedy generate, without the prompt and the EOS."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=list(EOS_IDS), pad_token_id=EOS_IDS[1])
+    ids = out[0, len(prompt_ids):].tolist()
+    return next((ids[:i] for i, t in enumerate(ids) if t in EOS_IDS), ids)
+
+
+def test_cli_run_test_and_peft_of_a_standard_program(models, standard_interp, tmp_path, capsys):
+    """`compile --family standard --run --test --peft` (the generated pseudo-program path): the program
+    runs in paw_lite to transformers + PEFT's greedy output (its PEFT export on the HF interpreter), and
+    llama.cpp loads its Q4_0 adapter.gguf on the interpreter GGUF to the same tokens (or a near-tie)."""
+    import paw_lite
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llama_oracle import assert_same_or_near_tie, llama_greedy
+
+    d, _ = models
+    interp = d / default_files("standard")["interpreter"]
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps({"input": t, "expected": "ALERT"}) + "\n" for t in INPUTS[1:]), encoding="utf-8")
+
+    out, peft_dir = tmp_path / "gen.paw", tmp_path / "peft"
+    rc = main(["compile", SPEC, "-o", str(out), "--models", str(d), "--family", "standard", "--max-new-tokens", "24",
+               "--run", INPUTS[0], "--test", str(cases), "--peft", str(peft_dir), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["pseudo_program_strategy"] == "examples" and summary["family"] == "standard"
+    assert [p["name"] for p in summary["phases"]] == ["check", "pseudo-program", "encoder", "mapper", "bundle"]
+    assert summary["test"]["interpreter"]["path"] == str(interp)
+
+    peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert sorted(peft_config["target_modules"]) == sorted(SUFFIX_TO_GGUF) and peft_config["r"] == TINY_RANK
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(standard_interp[0], dtype=torch.float32),
+                                   peft_dir).eval()
+    adapter = tmp_path / "adapter.gguf"
+    with zipfile.ZipFile(out) as zf:
+        adapter.write_bytes(zf.read("adapter.gguf"))
+    with paw_lite.function(out, base_model=interp, cache_dir=tmp_path / "cache") as fn:
+        assert summary["run"]["output"] == fn(INPUTS[0])
+        assert [c["output"] for c in summary["test"]["cases"]] == [fn(t) for t in INPUTS[1:]]
+        for text in INPUTS:
+            ids = fn.prompt_ids(text)
+            ours = fn.generate_ids(text, max_tokens=12)
+            assert ours and ours == hf_greedy_qwen(hf, ids, 12), text
+            theirs = llama_greedy(standard_interp[1], adapter, ids, 12, N_CTX, eos=EOS_IDS[0])
+            assert_same_or_near_tie(ours, theirs, ids, hf, tol=1e-2, eos=EOS_IDS[0])
 
 
 # -- the official SDK's importer ------------------------------------------------------------------------

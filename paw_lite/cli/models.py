@@ -86,9 +86,9 @@ def _fetch(args: argparse.Namespace, directory) -> int:
     # left out unnoticed shows up only when compile fails: say which were not there, for each family
     # asked for (an import of whatever a folder holds: each family it brought something of).
     got = {(d["family"], d["role"]) for d in done}
-    if args.action == "import" and args.family == "all":
-        families = tuple(f for f in families if any(fam == f for fam, _ in got)) or families
-    not_found = [f"{role} ({family})" if role != "pseudo_compiler" else role
+    if args.action == "import" and args.family == "all":  # the families the folder held files of; none: Compact's
+        families = tuple(f for f in families if any(fam == f for fam, _ in got)) or ("compact",)
+    not_found = [f"{role} ({family})" if len(families) > 1 and role != "pseudo_compiler" else role
                  for family in families for role in args.only
                  if (family, role) not in got and not (role == "pseudo_compiler" and ("both", role) in got)]
     not_found = list(dict.fromkeys(not_found))  # the shared pseudo compiler once
