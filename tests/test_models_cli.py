@@ -122,7 +122,7 @@ def test_import_list_verify(tmp_path, capsys, caplog, manifest, downloads):
         ["ok", "ok", "ok", "ok", "missing"]
     assert files["interpreter"]["detail"] == "published sha256 matches"
     assert files["compiler"]["info"]["prefix_ids"] == [151669, 151732]
-    assert files["mapper"]["info"] == {"hidden": 256, "rank": RANK, "n_bases": BASES, "interpreter_layers": 2}
+    assert files["mapper"]["info"] == {"hidden": 256, "rank": RANK, "n_bases": BASES, "interpreter_layers": 2, "modules": 4}
     assert "compile" in files["compiler"]["serves"] and "run" in files["interpreter"]["serves"]
 
     # a flipped byte in a converted file is caught by the hash recorded at conversion
@@ -627,6 +627,7 @@ def test_both_families_import_list_and_verify(tmp_path, capsys, both_manifest, d
 
     # a meta.json of the other family in a family's place is named
     shutil.copy(md / "paw-4b-gpt2-meta.json", md / "paw-4b-qwen3-0.6b-meta.json")
+    (md / "installed.json").unlink()  # its recorded sha256 would flag the change first
     rc, listing = cli(capsys, "models", "verify", "--models", str(md))
     assert rc == 1 and "the meta.json of a compact compiler (paw-4b-gpt2" in by_role(listing, "standard")["compiler_meta"]["detail"]
 
@@ -636,9 +637,8 @@ def test_import_and_pull_of_one_family(tmp_path, capsys, both_manifest, download
     for folder in [*downloads.values(), *standard_downloads.values()]:
         shutil.copytree(folder, src / folder.name)
     rc, done = cli(capsys, "models", "import", str(src), "--models", str(tmp_path / "m1"), "--family", "standard",
-                   "--only", "interpreter", "compiler_meta", "mapper")
-    assert rc == 0 and sorted(d["name"] for d in done["written"]) == [
-        "paw-4b-qwen3-0.6b-mapper.safetensors", "paw-4b-qwen3-0.6b-meta.json", "qwen3-0.6b-q6_k.gguf"]
+                   "--only", "interpreter", "compiler_meta")
+    assert rc == 0 and sorted(d["name"] for d in done["written"]) == ["paw-4b-qwen3-0.6b-meta.json", "qwen3-0.6b-q6_k.gguf"]
 
     hub = StandInHub({**downloads, **standard_downloads})
     done = md_pull.pull(tmp_path / "m2", md_import.ImportOptions(quant="q8_0", families=("standard",)), hub=hub)

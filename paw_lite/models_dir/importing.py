@@ -84,7 +84,9 @@ class ImportOptions:
     quant: str = "q4_k_m"  # pseudo compiler
     compiler_quant: str = "q8_0"
     roles: tuple[str, ...] = ROLES
-    families: tuple[str, ...] = tuple(FAMILIES)  # the shared pseudo compiler is imported for any of them
+    # the program families whose files to take (the shared pseudo compiler goes with any);
+    # None: an import takes whatever the folder holds, a pull Compact programs' files
+    families: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,10 +174,11 @@ def import_dir(src: str | os.PathLike[str], directory: Path, options: ImportOpti
     if not src.is_dir():
         raise ModelNotFoundError(f"{src}: not a folder; pass the folder holding the downloaded model files")
     manifest = load_manifest()
-    found = find_sources(src, manifest, options.families[0] if len(options.families) == 1 else None)
+    families = options.families or tuple(FAMILIES)
+    found = find_sources(src, manifest, families[0] if len(families) == 1 else None)
     sources: dict[tuple[str, str], _Source] = {}  # (family, role) -> source
     for f in found:
-        if f.role not in options.roles or (f.family != SHARED and f.family not in options.families):
+        if f.role not in options.roles or (f.family != SHARED and f.family not in families):
             continue
         if (f.family, f.role) in sources:  # which one was meant cannot be guessed
             raise PawError(f"{src}: two candidates for the {f.what} ({sources[f.family, f.role].path}, {f.path}); "

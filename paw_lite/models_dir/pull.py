@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ModelNotFoundError, require
+from ..families import COMPACT
 from .importing import ImportOptions, import_dir
 from .manifest import SHARED, ManifestEntry, load_manifest
 
@@ -43,7 +44,8 @@ def pull(directory: Path, options: ImportOptions = ImportOptions(), *, hub: Any 
     manifest = load_manifest()
     _check_online(hub)
     cache = directory / ".hub-cache"
-    wanted = [e for e in manifest if e.role in options.roles and any(e.serves_family(f) for f in options.families)]
+    families = options.families or (COMPACT.name,)
+    wanted = [e for e in manifest if e.role in options.roles and any(e.serves_family(f) for f in families)]
     by_repo: dict[str, list[ManifestEntry]] = {}
     for entry in wanted:
         by_repo.setdefault(entry.source["repo"], []).append(entry)
@@ -56,7 +58,7 @@ def pull(directory: Path, options: ImportOptions = ImportOptions(), *, hub: Any 
             raise ModelNotFoundError(f"{repo}: download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
                                      f"{_OFFLINE_HINT}") from exc
         roles = tuple(r for r in options.roles if any(e.role == r for e in entries))
-        families = tuple(sorted({e.family for e in entries} - {SHARED})) or options.families
-        done += import_dir(snap, directory, ImportOptions(options.quant, options.compiler_quant, roles, families),
+        of_repo = tuple(sorted({e.family for e in entries} - {SHARED})) or families
+        done += import_dir(snap, directory, ImportOptions(options.quant, options.compiler_quant, roles, of_repo),
                            on_tensor, on_step)
     return done
