@@ -49,7 +49,7 @@ class InterpreterFile:
 def read_interpreter(path: Path, family: Family) -> InterpreterFile:
     """The interpreter of `family` at `path`, checked from its header: a file of the other family is
     refused with the fix."""
-    if family is COMPACT:
+    if family.name == COMPACT.name:
         if path.is_file():
             _check_arch(path, family)
         from ..base_model import read_header
