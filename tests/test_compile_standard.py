@@ -290,6 +290,30 @@ def _gpt2_config():
     return GPT2Config(n_vocab=50257, n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_ff=256, eps=1e-5)
 
 
+def test_convert_mapper_for_a_standard_compiler(standard_interp, tmp_path, capsys):
+    """`paw-lite convert mapper` with a Standard meta.json and the Qwen3 interpreter GGUF: the shape
+    comes from that interpreter (3 layers x 7 modules); the same file against the GPT-2 shape fails."""
+    from transformers import AutoConfig
+
+    dims = module_dims(AutoConfig.from_pretrained(standard_interp[0]))
+    state = random_standard_mapper(256, N_INTERP_LAYERS, dims, TINY_RANK, TINY_BASES, seed=4)
+    src = tmp_path / "lora_mapper.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, src)
+    meta = write_compiler_meta(tmp_path / "meta.json", **STANDARD_META)
+    out = tmp_path / "mapper.safetensors"
+    rc = main(["convert", "mapper", str(src), "-o", str(out), "--meta", str(meta), "--hidden", "256",
+               "--interpreter", str(standard_interp[1]), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["interpreter_layers"] == N_INTERP_LAYERS and out.exists()
+    from safetensors.numpy import load_file
+
+    assert {k: v.tolist() for k, v in load_file(str(out)).items()} == {k: v.tolist() for k, v in state.items()}
+    gpt2_meta = write_compiler_meta(tmp_path / "gpt2-meta.json")
+    rc = main(["convert", "mapper", str(src), "-o", str(tmp_path / "x.safetensors"), "--meta", str(gpt2_meta),
+               "--hidden", "256", "--json"])
+    assert rc == 2 and "bases are for the modules of Standard" in json.loads(capsys.readouterr().out)["error"]
+
+
 # -- running what was compiled ------------------------------------------------------------------------
 
 
