@@ -18,26 +18,34 @@ from paw_lite.atomic import atomic_path
 from paw_lite.compiler.config import CompilerMeta
 from paw_lite.compiler.mapper import Mapper, MapperShape, key_mismatch
 from paw_lite.errors import IncompatibleModelError, InvalidFileError
+from paw_lite.families import COMPACT, STANDARD, Family
 from paw_lite.gpt2_layout import GPT2Config
+from paw_lite.qwen3_layout import Qwen3Config
 
 from .torch_checkpoint import load_state_dict
 
-# The published interpreter and compiler (the model card of programasweights/paw-4b-gpt2 and the official SDK): GPT-2 124M, Qwen3-4B hidden width 2560.
+# The published interpreters and compiler (the model cards of programasweights/paw-4b-gpt2 and
+# paw-4b-qwen3-0.6b, Qwen/Qwen3-0.6B's config.json, the official SDK): GPT-2 124M, Qwen3-0.6B, and the
+# Qwen3-4B compilers' hidden width 2560.
 PAW_GPT2 = GPT2Config(n_vocab=50257, n_ctx=2048, n_embd=768, n_head=12, n_layer=12, n_ff=3072, eps=1e-5)
+QWEN3_06B = Qwen3Config(n_vocab=151936, n_ctx=40960, n_embd=1024, n_ff=3072, n_layer=28, n_head=16, n_head_kv=8,
+                        head_dim=128, eps=1e-6, rope_theta=1_000_000.0, tied=True)
+PUBLISHED_INTERPRETERS = {COMPACT.name: PAW_GPT2, STANDARD.name: QWEN3_06B}
 QWEN3_4B_HIDDEN = 2560
 DEFAULT_RANK = 64
 DEFAULT_BASES = 64
-_INTERPRETERS = {"gpt2", "openai-community/gpt2", "gpt2-q8_0"}
 
 
-def mapper_shape(meta: CompilerMeta | None, interpreter: GPT2Config | None = None,
-                 hidden: int = QWEN3_4B_HIDDEN) -> MapperShape:
-    """The expected mapper shape. Without meta, the model card of programasweights/paw-4b-gpt2 and the official SDK defaults (rank 64, 64 bases)."""
-    if meta is not None and interpreter is None and meta.interpreter_model is not None \
-            and meta.interpreter_model.lower() not in _INTERPRETERS:
-        raise IncompatibleModelError(f"{meta.source}: interpreter_model {meta.interpreter_model!r}; paw_lite maps to "
-                                     f"GPT-2 interpreters only (known names: {', '.join(sorted(_INTERPRETERS))})")
-    return MapperShape(hidden=hidden, interpreter=interpreter or PAW_GPT2,
+def mapper_shape(meta: CompilerMeta | None, interpreter: GPT2Config | Qwen3Config | None = None,
+                 hidden: int = QWEN3_4B_HIDDEN, family: Family | None = None) -> MapperShape:
+    """The expected mapper shape. The family: given, else the meta's `interpreter_model`, else
+    Compact; without an interpreter file, the family's published interpreter; without meta, the
+    published compilers' rank 64 and 64 bases (their meta.json files)."""
+    family = family or (meta.family() if meta is not None else None) or COMPACT
+    if interpreter is not None and not isinstance(interpreter, type(PUBLISHED_INTERPRETERS[family.name])):
+        raise IncompatibleModelError(f"{meta.source if meta else 'the mapper'}: a mapper for {family.name} programs "
+                                     f"({family.interpreter}), but the interpreter given is not a {family.arch} model")
+    return MapperShape(hidden=hidden, interpreter=interpreter or PUBLISHED_INTERPRETERS[family.name],
                        rank=meta.lora_rank if meta else DEFAULT_RANK,
                        n_bases=meta.lora_num_bases if meta else DEFAULT_BASES)
 
@@ -57,9 +65,7 @@ def convert_mapper(src: str | os.PathLike[str], out: str | os.PathLike[str], sha
     for key, want in expected.items():
         arr = state[key]
         if tuple(arr.shape) != want:
-            raise IncompatibleModelError(
-                f"{src}: {key} has shape {tuple(arr.shape)}, expected {want} (compiler width {shape.hidden}, interpreter "
-                f"{shape.interpreter.n_layer} layers x {shape.interpreter.n_embd}, rank {shape.rank}, {shape.n_bases} bases)")
+            raise IncompatibleModelError(f"{src}: {key} has shape {tuple(arr.shape)}, expected {want} ({shape.describe()})")
         if arr.dtype.kind != "f":
             raise InvalidFileError(f"{src}: {key} has dtype {arr.dtype}, expected floating point")
         tensors[key] = np.ascontiguousarray(arr, dtype=np.float32)  # f16/bf16 widen exactly

@@ -142,17 +142,18 @@ def _check_gpt2(reader: GGUFMeta, path: Path) -> dict[str, Any]:
     return {"arch": "gpt2", "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_ctx": cfg.n_ctx, "n_vocab": cfg.n_vocab, "eos_id": eos}
 
 
-def verify_gguf(path: str | os.PathLike[str], role: str) -> dict[str, Any]:
-    """Check a GGUF for `role` (one of ROLES); returns a summary, raises with the first problem found."""
+def verify_gguf(path: str | os.PathLike[str], role: str, interpreter_arch: str | None = "gpt2") -> dict[str, Any]:
+    """Check a GGUF for `role` (one of ROLES); returns a summary, raises with the first problem found.
+    interpreter_arch: the interpreter's architecture, 'gpt2' (Compact programs) or 'qwen3' (Standard)."""
     path = Path(path)
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {ROLES}")
     reader = read_gguf_meta(path)
     arch = get_str(reader, "general.architecture", path)
-    want = "gpt2" if role == "interpreter" else "qwen3"
+    want = (interpreter_arch or "gpt2") if role == "interpreter" else "qwen3"
     if arch != want:
         raise IncompatibleModelError(f"{path}: architecture is {arch!r}; the {role.replace('_', ' ')} must be {want!r}")
-    info = _check_gpt2(reader, path) if role == "interpreter" else _check_qwen3(reader, path, role)
+    info = _check_gpt2(reader, path) if want == "gpt2" else _check_qwen3(reader, path, role)
     kinds: dict[str, int] = {}
     for t in reader.tensors.values():
         kinds[t.qtype.name] = kinds.get(t.qtype.name, 0) + 1

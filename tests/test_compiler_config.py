@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from compiler_fixtures import write_compiler_meta
-from paw_lite.compiler.config import DEFAULT_FILES, FILE_NAMES, CompilerMeta, ModelFiles
+from paw_lite.compiler.config import DEFAULT_FILES, FAMILY_FILE_NAMES, CompilerMeta, ModelFiles, default_files
 from paw_lite.errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+from paw_lite.families import COMPACT, STANDARD
 
 MANIFEST = Path(__file__).resolve().parents[1] / "models" / "manifest.json"
 
@@ -17,9 +18,39 @@ MANIFEST = Path(__file__).resolve().parents[1] / "models" / "manifest.json"
 def test_file_names_are_the_models_manifest_names():
     if not MANIFEST.exists():
         pytest.skip("models/manifest.json is not in this checkout")
-    entries = {e["role"]: e for e in json.loads(MANIFEST.read_text())["files"]}
-    for role, (name, quant) in FILE_NAMES.items():
-        assert entries[role]["name"] == name and entries[role].get("default_quant") == quant, role
+    entries = {(e["family"], e["role"]): e for e in json.loads(MANIFEST.read_text())["files"]}
+    for family, names in FAMILY_FILE_NAMES.items():
+        for role, (name, quant) in names.items():
+            entry = entries.get((family, role)) or entries[("both", role)]
+            assert entry["name"] == name and entry.get("default_quant") == quant, (family, role)
+    assert len(entries) == 9  # 4 files of each family, and the pseudo compiler both use
+
+
+def test_standard_files_are_looked_up_under_their_own_names(tmp_path):
+    """A models directory holding both families' files: each compile picks its own family's."""
+    _touch_all(tmp_path)
+    for role, name in default_files(STANDARD.name).items():
+        (tmp_path / name).write_bytes(b"x")
+    assert default_files(STANDARD.name) == {
+        "compiler": "paw-4b-qwen3-0.6b-compiler-q8_0.gguf", "mapper": "paw-4b-qwen3-0.6b-mapper.safetensors",
+        "compiler_meta": "paw-4b-qwen3-0.6b-meta.json", "pseudo_compiler": "qwen3-4b-instruct-2507-q4_k_m.gguf",
+        "interpreter": "qwen3-0.6b-q6_k.gguf"}
+    for family in (COMPACT.name, STANDARD.name):
+        files = ModelFiles().resolved(tmp_path, need_pseudo_compiler=True, family=family)
+        assert {k: v.name for k, v in vars(files).items()} == default_files(family)
+    (tmp_path / "paw-4b-qwen3-0.6b-mapper.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match=r"the standard compiler \(paw-4b-qwen3-0.6b\) needs .*mapper .*"
+                                                 r"`paw-lite models pull --family standard`"):
+        ModelFiles().resolved(tmp_path, need_pseudo_compiler=True, family=STANDARD.name)
+
+
+def test_the_compiler_meta_names_its_family(tmp_path):
+    assert CompilerMeta.load(write_compiler_meta(tmp_path / "a.json")).family() is COMPACT
+    for name in ("Qwen/Qwen3-0.6B", "qwen/qwen3-0.6b", "qwen3-0.6b-q6_k"):
+        assert CompilerMeta.load(write_compiler_meta(tmp_path / "b.json", interpreter_model=name)).family() is STANDARD
+    assert CompilerMeta.load(write_compiler_meta(tmp_path / "c.json", interpreter_model=None)).family() is None
+    with pytest.raises(IncompatibleModelError, match="interpreter_model 'Qwen/Qwen3-1.7B' is neither GPT-2"):
+        CompilerMeta.load(write_compiler_meta(tmp_path / "d.json", interpreter_model="Qwen/Qwen3-1.7B")).family()
 
 
 def _touch_all(d: Path, **names: str) -> None:

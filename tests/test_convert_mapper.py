@@ -117,12 +117,19 @@ def test_bad_mappers_refused(tmp_path, meta):
     _fails(save_pt(tmp_path / "tiny.pt", good), out, mapper_shape(None, None, HIDDEN), IncompatibleModelError, "has shape")
 
 
-def test_interpreter_other_than_gpt2_refused(tmp_path):
-    path = write_compiler_meta(tmp_path / "meta.json")
-    data = json.loads(path.read_text())
-    data["interpreter_model"] = "Qwen/Qwen3-0.6B"
-    path.write_text(json.dumps(data))
-    with pytest.raises(IncompatibleModelError, match="GPT-2 interpreters only"):
+def test_the_meta_picks_the_interpreter_family(tmp_path):
+    """paw-4b-qwen3-0.6b's meta.json names Qwen/Qwen3-0.6B: the published Standard shape (28 layers x 7
+    modules, coefficient head 2560 -> 25,088); an interpreter no family has is refused."""
+    path = write_compiler_meta(tmp_path / "meta.json", rank=64, n_bases=64, interpreter_model="Qwen/Qwen3-0.6B")
+    shape = mapper_shape(CompilerMeta.load(path))
+    assert shape.interpreter.n_layer == 28 and len(shape.modules) == 7
+    assert shape.expected(2560)["coeff_head.weight"] == (25_088, 2560)
+    assert shape.expected(2560)["A_bases_q_proj"] == (64, 64, 1024)
+    assert shape.expected(2560)["B_bases_down_proj"] == (64, 1024, 64)
+    with pytest.raises(IncompatibleModelError, match="not a qwen3 model"):
+        mapper_shape(CompilerMeta.load(path), INTERP)  # a GPT-2 interpreter for a Standard compiler
+    write_compiler_meta(path, interpreter_model="Qwen/Qwen3-1.7B")
+    with pytest.raises(IncompatibleModelError, match="neither GPT-2 .* nor Qwen/Qwen3-0.6B"):
         mapper_shape(CompilerMeta.load(path))
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from oracles import oracle
@@ -68,17 +69,25 @@ def cli(capsys, *args: str) -> tuple[int, dict]:
     return rc, json.loads(out[-1]) if out else {}
 
 
-def by_role(listing: dict) -> dict[str, dict]:
-    return {f["role"]: f for f in listing["files"]}
+def by_role(listing: dict, family: str = "compact") -> dict[str, dict]:
+    """The rows of one family's files and of the shared pseudo compiler, by role."""
+    return {f["role"]: f for f in listing["files"] if f["family"] in (family, "both")}
 
 
 def test_manifest_names_match_the_compiler():
     from paw_lite.compiler.config import DEFAULT_FILES
 
+    from paw_lite.compiler.config import default_files
+
     manifest = md_manifest.load_manifest()
-    assert {role: e.file_name() for role, e in manifest.items()} == DEFAULT_FILES
-    assert manifest["interpreter"].bytes == 139_804_832
-    assert manifest["interpreter"].sha256 == "0aa260efb2cce9def922e0546b88ad731cf1a68554db73fa2d4a0949cfa958c5"
+    for family in ("compact", "standard"):
+        assert {e.role: e.file_name() for e in manifest if e.serves_family(family)} == default_files(family)
+    assert {e.role: e.file_name() for e in manifest if e.serves_family("compact")} == DEFAULT_FILES
+    compact, standard = (md_manifest.manifest_entry(f, "interpreter") for f in ("compact", "standard"))
+    assert compact.bytes == 139_804_832
+    assert compact.sha256 == "0aa260efb2cce9def922e0546b88ad731cf1a68554db73fa2d4a0949cfa958c5"
+    assert (standard.name, standard.bytes) == ("qwen3-0.6b-q6_k.gguf", 622_733_120)
+    assert standard.sha256 == "9a16ed5cacba959e63b62e2b6840c3eca2b51c3c3e51d31367ef8e4aafeae33c"
 
 
 def test_import_list_verify(tmp_path, capsys, caplog, manifest, downloads):
@@ -113,7 +122,7 @@ def test_import_list_verify(tmp_path, capsys, caplog, manifest, downloads):
         ["ok", "ok", "ok", "ok", "missing"]
     assert files["interpreter"]["detail"] == "published sha256 matches"
     assert files["compiler"]["info"]["prefix_ids"] == [151669, 151732]
-    assert files["mapper"]["info"] == {"hidden": 256, "rank": RANK, "n_bases": BASES, "interpreter_layers": 2}
+    assert files["mapper"]["info"] == {"hidden": 256, "rank": RANK, "n_bases": BASES, "interpreter_layers": 2, "modules": 4}
     assert "compile" in files["compiler"]["serves"] and "run" in files["interpreter"]["serves"]
 
     # a flipped byte in a converted file is caught by the hash recorded at conversion
@@ -161,7 +170,7 @@ def test_pull_downloads_and_converts(tmp_path, manifest, downloads):
     names = sorted(d["name"] for d in done)
     assert names == ["gpt2-q8_0.gguf", "paw-4b-gpt2-compiler-q8_0.gguf", "paw-4b-gpt2-mapper.safetensors",
                      "paw-4b-gpt2-meta.json", "qwen3-4b-instruct-2507-q8_0.gguf"]
-    statuses = {s.role: s for s in md_verify.survey(md, verify=True)}
+    statuses = {s.role: s for s in md_verify.survey(md, verify=True) if s.family != "standard"}
     assert all(s.status == "ok" for s in statuses.values()), {r: s.detail for r, s in statuses.items()}
     assert "prefix_ids" not in statuses["pseudo_compiler"].info  # the stock model: no <prefix_k>
 
@@ -354,7 +363,7 @@ def test_models_readme_lists_every_manifest_file():
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
     manifest = md_manifest.load_manifest()
     assert len(rows) == len(manifest)
-    for entry in manifest.values():
+    for entry in manifest:
         row = next((r for r in rows if r.startswith(f"| `{entry.name}`")), None)
         assert row is not None, f"{entry.name} is not in models/README.md"
         assert entry.source["repo"] in row and row.count(" | ") == 3  # file | what | source | used by
@@ -369,7 +378,7 @@ def test_missing_model_hints_are_commands_that_run(tmp_path, capsys):
     details = [f["detail"] for f in listing["files"] if f["status"] == "missing"]
     assert details and not any("{" in d for d in details)
     convert = [d for d in details if "paw-lite convert" in d]
-    assert len(convert) == 3 and all(" -o " + str(tmp_path / "models") in d for d in convert)
+    assert len(convert) == 5 and all(" -o " + str(tmp_path / "models") in d for d in convert)  # 2 compilers, 2 mappers, 1 pseudo compiler
 
 
 def test_doctor_says_when_the_cache_path_is_a_file(tmp_path, capsys, monkeypatch):
@@ -535,3 +544,106 @@ def test_another_model_kept_beside_the_downloads_is_skipped(tmp_path, manifest, 
     done = md_import.import_dir(src, tmp_path / "models")
     assert [d["role"] for d in done] == ["interpreter"]
     assert "other.gguf: architecture 'llama' is neither" in caplog.text and "skipped" in caplog.text
+
+
+# -- Standard programs' files -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standard_downloads(tmp_path_factory, vocab_dir, downloads) -> dict[str, Path]:
+    """Folders laid out like programasweights/Qwen3-0.6B-GGUF-Q6_K (a tiny Qwen3 without the prefix
+    tokens, under the published file name) and programasweights/paw-4b-qwen3-0.6b (compiler/,
+    meta.json naming Qwen/Qwen3-0.6B, a lora_mapper.pt for that interpreter's 7 modules)."""
+    from paw_lite.convert.qwen3 import convert_qwen3
+    from paw_lite.gguf_file import read_index
+    from paw_lite.qwen3_layout import LORA_MODULES, Qwen3Config
+
+    root = tmp_path_factory.mktemp("standard-downloads")
+    hf = make_tiny_qwen3(root / "interp-hf", vocab_dir, n_layer=3, seed=9)
+    tj = json.loads((hf / "tokenizer.json").read_text())
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if not a["content"].startswith("<prefix_")]
+    (hf / "tokenizer.json").write_text(json.dumps(tj))
+    interp = root / "Qwen3-0.6B-GGUF-Q6_K"
+    interp.mkdir()
+    gguf = convert_qwen3(hf, interp / "qwen3-0.6b-q6_k.gguf", "q8_0")
+    config = Qwen3Config.from_gguf(read_index(gguf), gguf)
+
+    paw = root / "paw-4b-qwen3-0.6b"
+    shutil.copytree(downloads["programasweights/paw-4b-gpt2"] / "compiler", paw / "compiler")
+    write_compiler_meta(paw / "meta.json", rank=RANK, n_bases=BASES, interpreter_model="Qwen/Qwen3-0.6B")
+    rng = np.random.default_rng(0)
+    n_coeff = config.n_layer * 7 * BASES * 2
+    state = {"trunk.0.weight": rng.standard_normal((256, 256)), "trunk.0.bias": rng.standard_normal(256),
+             "coeff_head.weight": rng.standard_normal((n_coeff, 256)), "coeff_head.bias": rng.standard_normal(n_coeff)}
+    for module, (_, suffix) in LORA_MODULES.items():
+        d_in, d_out = config.module_dims(module)
+        state[f"A_bases_{suffix}"] = rng.standard_normal((BASES, RANK, d_in))
+        state[f"B_bases_{suffix}"] = rng.standard_normal((BASES, d_out, RANK))
+    torch.save({k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}, paw / "lora_mapper.pt")
+    return {"programasweights/Qwen3-0.6B-GGUF-Q6_K": interp, "programasweights/paw-4b-qwen3-0.6b": paw}
+
+
+@pytest.fixture
+def both_manifest(manifest, standard_downloads) -> Path:
+    """The manifest fixture's, with the Standard interpreter pinned to the tiny stand-in too."""
+    data = json.loads(manifest.read_text())
+    gguf = standard_downloads["programasweights/Qwen3-0.6B-GGUF-Q6_K"] / "qwen3-0.6b-q6_k.gguf"
+    entry = next(e for e in data["files"] if e["role"] == "interpreter" and e["family"] == "standard")
+    entry["bytes"], entry["sha256"] = gguf.stat().st_size, file_sha256(gguf)
+    manifest.write_text(json.dumps(data))
+    return manifest
+
+
+def test_both_families_import_list_and_verify(tmp_path, capsys, both_manifest, downloads, standard_downloads):
+    """Every published download copied side by side: each compiler, mapper and meta.json goes to its
+    family's names (read from the meta.json beside it), the Qwen3 interpreter is told from the pseudo
+    compiler, and verify checks each mapper against its own family's interpreter."""
+    src = tmp_path / "by-hand"
+    for folder in [*downloads.values(), *standard_downloads.values()]:
+        shutil.copytree(folder, src / folder.name)
+    md = tmp_path / "models"
+    rc, done = cli(capsys, "models", "import", str(src), "--models", str(md), "--quant", "q8_0")
+    assert rc == 0 and done["not_found"] == []
+    assert sorted((d["family"], d["role"], d["name"]) for d in done["written"]) == [
+        ("both", "pseudo_compiler", "qwen3-4b-instruct-2507-q8_0.gguf"),
+        ("compact", "compiler", "paw-4b-gpt2-compiler-q8_0.gguf"), ("compact", "compiler_meta", "paw-4b-gpt2-meta.json"),
+        ("compact", "interpreter", "gpt2-q8_0.gguf"), ("compact", "mapper", "paw-4b-gpt2-mapper.safetensors"),
+        ("standard", "compiler", "paw-4b-qwen3-0.6b-compiler-q8_0.gguf"),
+        ("standard", "compiler_meta", "paw-4b-qwen3-0.6b-meta.json"), ("standard", "interpreter", "qwen3-0.6b-q6_k.gguf"),
+        ("standard", "mapper", "paw-4b-qwen3-0.6b-mapper.safetensors")]
+
+    rc, listing = cli(capsys, "models", "verify", "--models", str(md))
+    assert rc == 0 and listing["ok"] and {f["status"] for f in listing["files"]} == {"ok"}
+    standard = by_role(listing, "standard")
+    assert standard["interpreter"]["detail"] == "published sha256 matches"
+    assert standard["mapper"]["info"] == {"hidden": 256, "rank": RANK, "n_bases": BASES, "interpreter_layers": 3, "modules": 7}
+    assert by_role(listing)["mapper"]["info"]["modules"] == 4
+    assert standard["compiler_meta"]["info"]["interpreter_model"] == "Qwen/Qwen3-0.6B"
+
+    main(["models", "list", "--models", str(md)])  # the text form: one heading per family
+    text = capsys.readouterr().out
+    assert text.index("Compact programs") < text.index("paw-4b-gpt2-mapper") < text.index("Standard programs") \
+        < text.index("paw-4b-qwen3-0.6b-mapper") < text.index("Both families") < text.index("qwen3-4b-instruct-2507")
+
+    # a meta.json of the other family in a family's place is named
+    shutil.copy(md / "paw-4b-gpt2-meta.json", md / "paw-4b-qwen3-0.6b-meta.json")
+    (md / "installed.json").unlink()  # its recorded sha256 would flag the change first
+    rc, listing = cli(capsys, "models", "verify", "--models", str(md))
+    assert rc == 1 and "the meta.json of a compact compiler (paw-4b-gpt2" in by_role(listing, "standard")["compiler_meta"]["detail"]
+
+
+def test_import_and_pull_of_one_family(tmp_path, capsys, both_manifest, downloads, standard_downloads):
+    src = tmp_path / "by-hand"
+    for folder in [*downloads.values(), *standard_downloads.values()]:
+        shutil.copytree(folder, src / folder.name)
+    rc, done = cli(capsys, "models", "import", str(src), "--models", str(tmp_path / "m1"), "--family", "standard",
+                   "--only", "interpreter", "compiler_meta")
+    assert rc == 0 and sorted(d["name"] for d in done["written"]) == ["paw-4b-qwen3-0.6b-meta.json", "qwen3-0.6b-q6_k.gguf"]
+
+    hub = StandInHub({**downloads, **standard_downloads})
+    done = md_pull.pull(tmp_path / "m2", md_import.ImportOptions(quant="q8_0", families=("standard",)), hub=hub)
+    assert sorted(repo for repo, _ in hub.calls) == ["Qwen/Qwen3-4B-Instruct-2507", "programasweights/Qwen3-0.6B-GGUF-Q6_K",
+                                                     "programasweights/paw-4b-qwen3-0.6b"]
+    assert sorted(d["name"] for d in done) == [
+        "paw-4b-qwen3-0.6b-compiler-q8_0.gguf", "paw-4b-qwen3-0.6b-mapper.safetensors", "paw-4b-qwen3-0.6b-meta.json",
+        "qwen3-0.6b-q6_k.gguf", "qwen3-4b-instruct-2507-q8_0.gguf"]

@@ -234,15 +234,20 @@ def test_the_official_runtime_runs_it_to_paw_lites_output(case, sdk_offline, tmp
 # -- facts paw_lite takes from the official SDK ---------------------------------------------------------
 
 
-def test_the_pinned_interpreter_is_the_one_the_official_sdk_pins():
-    """models/manifest.json pins gpt2-q8_0.gguf by size and sha256 as published: the same values the
-    official SDK checks a downloaded interpreter against (cache.LEGACY_RUNTIME_MANIFESTS)."""
+@pytest.mark.parametrize("family,runtime_id", [("compact", "gpt2-q8_0"), ("standard", "qwen3-0.6b-q6_k")])
+def test_the_pinned_interpreter_is_the_one_the_official_sdk_pins(family, runtime_id):
+    """models/manifest.json pins gpt2-q8_0.gguf and qwen3-0.6b-q6_k.gguf by size and sha256 as
+    published: the same values the official SDK checks a downloaded interpreter against
+    (cache.LEGACY_RUNTIME_MANIFESTS), and the runtime id and interpreter paw_lite's families name."""
+    from paw_lite.families import family_named
     from paw_lite.models_dir import manifest
 
-    official = sdk_cache.LEGACY_RUNTIME_MANIFESTS["gpt2-q8_0"]["local_sdk"]["base_model"]
-    ours = manifest.load_manifest()["interpreter"]
+    runtime = sdk_cache.LEGACY_RUNTIME_MANIFESTS[runtime_id]
+    official = runtime["local_sdk"]["base_model"]
+    ours = manifest.manifest_entry(family, "interpreter")
     assert (ours.name, ours.bytes, ours.sha256) == (official["file"], official["size_bytes"], official["sha256"])
     assert ours.source["repo"] == official["repo"]
+    assert (family_named(family).runtime_id, family_named(family).interpreter) == (runtime_id, runtime["interpreter"])
 
 
 def test_the_bundle_limits_are_the_official_importers():

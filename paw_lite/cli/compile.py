@@ -20,12 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "without its final line endings)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.paw", help="the program to write")
     p.add_argument("--pseudo-program", type=Path, metavar="FILE", help="use this pseudo-program instead of generating one")
+    p.add_argument("--family", choices=("compact", "standard"), default=None,
+                   help="the kind of program to make: compact (GPT-2 interpreter, compiler paw-4b-gpt2) or standard "
+                        "(Qwen3-0.6B interpreter, compiler paw-4b-qwen3-0.6b); default: the one --compiler-meta names, "
+                        "else compact")
     p.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files (default: the models directory)")
     p.add_argument("--compiler", type=Path, metavar="GGUF", help="the trained compiler")
     p.add_argument("--mapper", type=Path, metavar="SAFETENSORS", help="the mapper weights")
     p.add_argument("--compiler-meta", type=Path, metavar="JSON", help="the compiler's meta.json")
     p.add_argument("--pseudo-compiler", type=Path, metavar="GGUF", help="the model that writes pseudo-programs")
-    p.add_argument("--interpreter", type=Path, metavar="GGUF", help="the GPT-2 interpreter the program is for")
+    p.add_argument("--interpreter", type=Path, metavar="GGUF", help="the interpreter the program is for (GPT-2 for compact, "
+                                                                    "Qwen3 for standard programs)")
     p.add_argument("--adapter-type", choices=ADAPTER_TYPES, default="q4_0", help="adapter.gguf tensor type (default q4_0)")
     p.add_argument("--peft", type=Path, metavar="DIR", help="also write the program's LoRA in PEFT form to DIR")
     p.add_argument("--run", metavar="TEXT", help="run the new program on TEXT and print its output")
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             compiler_meta=args.compiler_meta, pseudo_compiler=args.pseudo_compiler, interpreter=args.interpreter,
             adapter_type=args.adapter_type, peft=args.peft, progress=progress,
             on_token=(lambda n: bar.update(n - bar.n)) if bar is not None else None, on_encoder=on_encoder,
-            max_new_tokens=args.max_new_tokens, n_threads=args.threads,
+            max_new_tokens=args.max_new_tokens, n_threads=args.threads, family=args.family,
             pseudo_tokenizer=args.pseudo_tokenizer, compiler_tokenizer=args.compiler_tokenizer)
     finally:
         for b in (bar, encoder_bar):
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"wrote {result.path} (program {result.program.program_id}, {len(result.program.adapter_gguf):,}-byte adapter)",
              *(f"  {p['name']:<15} {p['seconds']:7.1f} s   peak RSS {p['peak_rss_mb']} MB" for p in result.phases),
              f"  {'total':<15} {result.seconds:7.1f} s   peak RSS {result.peak_rss_mb} MB"]
-    lines.append(f"  runs on      {summary['runtime_id']}.gguf (the interpreter runtimes look up)")
+    lines.append(f"  runs on      {summary['runtime_id']}.gguf (the interpreter runtimes look up; a {result.family.name} program)")
     if args.peft:
         lines.append(f"PEFT adapter in {args.peft}")
         summary["peft"] = str(args.peft)

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--meta", help="the compiler's meta.json (rank, number of bases); "
                                   "default: the published compiler's rank 64 and 64 bases")
     m.add_argument("--hidden", type=int, default=None, help="compiler hidden width (default 2560, Qwen3-4B)")
-    m.add_argument("--interpreter", help="GPT-2 GGUF or HF folder the programs run on (default: GPT-2 124M)")
+    m.add_argument("--interpreter", help="the interpreter the programs run on: a GPT-2 GGUF or HF folder, or a Qwen3 GGUF (default: the published one of the family the --meta names)")
 
     for sp in (q, g, m):
         sp.add_argument("-o", "--output", required=True, help="output file (written atomically)")
@@ -119,12 +119,14 @@ def _mapper(args: argparse.Namespace) -> dict[str, Any]:
     from ..convert.mapper import QWEN3_4B_HIDDEN, convert_mapper, mapper_shape
 
     meta = CompilerMeta.load(args.meta) if args.meta else None
+    family = meta.family() if meta else None
     interpreter = None
     if args.interpreter:
-        from ..base_model import read_header
+        from ..compiler.interpreter import interpreter_family, read_interpreter
 
-        interpreter, _ = read_header(args.interpreter)
-    shape = mapper_shape(meta, interpreter, QWEN3_4B_HIDDEN if args.hidden is None else args.hidden)
+        family = family or interpreter_family(Path(args.interpreter))
+        interpreter = read_interpreter(Path(args.interpreter), family).config
+    shape = mapper_shape(meta, interpreter, QWEN3_4B_HIDDEN if args.hidden is None else args.hidden, family)
     bar, on_tensor = _progress(len(shape.expected(1)), "tensor")
     try:
         out = convert_mapper(args.src, args.output, shape, on_tensor)

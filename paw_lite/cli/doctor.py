@@ -148,8 +148,10 @@ def check_models(directory: Path) -> list[dict[str, str]]:
     out = []
     for s in survey(directory, verify=True):
         if s.status == "missing":
-            out.append(_check(f"model {s.name}", "warn", f"missing ({s.role}: {', '.join(s.serves)})",
-                              "`paw-lite models pull`, or `paw-lite models import DIR` without a network"))
+            whose = "both families" if s.family == "both" else f"{s.family} programs"
+            pull = "paw-lite models pull" + (" --family standard" if s.family == "standard" else "")
+            out.append(_check(f"model {s.name}", "warn", f"missing ({s.role} of {whose}: {', '.join(s.serves)})",
+                              f"`{pull}`, or `paw-lite models import DIR` without a network"))
         elif s.status == "bad":
             out.append(_check(f"model {s.name}", "fail", s.detail, "`paw-lite models pull` or `paw-lite models import DIR` again"))
         else:

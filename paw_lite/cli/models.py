@@ -10,6 +10,11 @@ from ..errors import PawError, malformed_file
 from . import emit
 
 _ROLE_CHOICES = ("interpreter", "compiler", "mapper", "compiler_meta", "pseudo_compiler")
+_FAMILY_CHOICES = ("compact", "standard", "all")
+# How `models list|verify` heads each family's rows.
+_FAMILY_TITLES = {"compact": "Compact programs (GPT-2 interpreter, compiler paw-4b-gpt2)",
+                  "standard": "Standard programs (Qwen3-0.6B interpreter, compiler paw-4b-qwen3-0.6b)",
+                  "both": "Both families (the pseudo compiler)"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pull = actions.add_parser("pull", help="download the published models and convert them (needs a network)")
     imp = actions.add_parser("import", help="import model files brought in by hand (converting what needs it)")
-    imp.add_argument("src", help="folder with gpt2-q8_0.gguf, the paw-4b-gpt2 download, a Qwen3 folder or GGUF")
+    imp.add_argument("src", help="folder with the downloads: gpt2-q8_0.gguf, qwen3-0.6b-q6_k.gguf, the paw-4b-gpt2 or "
+                                 "paw-4b-qwen3-0.6b download (each in a folder of its own), a Qwen3 folder or GGUF")
     for sp in (pull, imp):
         sp.add_argument("--quant", default="q4_k_m", choices=["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
                         help="type of the pseudo compiler (Qwen3-4B-Instruct-2507) when converted; default q4_k_m")
@@ -26,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="type of the trained compiler; default q8_0 (its hidden states feed the mapper)")
         sp.add_argument("--only", nargs="+", choices=_ROLE_CHOICES, default=list(_ROLE_CHOICES), metavar="ROLE",
                         help=f"only these files ({', '.join(_ROLE_CHOICES)})")
+    pull.add_argument("--family", choices=_FAMILY_CHOICES, default="compact",
+                      help="the files of Compact programs (GPT-2, the default), Standard programs (Qwen3-0.6B) or all")
+    imp.add_argument("--family", choices=_FAMILY_CHOICES, default="all",
+                     help="import only the files of this family (default: whatever the folder holds); a compiler "
+                          "without its meta.json beside it is taken as this family's")
     lst = actions.add_parser("list", help="what is in the models directory and which commands each file serves")
     ver = actions.add_parser("verify", help="like list, and check sha256 and structure of every file")
     for sp in (pull, imp, lst, ver):
@@ -56,7 +67,10 @@ def _fetch(args: argparse.Namespace, directory) -> int:
     from ..models_dir.importing import ImportOptions, import_dir
     from ..models_dir.pull import pull
 
-    options = ImportOptions(quant=args.quant, compiler_quant=args.compiler_quant, roles=tuple(args.only))
+    from ..families import FAMILIES
+
+    families = tuple(FAMILIES) if args.family == "all" else (args.family,)
+    options = ImportOptions(quant=args.quant, compiler_quant=args.compiler_quant, roles=tuple(args.only), families=families)
     check_writable(directory, "--models", into=True)  # before any download or conversion
     bar, on_tensor, on_step = _progress()
     try:
@@ -69,8 +83,15 @@ def _fetch(args: argparse.Namespace, directory) -> int:
         bar.close()
     lines = [f"{d['name']:<40} {d['bytes']:>15,} bytes  {d['how']}" for d in done]
     # Importing part of the set is normal (running programs needs only the interpreter), but a file
-    # left out unnoticed shows up only when compile fails: say which were not there.
-    not_found = [r for r in args.only if r not in {d["role"] for d in done}]
+    # left out unnoticed shows up only when compile fails: say which were not there, for each family
+    # asked for (an import of whatever a folder holds: each family it brought something of).
+    got = {(d["family"], d["role"]) for d in done}
+    if args.action == "import" and args.family == "all":  # the families the folder held files of; none: Compact's
+        families = tuple(f for f in families if any(fam == f for fam, _ in got)) or ("compact",)
+    not_found = [f"{role} ({family})" if len(families) > 1 and role != "pseudo_compiler" else role
+                 for family in families for role in args.only
+                 if (family, role) not in got and not (role == "pseudo_compiler" and ("both", role) in got)]
+    not_found = list(dict.fromkeys(not_found))  # the shared pseudo compiler once
     if not_found:
         where = "in the download" if args.action == "pull" else f"in {args.src} or its subfolders"
         lines.append(f"not found {where}: {', '.join(not_found)}")
@@ -92,11 +113,15 @@ def run(args: argparse.Namespace) -> int:
     rows = summarize(statuses)
     width = max(len(r["name"]) for r in rows)
     lines = [f"models directory {directory}"]
-    for r in rows:
-        size = f"{r['bytes']:>15,}" if r["bytes"] is not None else " " * 15
-        lines.append(f"{r['status']:<8} {r['name']:<{width}} {size}  {r['role']}: {', '.join(r['serves'])}")
-        if r["detail"]:
-            lines.append(f"         {r['detail']}")
+    for family, title in _FAMILY_TITLES.items():
+        rows_of = [r for r in rows if r["family"] == family]
+        if rows_of:
+            lines.append(f"{title}:")
+        for r in rows_of:
+            size = f"{r['bytes']:>15,}" if r["bytes"] is not None else " " * 15
+            lines.append(f"  {r['status']:<8} {r['name']:<{width}} {size}  {r['role']}: {', '.join(r['serves'])}")
+            if r["detail"]:
+                lines.append(f"           {r['detail']}")
     bad = [r for r in rows if r["status"] == "bad"]
     # Missing files are normal (running programs needs only the interpreter), but a verify that
     # found nothing at all to check has not verified anything.

@@ -1,4 +1,5 @@
-"""The compiler's inputs: its `meta.json` and where the model files are (the model card of programasweights/paw-4b-gpt2 and the official SDK)."""
+"""The compiler's inputs: its `meta.json` and where the model files are (the model cards of
+programasweights/paw-4b-gpt2 and paw-4b-qwen3-0.6b, and the official SDK), for each program family."""
 
 from __future__ import annotations
 
@@ -11,27 +12,48 @@ from typing import Any
 
 from .. import paths
 from ..errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
+from ..families import COMPACT, FAMILIES, STANDARD, Family
 
 log = logging.getLogger("paw_lite.compiler")
 
 MAX_META_BYTES = 1024 * 1024
 
-# File names in the models directory, as `paw-lite models pull` writes them (models/manifest.json):
-# {quant} is the default type, or any other one present when the default is not.
-FILE_NAMES = {
-    "compiler": ("paw-4b-gpt2-compiler-{quant}.gguf", "q8_0"),
-    "mapper": ("paw-4b-gpt2-mapper.safetensors", None),
-    "compiler_meta": ("paw-4b-gpt2-meta.json", None),
-    "pseudo_compiler": ("qwen3-4b-instruct-2507-{quant}.gguf", "q4_k_m"),
-    "interpreter": (f"{paths.DEFAULT_RUNTIME_ID}.gguf", None),
-}
-DEFAULT_FILES = {role: name.format(quant=quant) if quant else name for role, (name, quant) in FILE_NAMES.items()}
+# File names in the models directory, as `paw-lite models pull` writes them (models/manifest.json),
+# per program family: {quant} is the default type, or any other one present when the default is not.
+# The pseudo compiler (the stock Qwen3-4B-Instruct-2507) serves both families.
+PSEUDO_COMPILER_FILE = ("qwen3-4b-instruct-2507-{quant}.gguf", "q4_k_m")
 
 
-def _find(directory: Path, role: str) -> Path:
+def _family_file_names(family: Family) -> dict[str, tuple[str, str | None]]:
+    return {
+        "compiler": (f"{family.compiler}-compiler-{{quant}}.gguf", "q8_0"),
+        "mapper": (f"{family.compiler}-mapper.safetensors", None),
+        "compiler_meta": (f"{family.compiler}-meta.json", None),
+        "pseudo_compiler": PSEUDO_COMPILER_FILE,
+        "interpreter": (f"{family.runtime_id}.gguf", None),
+    }
+
+
+FAMILY_FILE_NAMES: dict[str, dict[str, tuple[str, str | None]]] = {name: _family_file_names(f) for name, f in FAMILIES.items()}
+
+
+def default_files(family: str = COMPACT.name) -> dict[str, str]:
+    """role -> the file name a compile of this family looks for in the models directory."""
+    return {role: name.format(quant=quant) if quant else name for role, (name, quant) in FAMILY_FILE_NAMES[family].items()}
+
+
+FILE_NAMES = FAMILY_FILE_NAMES[COMPACT.name]  # Compact programs' (the names earlier releases had alone)
+DEFAULT_FILES = default_files(COMPACT.name)
+
+# meta.json `interpreter_model` values naming each family's interpreter (HF ids, any case; runtime ids).
+_INTERPRETER_NAMES = {COMPACT.name: {"gpt2", "openai-community/gpt2", COMPACT.runtime_id},
+                      STANDARD.name: {STANDARD.interpreter.lower(), STANDARD.runtime_id}}
+
+
+def _find(directory: Path, role: str, family: str) -> Path:
     """The role's file in the models directory: the default name, else the one other quantization present."""
-    default = directory / DEFAULT_FILES[role]
-    name, quant = FILE_NAMES[role]
+    name, quant = FAMILY_FILE_NAMES[family][role]
+    default = directory / (name.format(quant=quant) if quant else name)
     if default.exists() or not quant:
         return default
     others = sorted(directory.glob(name.replace("{quant}", "*"))) if directory.is_dir() else []
@@ -45,7 +67,8 @@ def _find(directory: Path, role: str) -> Path:
 
 @dataclass(frozen=True)
 class CompilerMeta:
-    """`paw-4b-gpt2/meta.json`: the numbers the mapper and the bundle need."""
+    """A compiler's `meta.json` (paw-4b-gpt2's or paw-4b-qwen3-0.6b's): the numbers the mapper and the
+    bundle need, and the interpreter the compiler was trained for."""
 
     lora_rank: int
     lora_alpha: float
@@ -88,6 +111,18 @@ class CompilerMeta:
                    prompt_style=style, interpreter_model=data.get("interpreter_model"),
                    snapshot=snapshot if isinstance(snapshot, str) else None, source=source)
 
+    def family(self) -> Family | None:
+        """The program family of the interpreter this compiler was trained for (`interpreter_model`);
+        None when the meta does not say."""
+        if self.interpreter_model is None:
+            return None
+        for name, known in _INTERPRETER_NAMES.items():
+            if str(self.interpreter_model).lower() in known:
+                return FAMILIES[name]
+        raise IncompatibleModelError(
+            f"{self.source}: interpreter_model {self.interpreter_model!r} is neither GPT-2 (Compact programs) nor "
+            f"{STANDARD.interpreter} (Standard programs); paw_lite compiles for those two")
+
 
 @dataclass(frozen=True)
 class ModelFiles:
@@ -99,8 +134,10 @@ class ModelFiles:
     pseudo_compiler: Path | None = None
     interpreter: Path | None = None
 
-    def resolved(self, models_dir: str | os.PathLike[str] | None, *, need_pseudo_compiler: bool) -> "ModelFiles":
-        """Every needed file as an existing path; the error lists all that are missing at once."""
+    def resolved(self, models_dir: str | os.PathLike[str] | None, *, need_pseudo_compiler: bool,
+                 family: str = COMPACT.name) -> "ModelFiles":
+        """Every needed file as an existing path, those not given taken from the models directory
+        under the names of `family`'s files; the error lists all that are missing at once."""
         directory = Path(models_dir).expanduser() if models_dir is not None else paths.models_dir()
         out: dict[str, Path | None] = {}
         missing = []
@@ -109,14 +146,15 @@ class ModelFiles:
             if f.name == "pseudo_compiler" and not need_pseudo_compiler and given is None:
                 out[f.name] = None
                 continue
-            path = Path(given).expanduser() if given is not None else _find(directory, f.name)
+            path = Path(given).expanduser() if given is not None else _find(directory, f.name, family)
             if not path.exists():
                 missing.append(f"{f.name.replace('_', '-')} ({path})")
             out[f.name] = path
         if missing:
+            pull = "paw-lite models pull" + ("" if family == COMPACT.name else f" --family {family}")
             raise ModelNotFoundError(
-                f"the compiler needs files that are not there: {'; '.join(missing)}. Get them with `paw-lite models pull` "
-                f"(or `paw-lite models import DIR`), pass --models DIR (models= in Python) for the folder that "
+                f"the {family} compiler ({FAMILIES[family].compiler}) needs files that are not there: {'; '.join(missing)}. "
+                f"Get them with `{pull}` (or `paw-lite models import DIR`), pass --models DIR (models= in Python) for the folder that "
                 f"holds them, or name each one (--compiler, --mapper, --compiler-meta, --pseudo-compiler, --interpreter; "
                 f"the same names with underscores in Python)")
         return ModelFiles(**out)

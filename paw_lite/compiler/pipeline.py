@@ -17,15 +17,17 @@ from typing import Any
 
 from .. import paths
 from ..atomic import check_writable
-from ..base_model import file_sha256, read_header
+from ..base_model import file_sha256
 from ..errors import ContextOverflowError, IncompatibleModelError, PawError, require
+from ..families import COMPACT, FAMILIES, Family, family_named, family_of_interpreter, standard_template
 from ..lora import LoraAdapter, check_peft_folder, write_peft_dir
-from ..program import Program
+from ..program import PLACEHOLDER, Program
 from ..runtime import PawFunction, function
 from .bundle import ADAPTER_TYPES, adapter_bytes, build_program
-from .config import DEFAULT_FILES, CompilerMeta, ModelFiles
+from .config import CompilerMeta, ModelFiles, default_files
 from .encoder import TextModel, chat_prompt, depth_layers, encoder_token_ids, hidden_states
 from .hf_tokenizer import HFTokenizer
+from .interpreter import read_interpreter
 from .llama import LlamaModel
 from .mapper import Mapper, MapperShape
 from .prompt_cache import PromptStateCache, file_identity, spec_independent_prefix
@@ -49,8 +51,13 @@ class CompileOptions:
     runtime_id: str | None = None
     cache_dir: Path | None = None  # default: paths.cache_dir() ($PAW_LITE_CACHE)
     prompt_cache: bool = True  # keep the pseudo compiler's spec-independent prompt state on disk
+    # "compact" (GPT-2 programs, paw-4b-gpt2) or "standard" (Qwen3-0.6B programs, paw-4b-qwen3-0.6b);
+    # None: the one the compiler meta.json given names, else compact
+    family: str | None = None
 
     def __post_init__(self):
+        if self.family is not None and self.family not in FAMILIES:
+            raise PawError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.adapter_type not in ADAPTER_TYPES:
             raise PawError(f"adapter type {self.adapter_type!r} is not one of {', '.join(ADAPTER_TYPES)}")
         for name, minimum in (("max_new_tokens", 1), ("n_ubatch", 1), ("input_reserve", 0), ("n_threads", 1)):
@@ -75,6 +82,7 @@ class CompileResult:
     pseudo: PseudoResult | None = None
     encoder_tokens: int = 0
     path: Path | None = None
+    family: Family = COMPACT
 
     @property
     def seconds(self) -> float:
@@ -94,7 +102,7 @@ class CompileResult:
             "pseudo_program_tokens": self.pseudo.n_tokens if self.pseudo else None,
             "pseudo_generated_tokens": self.pseudo.generated_tokens if self.pseudo else 0,
             "encoder_tokens": self.encoder_tokens, "adapter_bytes": len(self.program.adapter_gguf),
-            "runtime_id": self.program.meta.get("runtime_id"),
+            "runtime_id": self.program.meta.get("runtime_id"), "family": self.family.name,
             "phases": self.phases, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
             "files": {k: (str(v) if v else None) for k, v in vars(self.files).items()},
         }
@@ -162,24 +170,25 @@ def compiler_fingerprint(files: ModelFiles) -> str:
     return h.hexdigest()[:16]
 
 
-def _is_published_interpreter(path: Path) -> bool:
-    """The published gpt2-q8_0.gguf under another name (size, then sha256, as the manifest pins them)."""
-    from ..models_dir.manifest import load_manifest
+def _is_published_interpreter(path: Path, family: Family) -> bool:
+    """The family's published interpreter (gpt2-q8_0.gguf, qwen3-0.6b-q6_k.gguf) under another name
+    (size, then sha256, as the manifest pins them)."""
+    from ..models_dir.manifest import manifest_entry
 
-    entry = load_manifest()["interpreter"]
+    entry = manifest_entry(family.name, "interpreter")
     try:
         return path.is_file() and path.stat().st_size == entry.bytes and file_sha256(path) == entry.sha256
     except OSError:
         return False
 
 
-def _runtime_id(interpreter: Path, options: CompileOptions) -> str:
-    """The interpreter a program names (runtimes look for `<runtime_id>.gguf`): the published one
-    unless the program is compiled for another file, whose name then has to be usable as one."""
+def _runtime_id(interpreter: Path, options: CompileOptions, family: Family) -> str:
+    """The interpreter a program names (runtimes look for `<runtime_id>.gguf`): the family's published
+    one unless the program is compiled for another file, whose name then has to be usable as one."""
     if options.runtime_id:
         return options.runtime_id
-    if interpreter.name == DEFAULT_FILES["interpreter"] or _is_published_interpreter(interpreter):
-        return paths.DEFAULT_RUNTIME_ID
+    if interpreter.name == f"{family.runtime_id}.gguf" or _is_published_interpreter(interpreter, family):
+        return family.runtime_id
     rid = interpreter.stem if interpreter.suffix == ".gguf" else interpreter.name
     if not paths.is_safe_name(rid):
         raise PawError(f"{interpreter}: the program would name its interpreter {rid!r}, which runtimes cannot look up "
@@ -217,20 +226,28 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
         _refuse_file_name(pseudo_program)
     # Before the model files: a run-only install would otherwise be sent to fetch gigabytes first.
     require("llama_cpp", "compile")
-    files = files.resolved(models, need_pseudo_compiler=pseudo_program is None)
+    family = _family(options, files)
+    files = files.resolved(models, need_pseudo_compiler=pseudo_program is None, family=family.name)
     phases = _Phases(progress)
 
     with phases("check"):
         meta = CompilerMeta.load(files.compiler_meta)
-        interp_config, interp_tokenizer = read_header(files.interpreter)
-        limit = interp_config.n_ctx - options.input_reserve
+        named = meta.family()
+        if named is not None and named.name != family.name:
+            raise IncompatibleModelError(
+                f"{files.compiler_meta}: this compiler makes {named.name} programs (interpreter_model "
+                f"{meta.interpreter_model!r}), but the compile is for {family.name} programs; compile with "
+                f"--family {named.name} (family={named.name!r}), or pass the {family.compiler} files")
+        interpreter = read_interpreter(files.interpreter, family)
+        interp_config = interpreter.config
+        limit = interpreter.n_ctx - options.input_reserve
         if limit <= 0:
             raise PawError(f"input_reserve={options.input_reserve} leaves no room for a pseudo-program in the "
-                           f"{interp_config.n_ctx}-token context of {files.interpreter}; lower it (default {INPUT_RESERVE})")
+                           f"{interpreter.n_ctx}-token context of {files.interpreter}; lower it (default {INPUT_RESERVE})")
         if options.adapter_type == "q4_0" and meta.lora_rank % 32:
             raise IncompatibleModelError(f"{files.compiler_meta}: lora_rank {meta.lora_rank} is not a multiple of 32, "
                                          f"which a Q4_0 adapter needs (blocks of 32); use adapter type f16 or f32 (--adapter-type / adapter_type=)")
-        runtime_id = _runtime_id(files.interpreter, options)
+        runtime_id = _runtime_id(files.interpreter, options, family)
         with LlamaModel(files.compiler, vocab_only=True) as vocab:
             compiler_width = vocab.n_embd
             text = _text_model(vocab, options.compiler_tokenizer)
@@ -254,17 +271,19 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
                 with GreedyGenerator(model, text, max_new_tokens=options.max_new_tokens, n_threads=options.n_threads,
                                      n_ubatch=options.n_ubatch, on_token=on_token, fixed_prefix=fixed,
                                      state_cache=cache) as generate:
-                    pseudo = fit_to_budget(spec, generate, lambda t: len(interp_tokenizer.encode(t)), limit)
+                    with interpreter.token_counter() as count_tokens:
+                        pseudo = fit_to_budget(spec, generate, count_tokens, limit)
         pseudo_text, strategy = pseudo.text, "examples"
     else:
         pseudo_text, strategy = pseudo_program.strip(), "provided"
         if not pseudo_text:
             raise PawError("the pseudo-program given is empty")
-        n = len(interp_tokenizer.encode(pseudo_text))
+        with interpreter.token_counter() as count_tokens:
+            n = count_tokens(pseudo_text)
         if n > limit:
             raise ContextOverflowError(f"the pseudo-program given is {n} interpreter tokens; at most {limit} fit "
-                                       f"(context {interp_config.n_ctx} minus {options.input_reserve} for input and output)")
-    template = interpreter_template(pseudo_text)  # refuses a pseudo-program that would break it, before the encoder pass
+                                       f"(context {interpreter.n_ctx} minus {options.input_reserve} for input and output)")
+    template = _template(pseudo_text, family)  # refuses a pseudo-program that would break it, before the encoder pass
 
     with phases("encoder"):
         with LlamaModel(files.compiler) as model:
@@ -279,17 +298,42 @@ def compile_program(spec: str, *, pseudo_program: str | None = None, models: Pat
         del states
 
     with phases("bundle"):
-        adapter = adapter_bytes(tensors, meta.lora_alpha, options.adapter_type)
-        program = build_program(spec=spec, pseudo_program=pseudo_text, template=template, adapter_gguf=adapter, rank=meta.lora_rank,
+        adapter = adapter_bytes(tensors, meta.lora_alpha, options.adapter_type, family)
+        program = build_program(family=family, spec=spec, pseudo_program=pseudo_text, template=template, adapter_gguf=adapter, rank=meta.lora_rank,
                                 alpha=meta.lora_alpha, prefix_steps=meta.prefix_steps, strategy=strategy,
                                 runtime_id=runtime_id, compiler_snapshot=meta.snapshot,
                                 compiler_fingerprint=fingerprint)
-    return CompileResult(program, files, phases.records, pseudo, len(ids))
+    return CompileResult(program, files, phases.records, pseudo, len(ids), family=family)
+
+
+def _family(options: CompileOptions, files: ModelFiles) -> Family:
+    """The family asked for; else the one the compiler meta.json given names; else Compact (the
+    family paw_lite compiled for alone before, whose files a models directory always had)."""
+    if options.family is not None:
+        return family_named(options.family)
+    if files.compiler_meta is not None:
+        meta_path = Path(files.compiler_meta).expanduser()
+        if meta_path.exists():  # a missing one is reported with the other missing files
+            named = CompilerMeta.load(meta_path).family()
+            if named is not None:
+                return named
+    return COMPACT
+
+
+def _template(pseudo_program: str, family: Family) -> str:
+    """The program's prompt_template.txt: the bare pseudo-program and input for Compact programs, the
+    Qwen chat wrapping with thinking off for Standard ones."""
+    if family.name == COMPACT.name:
+        return interpreter_template(pseudo_program)
+    if PLACEHOLDER in pseudo_program:
+        raise IncompatibleModelError(f"the pseudo-program contains {PLACEHOLDER}, which would break the program's template; remove it")
+    return standard_template(pseudo_program, PLACEHOLDER)
 
 
 def export_peft(program: Program, interpreter: PathLike, folder: PathLike) -> Path:
     """The program's adapter (as stored, dequantized) in PEFT form."""
-    config, _ = read_header(interpreter)
+    family = family_of_interpreter(program.meta.get("interpreter", COMPACT.interpreter), "the program's meta.json")
+    config = read_interpreter(Path(interpreter).expanduser(), family).config
     adapter = LoraAdapter.from_program(program, config)
     return write_peft_dir(folder, adapter)
 

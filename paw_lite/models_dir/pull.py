@@ -9,14 +9,17 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ModelNotFoundError, require
+from ..families import COMPACT
 from .importing import ImportOptions, import_dir
-from .manifest import load_manifest
+from .manifest import SHARED, ManifestEntry, load_manifest
 
 
 _OFFLINE_HINT = (
-    "Without a network: on a machine with one, download programasweights/GPT2-GGUF-Q8_0 (gpt2-q8_0.gguf), "
-    "programasweights/paw-4b-gpt2 (compiler/, lora_mapper.pt, meta.json) and Qwen/Qwen3-4B-Instruct-2507 "
-    "(or a GGUF of it), copy them into one folder here and run `paw-lite models import DIR`")
+    "Without a network: on a machine with one, download programasweights/GPT2-GGUF-Q8_0 (gpt2-q8_0.gguf) and "
+    "programasweights/paw-4b-gpt2 (compiler/, lora_mapper.pt, meta.json) for Compact programs, "
+    "programasweights/Qwen3-0.6B-GGUF-Q6_K (qwen3-0.6b-q6_k.gguf) and programasweights/paw-4b-qwen3-0.6b for "
+    "Standard ones, and Qwen/Qwen3-4B-Instruct-2507 (or a GGUF of it), copy them into one folder here (each "
+    "download in a folder of its own) and run `paw-lite models import DIR`")
 
 
 def _check_online(hub: Any, timeout: float = 5.0) -> None:
@@ -33,25 +36,29 @@ def _check_online(hub: Any, timeout: float = 5.0) -> None:
 def pull(directory: Path, options: ImportOptions = ImportOptions(), *, hub: Any = None,
          on_tensor: Callable[[str], None] | None = None,
          on_step: Callable[[str, int | None], None] | None = None) -> list[dict[str, Any]]:
-    """Download the published repos (resumable: the hub cache lives in `<models>/.hub-cache`) and import them.
-    `hub` is the huggingface_hub module (tests pass a stand-in)."""
+    """Download the published repos of `options.families` (resumable: the hub cache lives in
+    `<models>/.hub-cache`) and import them. `hub` is the huggingface_hub module (tests pass a stand-in)."""
     if hub is None:
         hub = require("huggingface_hub", "pull")
         require("huggingface_hub.constants", "pull")  # a lazy submodule: import it so hub.constants exists
     manifest = load_manifest()
     _check_online(hub)
     cache = directory / ".hub-cache"
-    by_repo: dict[str, list[str]] = {}
-    for role in options.roles:
-        src = manifest[role].source
-        by_repo.setdefault(src["repo"], []).extend(src["files"])
+    families = options.families or (COMPACT.name,)
+    wanted = [e for e in manifest if e.role in options.roles and any(e.serves_family(f) for f in families)]
+    by_repo: dict[str, list[ManifestEntry]] = {}
+    for entry in wanted:
+        by_repo.setdefault(entry.source["repo"], []).append(entry)
     done: list[dict[str, Any]] = []
-    for repo, patterns in by_repo.items():
+    for repo, entries in by_repo.items():
+        patterns = sorted({pattern for e in entries for pattern in e.source["files"]})
         try:
-            snap = Path(hub.snapshot_download(repo, allow_patterns=sorted(set(patterns)), cache_dir=str(cache)))
+            snap = Path(hub.snapshot_download(repo, allow_patterns=patterns, cache_dir=str(cache)))
         except Exception as exc:  # the hub raises many types (HTTP, connection, auth): report one line
             raise ModelNotFoundError(f"{repo}: download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
                                      f"{_OFFLINE_HINT}") from exc
-        roles = tuple(r for r in options.roles if manifest[r].source["repo"] == repo)
-        done += import_dir(snap, directory, ImportOptions(options.quant, options.compiler_quant, roles), on_tensor, on_step)
+        roles = tuple(r for r in options.roles if any(e.role == r for e in entries))
+        of_repo = tuple(sorted({e.family for e in entries} - {SHARED})) or families
+        done += import_dir(snap, directory, ImportOptions(options.quant, options.compiler_quant, roles, of_repo),
+                           on_tensor, on_step)
     return done

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..base_model import file_sha256
-from ..errors import InvalidFileError, PawError, malformed_file
-from .manifest import ManifestEntry, load_manifest, read_installed
+from ..errors import IncompatibleModelError, InvalidFileError, PawError, malformed_file
+from ..families import COMPACT, FAMILIES
+from .manifest import SHARED, ManifestEntry, load_manifest, manifest_entry, read_installed
 
 
 class ShapeSourceError(PawError):
@@ -36,56 +37,64 @@ NOT_A_FOLDER = "the models directory is a file, not a folder"
 NOT_A_FOLDER_FIX = "point --models or PAW_LITE_MODELS at a folder"
 
 
-def check_file(path: Path, role: str, directory: Path) -> dict[str, Any]:
-    """Structural check of one file for its role; raises with the problem."""
+def check_file(path: Path, role: str, directory: Path, family: str = COMPACT.name) -> dict[str, Any]:
+    """Structural check of one file for its role in `family`'s programs; raises with the problem."""
     if role in ("interpreter", "compiler", "pseudo_compiler"):
         from ..convert.verify import verify_gguf
 
-        return verify_gguf(path, role)
+        return verify_gguf(path, role, interpreter_arch=FAMILIES[family].arch if family in FAMILIES else None)
     if role == "compiler_meta":
         from ..compiler.config import CompilerMeta
 
         meta = CompilerMeta.load(path)
-        return {"lora_rank": meta.lora_rank, "lora_num_bases": meta.lora_num_bases, "prefix_steps": meta.prefix_steps}
+        named = meta.family()
+        if named is not None and named.name != family:
+            raise IncompatibleModelError(f"{path}: the meta.json of a {named.name} compiler ({named.compiler}; interpreter_model "
+                                         f"{meta.interpreter_model!r}) in the place of the {family} one ({FAMILIES[family].compiler})")
+        return {"lora_rank": meta.lora_rank, "lora_num_bases": meta.lora_num_bases, "prefix_steps": meta.prefix_steps,
+                "interpreter_model": meta.interpreter_model}
     if role == "mapper":
         from ..compiler.mapper import Mapper
         from ..safetensors_file import SafetensorsFile
 
         SafetensorsFile(path)  # the mapper's own header first: its problem must not wait for the other files'
         try:
-            shape = installed_mapper_shape(directory)
+            shape = installed_mapper_shape(directory, family=family)
         except ShapeSourceError as exc:  # that file's own check reports the problem; here it is only the cause
             raise InvalidFileError(f"{path}: cannot check its shape: {exc.source.name} is unreadable (see its row); "
                                    f"fix that file first") from exc
         Mapper.check(path, shape)
-        return {"hidden": shape.hidden, "rank": shape.rank, "n_bases": shape.n_bases, "interpreter_layers": shape.interpreter.n_layer}
+        return {"hidden": shape.hidden, "rank": shape.rank, "n_bases": shape.n_bases, "interpreter_layers": shape.interpreter.n_layer,
+                "modules": len(shape.modules)}
     raise ValueError(f"unknown role {role!r}")
 
 
-def installed_mapper_shape(directory: Path, meta_path: Path | None = None):
-    """The mapper shape the files in `directory` call for: rank and bases from the compiler meta, the
-    hidden width from the compiler GGUF, the module widths from the interpreter; the published
-    figures (the model card of programasweights/paw-4b-gpt2 and the official SDK) for whichever is not there yet."""
+def installed_mapper_shape(directory: Path, meta_path: Path | None = None, family: str = COMPACT.name):
+    """The mapper shape `family`'s files in `directory` call for: rank and bases from the compiler
+    meta, the hidden width from the compiler GGUF, the layers and module widths from the interpreter;
+    the published figures (the model cards of programasweights/paw-4b-gpt2 and paw-4b-qwen3-0.6b,
+    and the official SDK) for whichever is not there yet."""
     from ..compiler.config import CompilerMeta
+    from ..compiler.interpreter import read_interpreter
     from ..convert.gguf_meta import read_gguf_meta
     from ..convert.mapper import QWEN3_4B_HIDDEN, mapper_shape
-    from ..convert.verify import gpt2_config
 
     manifest = load_manifest()
-    meta_path = meta_path or directory / manifest["compiler_meta"].file_name()
+    meta_path = meta_path or directory / manifest_entry(family, "compiler_meta", manifest).file_name()
     meta = _read_shape_source(meta_path, "compiler meta.json", CompilerMeta.load) if meta_path.exists() else None
-    compilers = _present(directory, manifest["compiler"])
+    compilers = _present(directory, manifest_entry(family, "compiler", manifest))
     hidden = _read_shape_source(compilers[0], "compiler file", lambda p: int(read_gguf_meta(p).fields.get(
         "qwen3.embedding_length", QWEN3_4B_HIDDEN))) if compilers else QWEN3_4B_HIDDEN
-    interp_path = directory / manifest["interpreter"].file_name()
-    interpreter = _read_shape_source(interp_path, "interpreter file", lambda p: gpt2_config(read_gguf_meta(p), p)) \
-        if interp_path.exists() else None
-    return mapper_shape(meta, interpreter, hidden)
+    interp_path = directory / manifest_entry(family, "interpreter", manifest).file_name()
+    interpreter = _read_shape_source(interp_path, "interpreter file",
+                                     lambda p: read_interpreter(p, FAMILIES[family]).config) if interp_path.exists() else None
+    return mapper_shape(meta, interpreter, hidden, FAMILIES[family])
 
 
 @dataclass
 class FileStatus:
     role: str
+    family: str  # compact, standard, or both (manifest.SHARED)
     name: str
     serves: tuple[str, ...]
     status: str  # ok | missing | bad | present (listed, not verified)
@@ -102,19 +111,21 @@ def _present(directory: Path, entry: ManifestEntry) -> list[Path]:
 
 
 def survey(directory: Path, *, verify: bool) -> list[FileStatus]:
-    """Every manifest role with the files present for it; with verify, hashes and structural checks."""
+    """Every manifest file (both families) with the files present for it; with verify, hashes and
+    structural checks."""
     manifest = load_manifest()
     records = read_installed(directory) if verify else {}  # listing needs no records
     out = []
-    for role, entry in manifest.items():
+    for entry in manifest:
+        role = entry.role
         files = _present(directory, entry)
         if not files:
             how = entry.source["how"].format(quant=entry.default_quant, output=directory / entry.file_name())
-            out.append(FileStatus(role, entry.file_name(), entry.serves, "missing",
+            out.append(FileStatus(role, entry.family, entry.file_name(), entry.serves, "missing",
                                   detail=f"from {entry.source['repo']} ({how}; `paw-lite models import DIR` does this)"))
             continue
         for path in files:
-            st = FileStatus(role, path.name, entry.serves, "present", bytes=path.stat().st_size)
+            st = FileStatus(role, entry.family, path.name, entry.serves, "present", bytes=path.stat().st_size)
             if verify:
                 _verify_one(st, path, entry, records.get(path.name), directory)
             out.append(st)
@@ -132,7 +143,7 @@ def _verify_one(st: FileStatus, path: Path, entry: ManifestEntry, record: dict |
         return
     try:
         with malformed_file(path, entry.role.replace("_", " ") + " file"):
-            st.info = check_file(path, entry.role, directory)
+            st.info = check_file(path, entry.role, directory, entry.family if entry.family != SHARED else COMPACT.name)
             named, held = entry.quant_in(path.name), gguf_quant(path) if path.suffix == ".gguf" else None
     except PawError as exc:
         st.status, st.detail = "bad", str(exc)
@@ -175,5 +186,5 @@ def gguf_quant(path: Path) -> str | None:
 
 
 def summarize(statuses: Iterable[FileStatus]) -> list[dict[str, Any]]:
-    return [{"role": s.role, "name": s.name, "serves": list(s.serves), "status": s.status, "bytes": s.bytes,
+    return [{"role": s.role, "family": s.family, "name": s.name, "serves": list(s.serves), "status": s.status, "bytes": s.bytes,
              "sha256": s.sha256, "detail": s.detail, **({"info": s.info} if s.info else {})} for s in statuses]
