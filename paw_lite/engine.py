@@ -14,7 +14,7 @@ keys; a batch reads it in place)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 
 import numpy as np
@@ -87,6 +87,18 @@ class Engine:
         instead of running. Up to `capacity` sequences (all by default) are in flight, a finished
         one's slot going to the next (`scheduler.run`)."""
         return self._run(seqs, eos, capacity, on_tokens=on_tokens, stop=stop, on_done=on_done)
+
+    def batch(self, capacity: int, eos: int, on_done: Callable[[Hashable, list[int]], None] | None = None,
+              n_positions: int = scheduler.KV_GROWTH) -> scheduler.Batch:
+        """An open batch of `capacity` slots that sequences join (`add`, after `check`) and leave
+        between steps: a server's continuous batching. Its own positions per slot start at
+        n_positions and grow on demand. Runs on this engine's buffers: one batch at a time."""
+        cache = SlotCache.slots(self.model.kv_shape, capacity, n_positions, self.prefix_k, self.prefix_v)
+        return scheduler.Batch(self.model, cache, eos, on_done=on_done)
+
+    def check(self, seq: Sequence, what: str = "the sequence") -> None:
+        """Refuse, with a PawError, a sequence this engine cannot run (as generate does)."""
+        self._check(seq, what)
 
     def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Logits after the last token of each sequence (n_seqs, n_vocab): what generation
