@@ -89,12 +89,13 @@ class Engine:
         return self._run(seqs, eos, capacity, on_tokens=on_tokens, stop=stop, on_done=on_done)
 
     def batch(self, capacity: int, eos: int, on_done: Callable[[Hashable, list[int]], None] | None = None,
-              n_positions: int = scheduler.KV_GROWTH) -> scheduler.Batch:
-        """An open batch of `capacity` slots that sequences join (`add`, after `check`) and leave
-        between steps: a server's continuous batching. Its own positions per slot start at
-        n_positions and grow on demand. Runs on this engine's buffers: one batch at a time."""
-        cache = SlotCache.slots(self.model.kv_shape, capacity, n_positions, self.prefix_k, self.prefix_v)
-        return scheduler.Batch(self.model, cache, eos, on_done=on_done)
+              kv_budget: int | None = None) -> scheduler.Batch:
+        """An open batch of up to `capacity` sequences in flight that sequences join (`add`, after
+        `check`) and leave between steps: a server's continuous batching. Its cache starts with one
+        slot of KV_GROWTH own positions and grows with what joins (slots) and what they make
+        (positions), within kv_budget bytes (`scheduler.Batch`)."""
+        cache = SlotCache.slots(self.model.kv_shape, 1, scheduler.KV_GROWTH, self.prefix_k, self.prefix_v)
+        return scheduler.Batch(self.model, cache, eos, on_done=on_done, max_slots=capacity, kv_budget=kv_budget)
 
     def check(self, seq: Sequence, what: str = "the sequence") -> None:
         """Refuse, with a PawError, a sequence this engine cannot run (as generate does)."""

@@ -123,11 +123,19 @@ class Batch:
 
     Keys name the sequences (any hashable: an index, a request); on_done(key, ids) as each ends.
     With first_logits, keys are row indices into it and the logits each first token came from are
-    written there."""
+    written there.
+
+    max_slots: the cache gains slots (doubling) while sequences wait and it holds fewer than this
+    (None: the cache's slots are all). kv_budget: a waiting sequence is admitted only while the
+    cache, grown for it (slots x own positions of the longest prompt), stays within this many
+    bytes, unless nothing is in flight (None: no budget)."""
 
     def __init__(self, model: PackedForward, cache: SlotCache, eos: int, *, first_logits: np.ndarray | None = None,
-                 on_done: Callable[[Hashable, list[int]], None] | None = None):
+                 on_done: Callable[[Hashable, list[int]], None] | None = None, max_slots: int | None = None,
+                 kv_budget: int | None = None):
         self.model, self.cache, self.eos = model, cache, eos
+        self.max_slots = cache.n_slots if max_slots is None else max(max_slots, cache.n_slots)
+        self.kv_budget = kv_budget
         self.first_logits = first_logits
         self.on_done = on_done
         self.seqs: dict[Hashable, Sequence] = {}
@@ -177,7 +185,7 @@ class Batch:
         seqs, cache, prompts, fed, decoding = self.seqs, self.cache, self.prompts, self.fed, self.decoding
         if not self.busy:
             return []
-        while self.waiting and self.free:
+        while self.waiting and self._room_for(self.waiting[0]):
             i = self.waiting.popleft()
             self.slot_of[i] = self.free.popleft()
             fed[i] = 0
@@ -234,6 +242,21 @@ class Batch:
             else:
                 decoding[i] = (new, first + len(ids))
         return made
+
+    def _room_for(self, key: Hashable) -> bool:
+        """Whether the next waiting sequence can take a slot now (adding slots if allowed)."""
+        cache = self.cache
+        in_flight = len(self.slot_of)
+        if self.kv_budget is not None and in_flight:
+            slots = cache.n_slots if self.free else min(2 * cache.n_slots, self.max_slots)
+            positions = max(cache.k.shape[3], len(self.prompts[key]))
+            if slots * positions * self.model.kv_shape.bytes_per_position > self.kv_budget:
+                return False
+        if not self.free and cache.n_slots < self.max_slots:
+            first = cache.n_slots
+            cache.add_slots(min(first, self.max_slots - first))
+            self.free.extend(range(first, cache.n_slots))
+        return bool(self.free)
 
     def _finish(self, key: Hashable) -> None:
         ids = self.outs[key]

@@ -419,8 +419,8 @@ def test_a_client_that_goes_away_frees_its_slot(url, client, fns, monkeypatch):
                         lambda batch, key: (dropped.append(key in batch.seqs), real_drop(batch, key), gone.set()))
     body = {"model": "alert", "messages": [{"role": "user", "content": text}], "max_tokens": 40, "stream": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=WAIT) as r:
-        first = next(r.iter_lines())  # the role chunk: the request is in the batch
-        assert first.startswith("data: ")
+        assert next(r.iter_lines()).startswith("data: ")  # the role chunk
+        assert spy.held.wait(WAIT)  # the request made its first token and is in flight
     assert gone.wait(WAIT) and cancelled.is_set()
     assert dropped == [True]  # it was still in flight, and left the batch
     _still_serving(client, fns)

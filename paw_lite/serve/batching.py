@@ -17,6 +17,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from ..errors import PawError
+from ..parallel_map import MAP_KV_BUDGET
 from ..runtime import PawFunction, PreparedCall
 from .settings import ServeSettings
 from .store import ProgramStore
@@ -112,7 +113,8 @@ class ProgramWorker:
 
     def _run_batch(self, engine, new: list[Job], gone: list[Job]) -> None:
         eos = self.fn.tokenizer.eos_id
-        batch = engine.batch(self.capacity, eos, on_done=lambda job, ids: job._post("done", ids))
+        batch = engine.batch(self.capacity, eos, on_done=lambda job, ids: job._post("done", ids),
+                             kv_budget=MAP_KV_BUDGET)
         try:
             while True:
                 dropped = set(gone)
