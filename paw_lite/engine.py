@@ -15,7 +15,7 @@ keys; a batch reads it in place)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 
 import numpy as np
@@ -96,6 +96,19 @@ class Engine:
         instead of running. Up to `capacity` sequences (all by default) are in flight, a finished
         one's slot going to the next (`scheduler.run`)."""
         return self._run(seqs, eos, capacity, on_tokens=on_tokens, stop=stop, on_done=on_done)
+
+    def batch(self, capacity: int, eos: int, on_done: Callable[[Hashable, list[int]], None] | None = None,
+              kv_budget: int | None = None) -> scheduler.Batch:
+        """An open batch of up to `capacity` sequences in flight that sequences join (`add`, after
+        `check`) and leave between steps: a server's continuous batching. Its cache starts with one
+        slot of KV_GROWTH own positions and grows with what joins (slots) and what they make
+        (positions), within kv_budget bytes (`scheduler.Batch`)."""
+        cache = SlotCache.slots(self.model.kv_shape, 1, scheduler.KV_GROWTH, self.prefix_k, self.prefix_v)
+        return scheduler.Batch(self.model, cache, eos, on_done=on_done, max_slots=capacity, kv_budget=kv_budget)
+
+    def check(self, seq: Sequence, what: str = "the sequence") -> None:
+        """Refuse, with a PawError, a sequence this engine cannot run (as generate does)."""
+        self._check(seq, what)
 
     def prompt_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Logits after the last token of each sequence (n_seqs, n_vocab): what generation

@@ -88,6 +88,17 @@ class SlotCache:
         else:
             self.start[slot], self.base[slot], self.visible[slot] = start, 0, start
 
+    def add_slots(self, n: int) -> None:
+        """n more slots (a batch that sequences keep joining starts small and grows as they come)."""
+        shape = list(self.k.shape)
+        shape[2] += n
+        for name in ("k", "v"):
+            old, grown = getattr(self, name), np.zeros(shape, np.float32)
+            grown[:, :, :old.shape[2]] = old
+            setattr(self, name, grown)
+        pad = np.zeros(n, np.int64)
+        self.start, self.base, self.visible = (np.concatenate([a, pad]) for a in (self.start, self.base, self.visible))
+
     def reserve(self, n_positions: int) -> None:
         """Make room for own indices up to n_positions - 1 (doubling, so growth copies rarely)."""
         cap = self.k.shape[3]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,18 @@ def load_adapter(program: Program, base: BaseModel) -> LoraAdapter:
         if declared is not None and float(declared) != float(value):
             raise IncompatibleModelError(f"{program.source}: meta.json says {key} {declared} but {ADAPTER} has {value}")
     return adapter
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """A call ready for an engine (`PawFunction.prepare`): its sequence (None when there is
+    nothing to generate: max_tokens 0, or a full context), its prompt's length in tokens, and
+    its constraint, compiled."""
+
+    sequence: Sequence | None
+    prompt_tokens: int
+    constraint: OutputConstraint | None
+    matcher: Any = field(default=None, repr=False)
 
 
 class PawFunction:
@@ -198,6 +211,44 @@ class PawFunction:
                 if isinstance(r, PawError):
                     raise r
         return results
+
+    # -- for servers: calls evaluated by a caller-run batch -------------------------------------
+
+    def prepare(self, text: str, max_tokens: int | None = None, *, choices: list[str] | None = None,
+                regex: str | None = None, json_schema: dict[str, Any] | str | None = None) -> "PreparedCall":
+        """One call made ready for an engine the caller runs (`engine()`, a batch of many calls):
+        checked, tokenized, its constraint compiled, exactly as `__call__` does before evaluating.
+        Its output is `finish(call, ids)` of the ids the engine makes for `call.sequence`."""
+        self._live_engine()
+        constraint = OutputConstraint.of(choices, regex, json_schema)
+        matcher = self._matcher(constraint)
+        ids = self.prompt_ids(text)
+        seq = self._sequence(ids, _checked_max_tokens(max_tokens), matcher)
+        if seq is not None:
+            self._live_engine().check(seq)
+        return PreparedCall(seq, len(ids), constraint, matcher)
+
+    def finish(self, call: "PreparedCall", ids: list[int]) -> str:
+        """The output `__call__` returns for these ids (IncompleteOutputError as it raises it)."""
+        outcome = self._outcome(call.sequence, ids, call.matcher, "the output")
+        if isinstance(outcome, PawError):
+            raise outcome
+        return self._text(outcome, call.constraint)
+
+    def partial_text(self, call: "PreparedCall", ids: list[int]) -> str:
+        """The text of ids made so far, as `finish` would give it, less what later tokens may
+        still change: its trailing whitespace (stripped when unconstrained) and an unfinished
+        UTF-8 character. Each call's text starts with the previous one's: a stream's pieces."""
+        text = self.tokenizer.decode(ids)
+        text = text.lstrip() if call.constraint is None else text.lstrip(WHITESPACE.decode())
+        text = text.rstrip("\ufffd")  # a character whose later bytes are in the next token
+        return text.rstrip() if call.constraint is None else text
+
+    @contextmanager
+    def engine(self) -> Iterator[Engine]:
+        """The function's engine for the block, alone (calls from other threads wait)."""
+        with self._exclusive():
+            yield self._live_engine()
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:

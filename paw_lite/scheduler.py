@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 MAX_ROWS = 2048
 # Query tokens of one sequence per step: bounds the attention score buffer (heads x CHUNK x context).
 PREFILL_CHUNK = 512
-_KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
+KV_GROWTH = 64  # own positions reserved past the longest prompt before the KV buffers grow
 
 # What ends an output: one token id (GPT-2's <|endoftext|>) or several (Qwen3 ends on <|im_end|>
 # or <|endoftext|>). An empty collection, or an id outside the vocabulary, never ends one.
@@ -81,7 +81,7 @@ def own_positions(seqs: list[Sequence]) -> int:
     a first stretch of output, grown on demand (`SlotCache.reserve`), so a batch run "until EOS or
     the context end" does not reserve the whole context for every sequence."""
     need = max(len(s.ids) + s.limit - 1 for s in seqs)  # the last generated token is never evaluated
-    return min(need, max(len(s.ids) for s in seqs) + _KV_GROWTH)
+    return min(need, max(len(s.ids) for s in seqs) + KV_GROWTH)
 
 
 def prefill(model: PackedForward, cache: SlotCache, ids: list[int]) -> None:
@@ -96,43 +96,112 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: EOS,
         first_logits: np.ndarray | None = None, on_tokens: Callable[[int], None] | None = None,
         stop: threading.Event | None = None,
         on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
-    """Greedy continuations of every sequence, each stopping at EOS (any of the ids `eos` gives) or
-    its limit, taking turns in
-    the cache's slots. Each step evaluates one token of every decoding sequence together with
-    prompt tokens of newly admitted ones, so when outputs end at different steps the slots stay
-    full and the matmuls large. on_tokens(n) after each step that made n tokens; on_done(i, ids)
-    as sequence i finishes; once `stop` is set, the next step raises Stopped instead of running.
-    With first_logits (n_seqs, n_vocab), also the logits each sequence's first token came from.
-
-    A sequence's constraint restricts each pick to its allowed ids (the head computes only those
-    rows when they are few). Tokens it forces are not picked one step each: they join the next
-    evaluation as extra rows of the sequence's segment (before the first pick, of its prompt), and
-    a sequence whose output is complete and cannot go on ends without another evaluation."""
-    ends = eos_ids(eos)
+    """Greedy continuations of every sequence, each stopping at EOS (any of the ids `eos` gives) or its limit, taking turns in
+    the cache's slots (a `Batch` given them all at once and stepped until it is empty).
+    on_tokens(n) after each step that made n tokens; on_done(i, ids) as sequence i finishes; once
+    `stop` is set, the next step raises Stopped instead of running. With first_logits
+    (n_seqs, n_vocab), also the logits each sequence's first token came from."""
     outs: list[list[int]] = [[] for _ in seqs]
-    prompts: list[list[int]] = []  # what each sequence evaluates before its first pick
-    waiting: deque[int] = deque()
+
+    def finished(i: int, ids: list[int]) -> None:
+        outs[i] = ids
+        if on_done is not None:
+            on_done(i, ids)
+
+    batch = Batch(model, cache, eos, first_logits=first_logits, on_done=finished)
     for i, seq in enumerate(seqs):
-        if seq.constraint is not None:
-            outs[i] = seq.constraint.take_forced(seq.limit)
-        prompts.append(seq.ids + outs[i])
-        if _ended(seq, outs[i]):
-            if on_done is not None:
-                on_done(i, outs[i])
-        else:
-            waiting.append(i)
-    free = deque(range(cache.n_slots))
-    slot_of: dict[int, int] = {}
-    fed: dict[int, int] = {}  # prompt tokens evaluated, per admitted sequence still in its prompt
-    decoding: dict[int, tuple[list[int], int]] = {}  # sequence -> (next tokens to evaluate, own index of the first)
-    while waiting or fed or decoding:
+        batch.add(i, seq)
+    while batch.busy:
         if stop is not None and stop.is_set():
             raise Stopped
-        while waiting and free:
-            i = waiting.popleft()
-            slot_of[i] = free.popleft()
+        made = sum(len(new) for _, new in batch.step())
+        if made and on_tokens is not None:
+            on_tokens(made)
+    return outs
+
+
+class Batch:
+    """Sequences in flight in a cache's slots, stepped one evaluation at a time. Sequences may be
+    added (`add`) and dropped (`drop`) between steps: a server feeds requests into a running batch
+    as they arrive, and a finished or dropped sequence's slot goes to the next waiting one.
+
+    Each step evaluates one token of every decoding sequence together with prompt tokens of newly
+    admitted ones, so when outputs end at different steps the slots stay full and the matmuls
+    large. A sequence's constraint restricts each pick to its allowed ids (the head computes only
+    those rows when they are few). Tokens it forces are not picked one step each: they join the
+    next evaluation as extra rows of the sequence's segment (before the first pick, of its prompt),
+    and a sequence whose output is complete and cannot go on ends without another evaluation.
+
+    Keys name the sequences (any hashable: an index, a request); on_done(key, ids) as each ends.
+    With first_logits, keys are row indices into it and the logits each first token came from are
+    written there.
+
+    max_slots: the cache gains slots (doubling) while sequences wait and it holds fewer than this
+    (None: the cache's slots are all). kv_budget: a waiting sequence is admitted only while the
+    cache, grown for it (slots x own positions of the longest prompt), stays within this many
+    bytes, unless nothing is in flight (None: no budget)."""
+
+    def __init__(self, model: PackedForward, cache: SlotCache, eos: EOS, *, first_logits: np.ndarray | None = None,
+                 on_done: Callable[[Hashable, list[int]], None] | None = None, max_slots: int | None = None,
+                 kv_budget: int | None = None):
+        self.model, self.cache, self.ends = model, cache, eos_ids(eos)
+        self.max_slots = cache.n_slots if max_slots is None else max(max_slots, cache.n_slots)
+        self.kv_budget = kv_budget
+        self.first_logits = first_logits
+        self.on_done = on_done
+        self.seqs: dict[Hashable, Sequence] = {}
+        self.outs: dict[Hashable, list[int]] = {}
+        self.prompts: dict[Hashable, list[int]] = {}  # what each sequence evaluates before its first pick
+        self.waiting: deque[Hashable] = deque()
+        self.free: deque[int] = deque(range(cache.n_slots))
+        self.slot_of: dict[Hashable, int] = {}
+        self.fed: dict[Hashable, int] = {}  # prompt tokens evaluated, per admitted sequence still in its prompt
+        # sequence -> (next tokens to evaluate, own index of the first)
+        self.decoding: dict[Hashable, tuple[list[int], int]] = {}
+
+    @property
+    def busy(self) -> bool:
+        """Whether any sequence is waiting or in flight."""
+        return bool(self.waiting or self.fed or self.decoding)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, key: Hashable, seq: Sequence) -> None:
+        """Queue a sequence: it takes the next free slot. One that needs no evaluation (its
+        constraint forces a complete output) ends here, on_done included."""
+        if key in self.seqs:
+            raise ValueError(f"sequence {key!r} is already in the batch")
+        self.seqs[key] = seq
+        self.outs[key] = seq.constraint.take_forced(seq.limit) if seq.constraint is not None else []
+        self.prompts[key] = seq.ids + self.outs[key]
+        if _ended(seq, self.outs[key]):
+            self._finish(key)
+        else:
+            self.waiting.append(key)
+
+    def drop(self, key: Hashable) -> None:
+        """Take a sequence out (its caller went away): its slot is free for the next one, and
+        on_done is not called. A key no longer in the batch is ignored."""
+        if key not in self.seqs:
+            return
+        if key in self.slot_of:
+            self.free.append(self.slot_of[key])
+        else:
+            self.waiting.remove(key)
+        self._forget(key)
+
+    def step(self) -> list[tuple[Hashable, list[int]]]:
+        """One evaluation: the (key, new tokens) of every sequence that made tokens in it."""
+        seqs, cache, prompts, fed, decoding = self.seqs, self.cache, self.prompts, self.fed, self.decoding
+        if not self.busy:
+            return []
+        while self.waiting and self._room_for(self.waiting[0]):
+            i = self.waiting.popleft()
+            self.slot_of[i] = self.free.popleft()
             fed[i] = 0
-            cache.assign(slot_of[i], seqs[i].start)
+            cache.assign(self.slot_of[i], seqs[i].start)
+        slot_of = self.slot_of
         # Decoding sequences first: their one-token segments form one attention group.
         segments = [(i, slot_of[i], index, tokens) for i, (tokens, index) in decoding.items()]
         rows = sum(len(sg[3]) for sg in segments)
@@ -148,44 +217,67 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: EOS,
                     np.array([len(sg[3]) for sg in segments]))
         wants = np.array([i not in fed or fed[i] + len(ids) == len(prompts[i]) for i, _, _, ids in segments])
         cache.reserve(int((step.first + step.count).max()))
-        h = model.forward(cache, step, np.concatenate([sg[3] for sg in segments]), wants)
+        h = self.model.forward(cache, step, np.concatenate([sg[3] for sg in segments]), wants)
         constraints = [seqs[sg[0]].constraint for sg, want in zip(segments, wants) if want]
         if h is None:
             logits, picks = None, []
-        elif first_logits is not None:
-            logits = model.logits(h)
+        elif self.first_logits is not None:
+            logits = self.model.logits(h)
             picks = np.argmax(logits, axis=1).tolist()
         elif any(c is not None for c in constraints):
-            logits, picks = None, model.greedy_among(h, [None if c is None else c.allowed() for c in constraints])
+            logits, picks = None, self.model.greedy_among(h, [None if c is None else c.allowed() for c in constraints])
         else:
-            logits, picks = None, model.greedy(h)
-        row = made = 0  # logits row of the next segment that wants one; tokens this step made
+            logits, picks = None, self.model.greedy(h)
+        row = 0  # logits row of the next segment that wants one
+        made: list[tuple[Hashable, list[int]]] = []
         for (i, slot, first, ids), want in zip(segments, wants):
             if not want:
                 fed[i] += len(ids)
                 continue
-            if fed.pop(i, None) is not None and first_logits is not None:
-                first_logits[i] = logits[row]
+            if fed.pop(i, None) is not None and self.first_logits is not None:
+                self.first_logits[i] = logits[row]
             token = picks[row]
             row += 1
-            seq, new = seqs[i], []
-            if token not in ends:
+            seq, out, new = seqs[i], self.outs[i], []
+            if token not in self.ends:
                 new.append(token)
                 if seq.constraint is not None:
                     seq.constraint.advance(token)
-                    new += seq.constraint.take_forced(seq.limit - len(outs[i]) - 1)
-                outs[i] += new
-                made += len(new)
-            if token in ends or _ended(seq, outs[i]):
+                    new += seq.constraint.take_forced(seq.limit - len(out) - 1)
+                out += new
+                made.append((i, new))
+            if token in self.ends or _ended(seq, out):
                 decoding.pop(i, None)
-                free.append(slot)
-                if on_done is not None:
-                    on_done(i, outs[i])
+                self.free.append(slot)
+                self._finish(i)
             else:
                 decoding[i] = (new, first + len(ids))
-        if made and on_tokens is not None:
-            on_tokens(made)
-    return outs
+        return made
+
+    def _room_for(self, key: Hashable) -> bool:
+        """Whether the next waiting sequence can take a slot now (adding slots if allowed)."""
+        cache = self.cache
+        in_flight = len(self.slot_of)
+        if self.kv_budget is not None and in_flight:
+            slots = cache.n_slots if self.free else min(2 * cache.n_slots, self.max_slots)
+            positions = max(cache.k.shape[3], len(self.prompts[key]))
+            if slots * positions * self.model.kv_shape.bytes_per_position > self.kv_budget:
+                return False
+        if not self.free and cache.n_slots < self.max_slots:
+            first = cache.n_slots
+            cache.add_slots(min(first, self.max_slots - first))
+            self.free.extend(range(first, cache.n_slots))
+        return bool(self.free)
+
+    def _finish(self, key: Hashable) -> None:
+        ids = self.outs[key]
+        self._forget(key)
+        if self.on_done is not None:
+            self.on_done(key, ids)
+
+    def _forget(self, key: Hashable) -> None:
+        for table in (self.seqs, self.outs, self.prompts, self.slot_of, self.fed, self.decoding):
+            table.pop(key, None)
 
 
 def _ended(seq: Sequence, out: list[int]) -> bool:

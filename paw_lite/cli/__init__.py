@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import PawError
 
 # Modules under paw_lite.cli that define subcommands, in help order.
-COMMAND_MODULES = ["run", "test", "inspect", "compile", "convert", "models", "doctor", "bench"]  # helpers append their module names here
+COMMAND_MODULES = ["run", "test", "inspect", "compile", "convert", "models", "doctor", "bench", "serve"]  # helpers append their module names here
 
 
 class UsageError(Exception):
