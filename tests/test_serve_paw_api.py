@@ -249,7 +249,10 @@ def test_errors_the_client_acts_on(served, sdk, tmp_path):
                  "programs/secret", "programs/..%2Fcompiled%2F" + served["program"].id,
                  "models/runtimes/..%2Ftiny-gpt2-f32", "models/runtimes/..%2F..%2Fhf/gguf",
                  "models/runtimes/tiny-gpt2-f32%2F..%2F..%2Fsecret/gguf", "compile/..%2F..%2Fsecret",
-                 "compile/0123456789abcdef0123456789abcdef", "programs/resolve/..%2Fsecret"]:
+                 "compile/0123456789abcdef0123456789abcdef", "programs/resolve/..%2Fsecret",
+                 # a GGUF in the models folder that is no GPT-2 interpreter (the compiler) is no runtime
+                 "models/runtimes/" + Path(DEFAULT_FILES["compiler"]).stem,
+                 "models/runtimes/" + Path(DEFAULT_FILES["compiler"]).stem + "/gguf"]:
         response = httpx.get(f"{url}/api/v1/{path}")
         assert response.status_code == 404, path
         assert "not found" in response.json()["detail"].lower() or "no route" in response.json()["detail"], path
@@ -328,14 +331,29 @@ def test_a_compile_that_fails_says_why(models, tmp_path):
     config, _ = read_header(models["gguf"])
     save_mapper(folder / DEFAULT_FILES["mapper"], {"trunk.0.weight": random_mapper_state(256, config)["trunk.0.weight"]})
     settings = make_settings(tmp_path, {**models, "dir": folder})
-    jobs = make_jobs(settings)
+    failed_jobs: list[str] = []
+    second_failed = threading.Event()
+
+    def on_update(status: dict) -> None:
+        if status["status"] == "failed":
+            failed_jobs.append(status["job_id"])
+            if len(failed_jobs) == 2:
+                second_failed.set()
+
+    jobs = make_jobs(settings, on_update=on_update)
     with server(settings, jobs) as url, official_client(tmp_path, url):
         with pytest.raises(programasweights.APIError) as failed:
             programasweights.compile(SPEC)
         assert failed.value.response.status_code == 422 and failed.value.message.startswith("compile failed: ")
+        assert "mapper" in failed.value.message and jobs.compiles == 1
+        # the failed request is not remembered as a program: the same request is a new job, failing again
         job = programasweights.compile_async(SPEC, compiler="tiny-test")
-        # the failed request is not remembered as a program: a new job, failing again
-        assert job["cached"] is False and jobs.compiles >= 1
+        assert job["cached"] is False
+        assert second_failed.wait(WAIT_S)
+        status = programasweights.get_compile_status(job["job_id"])
+        assert (status["status"], status["program_id"], jobs.compiles) == ("failed", None, 2)
+        assert "compile failed: " + status["error"] == failed.value.message
+        assert not list(settings.compiled_dir.glob("*.paw"))  # nothing half-written was left
 
 
 def test_without_compiler_files_compiles_answer_503_and_the_list_is_empty(models, tmp_path):

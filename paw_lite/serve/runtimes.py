@@ -88,7 +88,8 @@ class Runtimes:
         self._interpreters = interpreters
         self._models_dirs = models_dirs
         self._lock = threading.Lock()
-        self._facts: dict[tuple[str, int, int], tuple[str, int]] = {}  # (path, size, mtime) -> (sha256, n_ctx)
+        self._sha256: dict[tuple[str, int, int], str] = {}  # by (path, size, mtime)
+        self._headers: dict[tuple[str, int, int], int | None] = {}  # n_ctx, None: not a GPT-2 GGUF
 
     def file(self, runtime_id: str) -> Path:
         """The interpreter GGUF a runtime id names on this server, or UnknownRuntimeError."""
@@ -98,7 +99,8 @@ class Runtimes:
         candidates = [p for p in self._interpreters() if p is not None]
         candidates += [Path(d) / f"{runtime_id}.gguf" for d in self._models_dirs() if d is not None]
         for path in candidates:
-            if path.suffix == ".gguf" and path.stem == runtime_id and path.is_file():
+            # a GPT-2 interpreter only: a models folder also holds the compiler GGUFs, which are no runtime
+            if path.suffix == ".gguf" and path.stem == runtime_id and path.is_file() and self._n_ctx(path) is not None:
                 return path
         have = sorted({p.stem for p in self._interpreters() if p is not None and p.suffix == ".gguf" and p.is_file()} | {PUBLISHED})
         raise UnknownRuntimeError(f"runtime {runtime_id!r} not found: this server has no interpreter {runtime_id}.gguf "
@@ -114,16 +116,38 @@ class Runtimes:
         return local_manifest(runtime_id, path, size=path.stat().st_size, sha256=sha256, n_ctx=n_ctx, url=url)
 
     def _file_facts(self, path: Path) -> tuple[str, int]:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        """(sha256, n_ctx) of an interpreter file, computed once per file version."""
+        n_ctx = self._n_ctx(path)
+        if n_ctx is None:
+            raise UnknownRuntimeError(f"{path.name} is not a GPT-2 interpreter GGUF")
+        key = _stat_key(path)
         with self._lock:
-            known = self._facts.get(key)
-        if known is None:
-            config, _ = read_header(path)
-            known = (file_sha256(path), config.n_ctx)
+            sha256 = self._sha256.get(key)
+        if sha256 is None:
+            sha256 = file_sha256(path)
             with self._lock:
-                self._facts[key] = known
-        return known
+                self._sha256[key] = sha256
+        return sha256, n_ctx
+
+    def _n_ctx(self, path: Path) -> int | None:
+        """The context of a GPT-2 GGUF, or None for a file that is not one (read once per version)."""
+        key = _stat_key(path)
+        with self._lock:
+            if key in self._headers:
+                return self._headers[key]
+        try:
+            config, _ = read_header(path)
+            n_ctx: int | None = config.n_ctx
+        except PawError:
+            n_ctx = None
+        with self._lock:
+            self._headers[key] = n_ctx
+        return n_ctx
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 def models_dirs(*dirs: Path | None) -> list[Path]:
