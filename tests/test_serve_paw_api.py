@@ -197,6 +197,25 @@ def test_the_official_client_downloads_and_runs_the_program_to_paw_lites_output(
         theirs.close()
 
 
+def test_hosted_inference_runs_the_program_on_the_server(served, sdk, models):
+    """`function(id, remote=True)`: the client posts the input to /api/v1/infer; the answer is the
+    program's in-process output."""
+    program_id = served["program"].id
+    with paw_lite.function(served["settings"].compiled_dir / f"{program_id}.paw", base_model=models["gguf"]) as fn:
+        expected = [fn(text, max_tokens=MAX_TOKENS) for text in INPUTS]
+    with programasweights.function(program_id, remote=True) as remote:
+        assert [remote(text, max_tokens=MAX_TOKENS) for text in INPUTS] == expected
+    with programasweights.function("0123456789abcdef0123", remote=True) as missing:
+        with pytest.raises(programasweights.APIError) as info:
+            missing("x")
+    assert info.value.response.status_code == 404 and "not found" in info.value.message
+    url = served["url"]
+    for body in ({"program_id": program_id}, {"program_id": program_id, "input": 3},
+                 {"program_id": program_id, "input": "x", "max_tokens": "8"}):
+        assert httpx.post(f"{url}/api/v1/infer", json=body).status_code == 422, body
+    assert httpx.post(f"{url}/api/v1/infer", json={"program_id": program_id, "input": "x", "max_tokens": 10**6}).status_code == 400
+
+
 def test_a_restarted_server_finds_what_it_compiled(served, models, tmp_path):
     """Programs and the index live in data_dir: a new server (new queue) answers the same spec from
     there, without compiling."""

@@ -9,23 +9,27 @@ found" for an unknown program: its download gives up at once instead of polling)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 from pathlib import Path
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..errors import PawError
+from ..errors import ContextOverflowError, PawError
 from ..program import Program
+from .batching import Job as BatchJob
 from .compile_jobs import (COMPILER_KIND, PROGRAM_ID, CompileJobs, Job, JobStartedError, NoCompilerError, UnknownCompilerError,
                            UnknownJobError)
 from .errors import ApiError
 from .runtimes import Runtimes, UnknownRuntimeError, models_dirs
 from .slugs import SlugError, SlugTable, check_slug
+from .store import UnknownProgramError
 
 log = logging.getLogger("paw_lite.serve")
 
@@ -241,6 +245,54 @@ class PawApi:
             listed = {"slug": slug, "main_version": 1, "versions": [{"version": 1, "program_id": program_id, "is_main": True}]}
         return JSONResponse(listed)
 
+    # -- hosted inference -----------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        """`function(id, remote=True)` of the official client (its _remote.py): one input through
+        the program's batch worker, the same one the OpenAI face feeds, so it batches with them."""
+        state = request.app.state
+        body = await self._body(request)
+        program_id, text = body.get("program_id"), body.get("input")
+        if not isinstance(program_id, str):
+            raise ApiError(422, "'program_id' must be a string: the id of the program to run")
+        if not isinstance(text, str):
+            raise ApiError(422, "'input' must be a string: the program's input text")
+        if len(text) > self.settings.max_input_chars:
+            raise ApiError(400, f"the input is {len(text)} characters long; the server takes at most "
+                                f"{self.settings.max_input_chars} (--max-input-chars)", code="input_too_long")
+        max_tokens = self._optional(body, "max_tokens", int)
+        if max_tokens is None:
+            max_tokens = self.settings.max_tokens_cap
+        if not 0 <= max_tokens <= self.settings.max_tokens_cap:
+            raise ApiError(400, f"max_tokens is {max_tokens}; the server allows 0 to {self.settings.max_tokens_cap} "
+                                f"(--max-tokens-cap)", code="max_tokens_too_large")
+        temperature = body.get("temperature")  # outputs are greedy, as the program's local call
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+            raise ApiError(422, f"'temperature' must be a number, not {type(temperature).__name__}")
+        name, _, _ = self.programs.find(state.store, program_id)
+        worker, call = await run_in_threadpool(_prepare, state, name, text, max_tokens)
+        state.admission.acquire(1)
+        events: asyncio.Queue = asyncio.Queue()
+        job = BatchJob(call, False, asyncio.get_running_loop(), events)
+        try:
+            try:
+                worker.submit(job)
+            except PawError as exc:
+                raise ApiError(503, str(exc), code="shutting_down") from None
+            while True:
+                _, kind, value = await events.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+        finally:
+            worker.cancel(job)  # a no-op for a finished job; frees the slot of a request cut short
+            state.admission.release(1)
+        output = worker.fn.finish(call, value)
+        usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(value),
+                 "total_tokens": call.prompt_tokens + len(value)}
+        return JSONResponse({"output": output, "program_id": program_id, "usage": usage})
+
     # -- models ---------------------------------------------------------------------------------
 
     async def compilers(self, request: Request) -> Response:
@@ -263,6 +315,22 @@ class PawApi:
         runtime_id = request.path_params["runtime_id"]
         path = self.runtimes.file(runtime_id)
         return FileResponse(path, media_type="application/octet-stream", filename=f"{runtime_id}.gguf")
+
+
+def _prepare(state, name: str, text: str, max_tokens: int):
+    """The program's batch worker (loading it on first use) and the prepared call: in the thread pool."""
+    try:
+        worker = state.batchers.worker(name)
+    except UnknownProgramError as exc:
+        raise ApiError(404, f"program not found: {exc}") from None
+    except PawError as exc:
+        raise ApiError(500, f"the program {name!r} cannot be loaded: {exc}", code="model_load_failed") from None
+    try:
+        return worker, worker.fn.prepare(text, max_tokens)
+    except ContextOverflowError as exc:
+        raise ApiError(400, str(exc), code="context_length_exceeded") from None
+    except (PawError, TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), code="invalid_input") from None
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -315,6 +383,7 @@ def routes(settings, jobs: CompileJobs | None = None) -> list[BaseRoute]:
         ("GET", f"{r}/programs/{{program_id}}/download", api.download),
         ("GET", f"{r}/programs/{{slug:path}}/versions", api.versions),
         ("GET", f"{r}/programs/{{program_id}}", api.program),
+        ("POST", f"{r}/infer", api.infer),
         ("GET", f"{r}/models/compilers", api.compilers),
         ("GET", f"{r}/models/runtimes/{{runtime_id}}", api.runtime),
         ("GET", f"{r}/models/runtimes/{{runtime_id}}/gguf", api.runtime_gguf),
