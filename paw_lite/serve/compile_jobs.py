@@ -32,6 +32,7 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..compiler.config import CompilerMeta, ModelFiles
+# _runtime_id: the runtime a compiled program will name, decided as the pipeline decides it (one rule, not a copy)
 from ..compiler.pipeline import CompileOptions, _runtime_id, compiler_fingerprint, compile_program
 from ..compiler.prompt_cache import file_identity
 from ..errors import PawError
