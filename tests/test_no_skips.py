@@ -93,7 +93,7 @@ def test_this_suite_uses_the_rule(pytestconfig):
     assert 'export CI="${CI:-1}"' in ci_run
 
 
-ORACLES = ("torch", "transformers", "peft", "llama_cpp", "programasweights", "jsonschema", "regex")
+ORACLES = ("torch", "transformers", "peft", "llama_cpp", "programasweights", "jsonschema", "regex", "openai")
 _DIRECT_IMPORT = re.compile(r"^\s*(?:import|from)\s+(%s)\b" % "|".join(ORACLES), re.M)
 _MODULE_DECLARATION = re.compile(r"^(?:[\w, ]+ = )?oracle\(([^)]*)\)", re.M)
 

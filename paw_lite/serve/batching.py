@@ -35,6 +35,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     index: int = 0  # the input's place in its request
+    done: bool = False  # its "done" event was received (set on the event loop)
 
     def _post(self, kind: str, value: object) -> None:
         try:

@@ -79,18 +79,37 @@ async def _infer(request: Request, parse: Callable, shape: "_Shape"):
         _cancel(worker, jobs)
         state.admission.release(len(jobs))
         raise ApiError(503, str(exc), code="shutting_down") from None
+    watcher = asyncio.ensure_future(_watch(request, events))
+    ended = False
+
+    def end() -> None:
+        """Once per request, however it ends: drop what is still in the batch (a client that went
+        away frees its slots), give back its places."""
+        nonlocal ended
+        if not ended:
+            ended = True
+            watcher.cancel()
+            _cancel(worker, jobs)
+            state.admission.release(len(jobs))
+
     if inference.stream:
-        stream = _stream(worker, jobs, events, shape, meta, inference.include_usage, state.admission)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        stream = _stream(worker, jobs, events, shape, meta, inference.include_usage, end)
+        return _EventStream(stream, end)
     try:
-        results = await _until_done_or_gone(request, _results(jobs, events))
+        results = await _results(jobs, events)
     finally:
-        _cancel(worker, jobs)  # a no-op for finished jobs; frees the slots of a client that went away
-        state.admission.release(len(jobs))
+        end()
     if results is None:  # the client went away: nobody to answer
         return JSONResponse({}, status_code=499)
     choices = [shape.choice(job.index, *_output(worker, job, ids)) for job, ids in zip(jobs, results)]
     return JSONResponse({**meta, "object": shape.object, "choices": choices, "usage": _usage(jobs, results)})
+
+
+async def _watch(request: Request, events: asyncio.Queue) -> None:
+    """Post (None, "gone", None) to the request's events when its client disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait((None, "gone", None))
 
 
 def _prepare(state, inference: Inference, data: dict) -> tuple[ProgramWorker, list]:
@@ -119,39 +138,25 @@ def _which(inference: Inference, i: int, exc: Exception) -> str:
     return f"input {i}: {exc}" if len(inference.inputs) > 1 else str(exc)
 
 
-async def _results(jobs: list[Job], events: asyncio.Queue) -> list[list[int]]:
+async def _results(jobs: list[Job], events: asyncio.Queue) -> list[list[int]] | None:
+    """Every job's output ids, or None when the client went away first."""
     results: dict[Job, list[int]] = {}
     while len(results) < len(jobs):
         job, kind, value = await events.get()
+        if kind == "gone":
+            return None
         if kind == "error":
             raise value
         if kind == "done":
+            job.done = True
             results[job] = value
     return [results[job] for job in jobs]
 
 
-async def _until_done_or_gone(request: Request, work):
-    """The result of the coroutine `work`, or None if the client disconnects first (work cancelled)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not task.done():
-        task.cancel()
-        return None
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _cancel(worker: ProgramWorker, jobs: list[Job]) -> None:
     for job in jobs:
-        worker.cancel(job)
+        if not job.done:
+            worker.cancel(job)
 
 
 def _output(worker: ProgramWorker, job: Job, ids: list[int]) -> tuple[str, str]:
@@ -186,7 +191,7 @@ def _sse(data: dict | str) -> bytes:
 
 
 async def _stream(worker: ProgramWorker, jobs: list[Job], events: asyncio.Queue, shape: "_Shape", meta: dict,
-                  include_usage: bool, admission) -> AsyncIterator[bytes]:
+                  include_usage: bool, end: Callable[[], None]) -> AsyncIterator[bytes]:
     """The chunks of a streamed response. Each input's pieces concatenate to its full output. A
     client that goes away ends this generator (Starlette cancels it): its jobs are dropped."""
     sent = {job: "" for job in jobs}
@@ -200,6 +205,8 @@ async def _stream(worker: ProgramWorker, jobs: list[Job], events: asyncio.Queue,
                 yield _sse({**head, "choices": [first]})
         while len(results) < len(jobs):
             job, kind, value = await events.get()
+            if kind == "gone":
+                return
             if kind == "error":
                 yield _sse({"error": _error_body(value)})
                 return
@@ -207,6 +214,7 @@ async def _stream(worker: ProgramWorker, jobs: list[Job], events: asyncio.Queue,
                 made[job] += value
                 text = worker.fn.partial_text(job.call, made[job])
             else:
+                job.done = True
                 results[job] = value
                 text, reason = _output(worker, job, value)
             piece = text[len(sent[job]):] if text.startswith(sent[job]) else ""
@@ -219,8 +227,22 @@ async def _stream(worker: ProgramWorker, jobs: list[Job], events: asyncio.Queue,
             yield _sse({**head, "choices": [], "usage": _usage(jobs, [results[job] for job in jobs])})
         yield _sse("[DONE]")
     finally:
-        _cancel(worker, jobs)
-        admission.release(len(jobs))
+        end()
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events, ended by `end` even when the stream never started (a client gone
+    before the first chunk)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], end: Callable[[], None]):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._end = end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._end()
 
 
 def _error_body(exc: BaseException) -> dict:

@@ -6,6 +6,7 @@ workers."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -119,7 +120,12 @@ def serve_forever(settings: ServeSettings, app: Starlette, on_ready=None) -> Non
     sock = bind(settings.host, settings.port)
     url = base_url(sock)
     server = _server(app, DRAIN_SECONDS, None if on_ready is None else (lambda: on_ready(url)))
+    # uvicorn catches SIGTERM, drains, then raises the signal again for the handler it found: with
+    # the default one the process would die of it (exit -15) after a clean drain. A handler that
+    # does nothing lets the command return 0. SIGINT keeps Python's (KeyboardInterrupt: exit 130).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
