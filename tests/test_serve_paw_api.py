@@ -400,3 +400,13 @@ def test_an_api_key_is_required_when_set(served, models, tmp_path):
         with official_client(tmp_path, url, api_key="s3cret"):  # the client sends it as X-API-Key
             assert programasweights.list_compilers()[0]["name"] == "tiny-test"
         assert httpx.get(f"{url}/api/v1/models/compilers", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_paw_lite_serve_includes_the_paw_api(models, tmp_path):
+    """The command line's app carries these routes (cli/serve.py adds them when the module is there)."""
+    from paw_lite.cli.serve import _extra_routes
+
+    paths = {route.path for route in _extra_routes(make_settings(tmp_path, models))}
+    assert {"/api/v1/compile", "/api/v1/programs/{program_id}/download", "/api/v1/models/runtimes/{runtime_id}",
+            "/api/v1/models/compilers", "/api/v1/infer"} <= paths
+

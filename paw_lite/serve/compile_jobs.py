@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, remove_stale_temporaries
 from ..compiler.config import CompilerMeta, ModelFiles
 # _runtime_id: the runtime a compiled program will name, decided as the pipeline decides it (one rule, not a copy)
 from ..compiler.pipeline import CompileOptions, _runtime_id, compiler_fingerprint, compile_program
@@ -170,6 +170,8 @@ class CompileJobs:
         self._compiler: Compiler | None = None
         self._compiler_lock = threading.Lock()
         self.compiles = 0  # compiles started by this object (the tests count them)
+        for folder in (self.compiled_dir, self.index_dir):  # what a server killed mid-write left behind
+            remove_stale_temporaries(folder)
 
     @property
     def compiled_dir(self) -> Path:
