@@ -139,7 +139,7 @@ class PawApi:
             raise ApiError(422, f"{name!r} must be a {kind.__name__}, not {type(value).__name__}")
         return value
 
-    def _compile_request(self, body: dict[str, Any]):
+    async def _compile_request(self, body: dict[str, Any]):
         spec = self._spec(body)
         requested = self._optional(body, "compiler", str)
         slug = self._optional(body, "slug", str)
@@ -150,7 +150,8 @@ class PawApi:
                 raise ApiError(422, str(exc)) from None
         for name, kind in (("name", str), ("tags", list), ("public", bool), ("ephemeral", bool)):
             self._optional(body, name, kind)  # accepted, and meaningless on a local server
-        return spec, self.jobs.pick(requested), slug
+        # the first request finds the compiler and hashes its files (seconds): off the event loop
+        return spec, await run_in_threadpool(self.jobs.pick, requested), slug
 
     def _job_answer(self, job: Job, slug: str | None) -> dict[str, Any]:
         status = self.jobs.status(job.job_id)
@@ -163,7 +164,7 @@ class PawApi:
 
     async def compile(self, request: Request) -> Response:
         """Compile and wait: the official client's `compile()` (it waits up to 40 minutes)."""
-        spec, compiler, slug = self._compile_request(await self._body(request))
+        spec, compiler, slug = await self._compile_request(await self._body(request))
         job = self.jobs.submit(spec, compiler)
         await self.jobs.wait(job)
         answer = self._job_answer(job, slug)
@@ -175,14 +176,14 @@ class PawApi:
         return JSONResponse(answer)
 
     async def compile_async(self, request: Request) -> Response:
-        spec, compiler, slug = self._compile_request(await self._body(request))
+        spec, compiler, slug = await self._compile_request(await self._body(request))
         job = self.jobs.submit(spec, compiler)
         return JSONResponse(self._job_answer(job, slug), status_code=200 if job.cached else 202)
 
     async def precheck(self, request: Request) -> Response:
         body = await self._body(request)
         spec = self._spec(body)
-        compiler = self.jobs.pick(self._optional(body, "compiler", str))
+        compiler = await run_in_threadpool(self.jobs.pick, self._optional(body, "compiler", str))
         program_id = self.jobs.lookup(spec, compiler)
         return JSONResponse({"cached": program_id is not None, "program_id": program_id,
                              "compiler_snapshot": compiler.snapshot or compiler.name, "compiler_kind": COMPILER_KIND,
@@ -205,11 +206,12 @@ class PawApi:
                 "size_bytes": path.stat().st_size}
 
     async def program(self, request: Request) -> Response:
-        return JSONResponse(self._describe(*self.programs.find(request.app.state.store, request.path_params["program_id"])))
+        found = await run_in_threadpool(self.programs.find, request.app.state.store, request.path_params["program_id"])
+        return JSONResponse(self._describe(*found))
 
     async def download(self, request: Request) -> Response:
         program_id = request.path_params["program_id"]
-        _, path, _ = self.programs.find(request.app.state.store, program_id)
+        _, path, _ = await run_in_threadpool(self.programs.find, request.app.state.store, program_id)
         return FileResponse(path, media_type="application/zip", filename=f"{program_id}.paw")
 
     async def programs_list(self, request: Request) -> Response:
@@ -218,7 +220,7 @@ class PawApi:
         sort = request.query_params.get("sort", "recent")
         if sort not in ("recent", "name"):
             raise ApiError(422, f"sort {sort[:40]!r} is not one of 'recent', 'name'")
-        entries = self.programs.entries(request.app.state.store)
+        entries = await run_in_threadpool(self.programs.entries, request.app.state.store)
         if sort == "recent":
             entries.sort(key=lambda e: e[1].stat().st_mtime_ns, reverse=True)
         else:
@@ -235,13 +237,13 @@ class PawApi:
         return program_id
 
     async def resolve(self, request: Request) -> Response:
-        return JSONResponse({"program_id": self._resolve(request, request.path_params["slug"])})
+        return JSONResponse({"program_id": await run_in_threadpool(self._resolve, request, request.path_params["slug"])})
 
     async def versions(self, request: Request) -> Response:
         slug = request.path_params["slug"]
         listed = self.slugs.versions(slug)
         if listed is None:  # a served program's name: one version
-            program_id = self._resolve(request, slug)
+            program_id = await run_in_threadpool(self._resolve, request, slug)
             listed = {"slug": slug, "main_version": 1, "versions": [{"version": 1, "program_id": program_id, "is_main": True}]}
         return JSONResponse(listed)
 
@@ -269,7 +271,7 @@ class PawApi:
         temperature = body.get("temperature")  # outputs are greedy, as the program's local call
         if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
             raise ApiError(422, f"'temperature' must be a number, not {type(temperature).__name__}")
-        name, _, _ = self.programs.find(state.store, program_id)
+        name, _, _ = await run_in_threadpool(self.programs.find, state.store, program_id)
         worker, call = await run_in_threadpool(_prepare, state, name, text, max_tokens)
         state.admission.acquire(1)
         events: asyncio.Queue = asyncio.Queue()
@@ -295,25 +297,25 @@ class PawApi:
 
     # -- models ---------------------------------------------------------------------------------
 
-    async def compilers(self, request: Request) -> Response:
+    def _compilers(self) -> tuple[list[dict[str, Any]], str | None]:
         try:
-            compilers = [self.jobs.compiler().describe()]
-            reason = None
+            return [self.jobs.compiler().describe()], None
         except PawError as exc:
-            compilers, reason = [], str(exc)
+            return [], str(exc)
+
+    async def compilers(self, request: Request) -> Response:
+        compilers, reason = await run_in_threadpool(self._compilers)
         return JSONResponse({"compilers": compilers, **({"unavailable": reason} if reason else {})})
 
     async def runtime(self, request: Request) -> Response:
-        import anyio
-
         runtime_id = request.path_params["runtime_id"]
         # the first request for a file hashes it (140 MB for the published interpreter): off the event loop
-        manifest = await anyio.to_thread.run_sync(self.runtimes.manifest, runtime_id, str(request.base_url))
+        manifest = await run_in_threadpool(self.runtimes.manifest, runtime_id, str(request.base_url))
         return JSONResponse(manifest)
 
     async def runtime_gguf(self, request: Request) -> Response:
         runtime_id = request.path_params["runtime_id"]
-        path = self.runtimes.file(runtime_id)
+        path = await run_in_threadpool(self.runtimes.file, runtime_id)
         return FileResponse(path, media_type="application/octet-stream", filename=f"{runtime_id}.gguf")
 
 
