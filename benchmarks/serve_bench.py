@@ -82,12 +82,16 @@ class ServerProcess:
     def __enter__(self) -> "ServerProcess":
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True)
-        if self.url is None:  # paw-lite serve --json says where it listens, once it does
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.cmd[:4]} exited before listening:\n{self._tail()}")
-            self.url = json.loads(line)["url"]
-        self._wait_ready()
+        try:
+            if self.url is None:  # paw-lite serve --json says where it listens, once it does
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{' '.join(self.cmd[:4])} exited before listening:\n{self._tail()}")
+                self.url = json.loads(line)["url"]
+            self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)  # never leave a server running behind a failed start
+            raise
         return self
 
     def _wait_ready(self) -> None:
