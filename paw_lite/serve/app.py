@@ -101,9 +101,10 @@ class _Guard:
             return
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and not _authorized(headers.get(b"authorization"), self.key):
+        if self.key is not None and not _authorized(headers.get(b"authorization"), headers.get(b"x-api-key"), self.key):
             error = ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>' "
-                                  "(the key the server was started with, --api-key or PAW_LITE_API_KEY)",
+                                  "or 'X-API-Key: <key>' (the key the server was started with, --api-key or "
+                                  "PAW_LITE_API_KEY)",
                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             await error_response(path, error)(scope, receive, send)
             return
@@ -114,11 +115,15 @@ class _Guard:
         await self.app(scope, _bounded(receive, self.limit), send)
 
 
-def _authorized(header: bytes | None, key: bytes) -> bool:
+def _authorized(header: bytes | None, x_api_key: bytes | None, key: bytes) -> bool:
+    """A bearer token (OpenAI clients), or the X-API-Key header the official programasweights
+    client sends (its client.py) for the PAW API."""
+    # compare_digest: the time taken does not tell how much of a guessed key was right
+    if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), key):
+        return True
     if header is None:
         return False
     scheme, _, token = header.partition(b" ")
-    # compare_digest: the time taken does not tell how much of a guessed key was right
     return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
