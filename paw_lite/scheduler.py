@@ -96,8 +96,9 @@ def run(model: PackedForward, cache: SlotCache, seqs: list[Sequence], eos: EOS,
         first_logits: np.ndarray | None = None, on_tokens: Callable[[int], None] | None = None,
         stop: threading.Event | None = None,
         on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
-    """Greedy continuations of every sequence, each stopping at EOS (any of the ids `eos` gives) or its limit, taking turns in
-    the cache's slots (a `Batch` given them all at once and stepped until it is empty).
+    """Greedy continuations of every sequence, each stopping at EOS (any of the ids `eos` gives) or
+    its limit, taking turns in the cache's slots (a `Batch` given them all at once and stepped
+    until it is empty).
     on_tokens(n) after each step that made n tokens; on_done(i, ids) as sequence i finishes; once
     `stop` is set, the next step raises Stopped instead of running. With first_logits
     (n_seqs, n_vocab), also the logits each sequence's first token came from."""

@@ -112,7 +112,7 @@ class ProgramWorker:
                     job._post("error", exc)
 
     def _run_batch(self, engine, new: list[Job], gone: list[Job]) -> None:
-        eos = self.fn.tokenizer.eos_id
+        eos = self.fn.tokenizer.eos_ids
         batch = engine.batch(self.capacity, eos, on_done=lambda job, ids: job._post("done", ids),
                              kv_budget=MAP_KV_BUDGET)
         try:
