@@ -97,7 +97,7 @@ class Engine:
         one's slot going to the next (`scheduler.run`)."""
         return self._run(seqs, eos, capacity, on_tokens=on_tokens, stop=stop, on_done=on_done)
 
-    def batch(self, capacity: int, eos: scheduler.EOS, on_done: Callable[[Hashable, list[int]], None] | None = None,
+    def batch(self, capacity: int, eos: EOS, on_done: Callable[[Hashable, list[int]], None] | None = None,
               kv_budget: int | None = None) -> scheduler.Batch:
         """An open batch of up to `capacity` sequences in flight that sequences join (`add`, after
         `check`) and leave between steps: a server's continuous batching. Its cache starts with one
