@@ -306,14 +306,16 @@ def test_logits_and_greedy_equal_llama_cpp_on_the_same_gguf_and_adapter(converte
 
 # -- weights ---------------------------------------------------------------------------------------
 
+@pytest.mark.llama
 def test_quantized_files_decode_as_gguf_py_and_llama_cpp_decode_them(converted, tmp_path, monkeypatch):
     """Q6_K (the published interpreter's type) and Q8_0, decoded in row blocks, equal gguf-py's
     whole-tensor decoding bit for bit, and llama.cpp's own: its quantizer asked for F32 from the
     Q6_K file writes each tensor as ggml dequantizes it."""
     import ctypes
 
-    import llama_cpp
     from gguf import GGUFReader, quants
+
+    llama_cpp = oracle("llama_cpp")
 
     import paw_lite.qwen3_weights as qw
 
