@@ -306,10 +306,27 @@ def test_logits_and_greedy_equal_llama_cpp_on_the_same_gguf_and_adapter(converte
 
 # -- weights ---------------------------------------------------------------------------------------
 
+def test_q6_k_decoding_is_gguf_py_s_bit_for_bit_on_every_bit_pattern():
+    """paw_lite's own Q6_K decoder (gguf_file.dequantize) on random blocks: every ql/qh/scale bit
+    pattern, scales d of all magnitudes (NaN and Inf left out: the reader refuses them)."""
+    from gguf import GGMLQuantizationType, quants
+
+    from paw_lite.gguf_file import dequantize
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(3000, 210), dtype=np.uint8)
+    d = raw[:, 208:210].copy().view("<f2")
+    d[~np.isfinite(d)] = 1.0
+    raw[:, 208:210] = d.view(np.uint8)
+    ours = dequantize(raw.tobytes(), GGMLQuantizationType.Q6_K, (1500, 512))
+    want = np.asarray(quants.dequantize(raw, GGMLQuantizationType.Q6_K), np.float32).reshape(1500, 512)
+    assert np.array_equal(ours.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.llama
 def test_quantized_files_decode_as_gguf_py_and_llama_cpp_decode_them(converted, tmp_path, monkeypatch):
-    """Q6_K (the published interpreter's type) and Q8_0, decoded in row blocks, equal gguf-py's
-    whole-tensor decoding bit for bit, and llama.cpp's own: its quantizer asked for F32 from the
+    """Q6_K (the published interpreter's type, paw_lite's own decoder) and Q8_0, decoded in row
+    blocks, equal gguf-py's whole-tensor decoding bit for bit, and llama.cpp's own: its quantizer asked for F32 from the
     Q6_K file writes each tensor as ggml dequantizes it."""
     import ctypes
 
