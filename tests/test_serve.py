@@ -418,9 +418,11 @@ def test_a_client_that_goes_away_frees_its_slot(url, client, fns, monkeypatch):
     monkeypatch.setattr(scheduler.Batch, "drop",
                         lambda batch, key: (dropped.append(key in batch.seqs), real_drop(batch, key), gone.set()))
     body = {"model": "alert", "messages": [{"role": "user", "content": text}], "max_tokens": 40, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=WAIT) as r:
-        assert next(r.iter_lines()).startswith("data: ")  # the role chunk
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=WAIT) as r:  # closed on leaving
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the response when collected
+        assert next(lines).startswith("data: ")  # the role chunk
         assert spy.held.wait(WAIT)  # the request made its first token and is in flight
+        assert not cancelled.is_set()
     assert gone.wait(WAIT) and cancelled.is_set()
     assert dropped == [True]  # it was still in flight, and left the batch
     _still_serving(client, fns)
