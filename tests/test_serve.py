@@ -199,7 +199,7 @@ def test_a_cut_constrained_output_is_partial_with_finish_reason_length(client, f
 
 
 def test_bad_constraints_are_400_naming_the_field(client, fns):
-    cases = [({"choices": []}, "choices"), ({"regex": "("}, "regex"), ({"choices": ["a"], "regex": "b"}, "regex"),
+    cases = [({"choices": []}, "choices"), ({"guided_choice": "ALERT"}, "guided_choice"), ({"regex": 5}, "regex"), ({"regex": "("}, "regex"), ({"choices": ["a"], "regex": "b"}, "regex"),
              ({"response_format": {"type": "json_schema"}}, "response_format"),
              ({"response_format": {"type": "xml"}}, "response_format")]
     for body, field in cases:
@@ -242,6 +242,8 @@ def test_malformed_and_wrong_requests_are_400(client, url, fns):
         r = httpx.post(url + "/v1/completions", json=body, timeout=WAIT)
         assert r.status_code == 400, body
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "alert", "prompt": "\\ud800"}', timeout=WAIT)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"  # a lone surrogate
     r = httpx.post(url + "/v1/chat/completions", json={"model": "alert", "messages": [{"role": "system", "content": "x"}]},
                    timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

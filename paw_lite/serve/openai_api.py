@@ -127,9 +127,9 @@ def _prepare(state, inference: Inference, data: dict) -> tuple[ProgramWorker, li
             calls.append(worker.fn.prepare(text, inference.max_tokens, **inference.constraint))
         except ContextOverflowError as exc:
             raise ApiError(400, _which(inference, i, exc), code="context_length_exceeded") from None
-        except (ConstraintError, MissingDependencyError) as exc:
+        except (ConstraintError, MissingDependencyError, TypeError) as exc:  # the parser checked the rest's types
             raise ApiError(400, str(exc), param=constraint_field(data), code="invalid_constraint") from None
-        except (PawError, TypeError, ValueError) as exc:
+        except (PawError, ValueError) as exc:  # e.g. a lone surrogate (JSON can carry one)
             raise ApiError(400, _which(inference, i, exc), code="invalid_input") from None
     return worker, calls
 
