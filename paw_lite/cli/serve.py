@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.run import serve_forever
 
     settings = settings_from_args(args)
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"paw-lite: warning: listening on {settings.host} without --api-key: anyone who can reach this "
+              f"port can use (and, through the PAW API, compile on) this server", file=sys.stderr)
     app = build_app(settings, extra_routes=_extra_routes(settings))
 
     def ready(url: str) -> None:
