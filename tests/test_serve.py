@@ -299,12 +299,17 @@ def test_api_key_is_required_on_every_route(root, tiny_gguf, fns):
                 bad.models.list()
             with pytest.raises(openai.AuthenticationError):
                 bad.completions.create(model="alert", prompt="x", max_tokens=3)
-        for path, shape in (("/v1/models", "error"), ("/api/v1/programs/x", "detail"), ("/nowhere", "detail")):
+        for path, shape in (("/v1/models", "error"), ("/api/v1/programs/x", "detail"), ("/nowhere", "detail"),
+                            ("/health", "detail")):
             r = httpx.get(base + path, timeout=WAIT)
             assert r.status_code == 401 and shape in r.json(), path
             assert r.headers["www-authenticate"] == "Bearer"
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0, timeout=WAIT)
         assert good.completions.create(model="alert", prompt="x", max_tokens=5).choices[0].text == fns["alert"]("x", 5)
+
+
+def test_health(url):
+    assert httpx.get(url + "/health", timeout=WAIT).json() == {"status": "ok"}
 
 
 def test_unknown_routes_are_404_in_each_faces_shape(url):
@@ -367,6 +372,31 @@ def test_concurrent_first_requests_load_a_program_once(settings, monkeypatch):
     assert loads == ["alert"] and all(f is got[0] for f in got)
     assert store.function("beta").config is got[0].config  # one interpreter, shared
     store.close()
+
+
+def test_least_recently_used_programs_are_unloaded(root, tiny_gguf, fns):
+    settings = serve_settings(root, tiny_gguf, max_loaded=1)
+    app = build_app(settings)
+    with serving(settings, app) as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=WAIT)
+        for name in ("alert", "beta", "alert", "beta"):
+            assert c.completions.create(model=name, prompt="user logged in", max_tokens=6).choices[0].text == \
+                fns[name]("user logged in", 6)
+            assert list(app.state.store.loaded()) == [name]
+
+
+def test_a_request_that_meets_an_unloaded_worker_is_retried(client, fns, monkeypatch):
+    real_submit, refused = batching.ProgramWorker.submit, []
+
+    def submit_once_refused(self, job):
+        if not refused:
+            refused.append(job)
+            raise batching.WorkerClosedError("unloaded meanwhile")
+        real_submit(self, job)
+
+    monkeypatch.setattr(batching.ProgramWorker, "submit", submit_once_refused)
+    r = client.completions.create(model="beta", prompt=["a", "b"], max_tokens=6)
+    assert refused and [ch.text for ch in r.choices] == [fns["beta"](t, 6) for t in "ab"]
 
 
 # -- batching across requests ------------------------------------------------------------------
