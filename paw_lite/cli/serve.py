@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"paw-lite: serving {len(names)} program(s) from {settings.programs_dir} at {url}/v1 "
                   f"(Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
 
-    serve_forever(settings, app, on_ready=ready)
+    serve_forever(settings, app, on_ready=ready, verbose=bool(getattr(args, "verbose", False)))
     return 0
 
 
