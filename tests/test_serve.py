@@ -199,7 +199,7 @@ def test_a_cut_constrained_output_is_partial_with_finish_reason_length(client, f
 
 
 def test_bad_constraints_are_400_naming_the_field(client, fns):
-    cases = [({"choices": []}, "choices"), ({"regex": "("}, "regex"), ({"choices": ["a"], "regex": "b"}, "regex"),
+    cases = [({"choices": []}, "choices"), ({"guided_choice": "ALERT"}, "guided_choice"), ({"regex": 5}, "regex"), ({"regex": "("}, "regex"), ({"choices": ["a"], "regex": "b"}, "regex"),
              ({"response_format": {"type": "json_schema"}}, "response_format"),
              ({"response_format": {"type": "xml"}}, "response_format")]
     for body, field in cases:
@@ -242,6 +242,8 @@ def test_malformed_and_wrong_requests_are_400(client, url, fns):
         r = httpx.post(url + "/v1/completions", json=body, timeout=WAIT)
         assert r.status_code == 400, body
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "alert", "prompt": "\\ud800"}', timeout=WAIT)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"  # a lone surrogate
     r = httpx.post(url + "/v1/chat/completions", json={"model": "alert", "messages": [{"role": "system", "content": "x"}]},
                    timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
@@ -297,12 +299,17 @@ def test_api_key_is_required_on_every_route(root, tiny_gguf, fns):
                 bad.models.list()
             with pytest.raises(openai.AuthenticationError):
                 bad.completions.create(model="alert", prompt="x", max_tokens=3)
-        for path, shape in (("/v1/models", "error"), ("/api/v1/programs/x", "detail"), ("/nowhere", "detail")):
+        for path, shape in (("/v1/models", "error"), ("/api/v1/programs/x", "detail"), ("/nowhere", "detail"),
+                            ("/health", "detail")):
             r = httpx.get(base + path, timeout=WAIT)
             assert r.status_code == 401 and shape in r.json(), path
             assert r.headers["www-authenticate"] == "Bearer"
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0, timeout=WAIT)
         assert good.completions.create(model="alert", prompt="x", max_tokens=5).choices[0].text == fns["alert"]("x", 5)
+
+
+def test_health(url):
+    assert httpx.get(url + "/health", timeout=WAIT).json() == {"status": "ok"}
 
 
 def test_unknown_routes_are_404_in_each_faces_shape(url):
@@ -367,6 +374,31 @@ def test_concurrent_first_requests_load_a_program_once(settings, monkeypatch):
     store.close()
 
 
+def test_least_recently_used_programs_are_unloaded(root, tiny_gguf, fns):
+    settings = serve_settings(root, tiny_gguf, max_loaded=1)
+    app = build_app(settings)
+    with serving(settings, app) as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=WAIT)
+        for name in ("alert", "beta", "alert", "beta"):
+            assert c.completions.create(model=name, prompt="user logged in", max_tokens=6).choices[0].text == \
+                fns[name]("user logged in", 6)
+            assert list(app.state.store.loaded()) == [name]
+
+
+def test_a_request_that_meets_an_unloaded_worker_is_retried(client, fns, monkeypatch):
+    real_submit, refused = batching.ProgramWorker.submit, []
+
+    def submit_once_refused(self, job):
+        if not refused:
+            refused.append(job)
+            raise batching.WorkerClosedError("unloaded meanwhile")
+        real_submit(self, job)
+
+    monkeypatch.setattr(batching.ProgramWorker, "submit", submit_once_refused)
+    r = client.completions.create(model="beta", prompt=["a", "b"], max_tokens=6)
+    assert refused and [ch.text for ch in r.choices] == [fns["beta"](t, 6) for t in "ab"]
+
+
 # -- batching across requests ------------------------------------------------------------------
 
 def test_load_from_many_clients_loses_and_mixes_nothing(client, fns):
@@ -418,9 +450,11 @@ def test_a_client_that_goes_away_frees_its_slot(url, client, fns, monkeypatch):
     monkeypatch.setattr(scheduler.Batch, "drop",
                         lambda batch, key: (dropped.append(key in batch.seqs), real_drop(batch, key), gone.set()))
     body = {"model": "alert", "messages": [{"role": "user", "content": text}], "max_tokens": 40, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=WAIT) as r:
-        assert next(r.iter_lines()).startswith("data: ")  # the role chunk
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=WAIT) as r:  # closed on leaving
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the response when collected
+        assert next(lines).startswith("data: ")  # the role chunk
         assert spy.held.wait(WAIT)  # the request made its first token and is in flight
+        assert not cancelled.is_set()
     assert gone.wait(WAIT) and cancelled.is_set()
     assert dropped == [True]  # it was still in flight, and left the batch
     _still_serving(client, fns)

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="largest max_tokens a request may ask for, and the default (default 1024)")
     limits.add_argument("--batch-size", type=int, default=64,
                         help="most inputs of one program evaluated together (default 64)")
+    limits.add_argument("--max-loaded", type=int, default=8,
+                        help="programs kept loaded at once; one more unloads the least recently used (default 8)")
     compile_ = p.add_argument_group("compiling through the PAW API (as `paw-lite compile`)")
     compile_.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files (default: the models directory)")
     compile_.add_argument("--compiler", type=Path, metavar="GGUF", help="the trained compiler")
@@ -53,7 +55,7 @@ def settings_from_args(args: argparse.Namespace):
     from ..serve.settings import ServeSettings, api_key_from_env
 
     require_positive(args, "max_body_bytes", "max_input_chars", "max_batch", "max_concurrent", "max_tokens_cap",
-                     "batch_size")
+                     "batch_size", "max_loaded")
     if not 0 <= args.port <= 65535:
         raise PawError(f"--port must be 0..65535 (0: any free port), not {args.port}")
     if not args.programs.is_dir():
@@ -65,7 +67,7 @@ def settings_from_args(args: argparse.Namespace):
                          port=args.port, api_key=api_key_from_env(args.api_key), max_body_bytes=args.max_body_bytes,
                          max_input_chars=args.max_input_chars, max_batch=args.max_batch,
                          max_concurrent=args.max_concurrent, max_tokens_cap=args.max_tokens_cap,
-                         batch_size=args.batch_size, interpreter=args.base_model, compile_models=files,
+                         batch_size=args.batch_size, max_loaded=args.max_loaded, interpreter=args.base_model, compile_models=files,
                          models_dir=args.models)
 
 
@@ -78,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.run import serve_forever
 
     settings = settings_from_args(args)
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"paw-lite: warning: listening on {settings.host} without --api-key: anyone who can reach this "
+              f"port can use (and, through the PAW API, compile on) this server", file=sys.stderr)
     app = build_app(settings, extra_routes=_extra_routes(settings))
 
     def ready(url: str) -> None:
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"paw-lite: serving {len(names)} program(s) from {settings.programs_dir} at {url}/v1 "
                   f"(Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
 
-    serve_forever(settings, app, on_ready=ready)
+    serve_forever(settings, app, on_ready=ready, verbose=bool(getattr(args, "verbose", False)))
     return 0
 
 

@@ -16,7 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.routing import BaseRoute
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .batching import Batchers
@@ -54,7 +55,7 @@ def build_app(settings: ServeSettings, *, extra_routes: Sequence[BaseRoute] = ()
             await run_in_threadpool(stop)  # joins threads: not on the event loop
 
     app = Starlette(
-        routes=[*openai_api.routes(), *extra_routes],
+        routes=[Route("/health", _health, methods=["GET"]), *openai_api.routes(), *extra_routes],
         middleware=[Middleware(_Guard, settings=settings)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
@@ -64,6 +65,11 @@ def build_app(settings: ServeSettings, *, extra_routes: Sequence[BaseRoute] = ()
     app.state.batchers = batchers
     app.state.admission = Admission(settings.max_concurrent)
     return app
+
+
+async def _health(request: Request) -> JSONResponse:
+    """Liveness for load balancers and scripts waiting for the server (behind the key like every route)."""
+    return JSONResponse({"status": "ok"})
 
 
 async def _api_error(request: Request, exc: Exception):

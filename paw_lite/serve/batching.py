@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,10 @@ from .settings import ServeSettings
 from .store import ProgramStore
 
 log = logging.getLogger("paw_lite.serve")
+
+
+class WorkerClosedError(PawError):
+    """The worker stopped (the server is shutting down, or its program was unloaded)."""
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a job is a batch key
@@ -66,7 +71,8 @@ class ProgramWorker:
             return
         with self._cond:
             if self._closed:
-                raise PawError(f"the worker of {self.name} has stopped (the server is shutting down)")
+                raise WorkerClosedError(f"the worker of {self.name} has stopped (the server is shutting down, or "
+                                        f"the program was unloaded)")
             self._new.append(job)
             self._cond.notify()
 
@@ -143,33 +149,50 @@ def _keys(batch) -> list[Hashable]:
 
 class Batchers:
     """The batch workers of a server's programs, made on a program's first request (and again
-    for a program file that was replaced)."""
+    for a program file that was replaced). At most `max_loaded` programs stay loaded: loading
+    one more unloads the least recently used (its worker finishes the jobs it has, then stops;
+    a request that raced it is retried by the route, `WorkerClosedError`)."""
 
     def __init__(self, store: ProgramStore, settings: ServeSettings):
         self.store = store
         self.capacity = settings.batch_size
+        self.max_loaded = settings.max_loaded
         self._lock = threading.Lock()
-        self._workers: dict[str, ProgramWorker] = {}
+        self._workers: OrderedDict[str, ProgramWorker] = OrderedDict()  # least recently used first
         self._closed = False
 
     def worker(self, name: str) -> ProgramWorker:
         """The worker of a program (loading the program on first use: call it off the event loop)."""
         fn = self.store.function(name)
+        retired = []
         with self._lock:
             if self._closed:
-                raise PawError("the server is shutting down")
+                raise WorkerClosedError("the server is shutting down")
             worker = self._workers.get(name)
-            if worker is not None and worker.fn is fn:
-                return worker
-            old, worker = worker, ProgramWorker(name, fn, self.capacity)
-            self._workers[name] = worker
-        if old is not None:  # the file was replaced: the old program finishes its jobs, then stops
-            threading.Thread(target=old.close, daemon=True).start()
+            if worker is None or worker.fn is not fn:
+                if worker is not None:  # the file was replaced: the old program finishes its jobs, then stops
+                    retired.append((worker, False))
+                worker = ProgramWorker(name, fn, self.capacity)
+                self._workers[name] = worker
+            self._workers.move_to_end(name)
+            while len(self._workers) > self.max_loaded:
+                old_name, old = self._workers.popitem(last=False)
+                self.store.unload(old_name, old.fn)  # a request from now on loads it again
+                retired.append((old, True))
+        for old, close_fn in retired:
+            threading.Thread(target=_retire, args=(old, close_fn), name=f"paw-serve-retire:{old.name}",
+                             daemon=True).start()
         return worker
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            workers, self._workers = list(self._workers.values()), {}
+            workers, self._workers = list(self._workers.values()), OrderedDict()
         for w in workers:
             w.close()
+
+
+def _retire(worker: ProgramWorker, close_fn: bool) -> None:
+    worker.close()  # after the jobs it has
+    if close_fn:
+        worker.fn.close()  # its merged weights are freed

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from ..constraints import ConstraintError, IncompleteOutputError
 from ..errors import ContextOverflowError, MissingDependencyError, PawError
-from .batching import Job, ProgramWorker
+from .batching import Job, ProgramWorker, WorkerClosedError
 from .errors import ApiError
 from .openai_request import Inference, chat_request, completion_request, constraint_field, parse_json
 from .store import UnknownProgramError
@@ -66,19 +66,25 @@ async def _infer(request: Request, parse: Callable, shape: "_Shape"):
     state = request.app.state
     data = parse_json(await request.body())
     inference: Inference = parse(data, state.settings)
-    worker, calls = await run_in_threadpool(_prepare, state, inference, data)
-    state.admission.acquire(len(calls))
+    state.admission.acquire(len(inference.inputs))
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    jobs = [Job(call, inference.stream, loop, events, index) for index, call in enumerate(calls)]
     meta = {"id": shape.prefix + uuid.uuid4().hex, "created": int(time.time()), "model": inference.model}
     try:
-        for job in jobs:
-            worker.submit(job)
-    except PawError as exc:
-        _cancel(worker, jobs)
-        state.admission.release(len(jobs))
-        raise ApiError(503, str(exc), code="shutting_down") from None
+        for attempt in range(2):
+            worker, calls = await run_in_threadpool(_prepare, state, inference, data)
+            events: asyncio.Queue = asyncio.Queue()  # a retry's own: the first attempt's events are not its
+            jobs = [Job(call, inference.stream, loop, events, index) for index, call in enumerate(calls)]
+            try:
+                for job in jobs:
+                    worker.submit(job)
+                break
+            except WorkerClosedError as exc:  # its program was unloaded meanwhile: load it again, once
+                _cancel(worker, jobs)
+                if attempt:
+                    raise ApiError(503, str(exc), code="unavailable") from None
+    except BaseException:
+        state.admission.release(len(inference.inputs))
+        raise
     watcher = asyncio.ensure_future(_watch(request, events))
     ended = False
 
@@ -119,6 +125,8 @@ def _prepare(state, inference: Inference, data: dict) -> tuple[ProgramWorker, li
         worker = state.batchers.worker(inference.model)
     except UnknownProgramError as exc:
         raise ApiError(404, str(exc), code="model_not_found", param="model") from None
+    except WorkerClosedError as exc:
+        raise ApiError(503, str(exc), code="unavailable") from None
     except PawError as exc:  # a program file that cannot be loaded: the server's problem, said plainly
         raise ApiError(500, f"the model {inference.model!r} cannot be loaded: {exc}", code="model_load_failed") from None
     calls = []
@@ -127,9 +135,9 @@ def _prepare(state, inference: Inference, data: dict) -> tuple[ProgramWorker, li
             calls.append(worker.fn.prepare(text, inference.max_tokens, **inference.constraint))
         except ContextOverflowError as exc:
             raise ApiError(400, _which(inference, i, exc), code="context_length_exceeded") from None
-        except (ConstraintError, MissingDependencyError) as exc:
+        except (ConstraintError, MissingDependencyError, TypeError) as exc:  # the parser checked the rest's types
             raise ApiError(400, str(exc), param=constraint_field(data), code="invalid_constraint") from None
-        except (PawError, TypeError, ValueError) as exc:
+        except (PawError, ValueError) as exc:  # e.g. a lone surrogate (JSON can carry one)
             raise ApiError(400, _which(inference, i, exc), code="invalid_input") from None
     return worker, calls
 

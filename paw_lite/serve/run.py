@@ -41,7 +41,7 @@ def base_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _server(app: Starlette, drain_seconds: float, on_ready: Callable[[], None] | None = None):
+def _server(app: Starlette, drain_seconds: float, on_ready: Callable[[], None] | None = None, verbose: bool = False):
     uvicorn = require("uvicorn", "serve")
 
     class Server(uvicorn.Server):
@@ -62,8 +62,11 @@ def _server(app: Starlette, drain_seconds: float, on_ready: Callable[[], None] |
             self.stopping.set()
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=drain_seconds,
-                            access_log=False, server_header=False)
+    # log_config None: uvicorn's records go through the process's logging (the CLI's goes to
+    # stderr), not to handlers of its own; its access log would otherwise write to stdout, which
+    # carries the --json line.
+    config = uvicorn.Config(app, log_config=None, log_level="info" if verbose else "warning", lifespan="on",
+                            timeout_graceful_shutdown=drain_seconds, access_log=verbose, server_header=False)
     return Server(config)
 
 
@@ -114,12 +117,12 @@ def serving(settings: ServeSettings, app: Starlette | None = None) -> Iterator[s
         server.stop()
 
 
-def serve_forever(settings: ServeSettings, app: Starlette, on_ready=None) -> None:
+def serve_forever(settings: ServeSettings, app: Starlette, on_ready=None, verbose: bool = False) -> None:
     """Serve in this thread until SIGTERM or SIGINT (uvicorn's handlers), then drain and return.
-    on_ready(url) once it listens."""
+    on_ready(url) once it listens; verbose: uvicorn's info log and access log (one line a request)."""
     sock = bind(settings.host, settings.port)
     url = base_url(sock)
-    server = _server(app, DRAIN_SECONDS, None if on_ready is None else (lambda: on_ready(url)))
+    server = _server(app, DRAIN_SECONDS, None if on_ready is None else (lambda: on_ready(url)), verbose)
     # uvicorn catches SIGTERM, drains, then raises the signal again for the handler it found: with
     # the default one the process would die of it (exit -15) after a clean drain. A handler that
     # does nothing lets the command return 0. SIGINT keeps Python's (KeyboardInterrupt: exit 130).

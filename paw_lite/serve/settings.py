@@ -32,7 +32,9 @@ class ServeSettings:
     models directory, as `paw_lite.function` finds it).
     compile_models / models_dir: the compiler's files, as `paw-lite compile` takes them (the
     PAW API's compile jobs use them).
-    batch_size: sequences of one program evaluated together at most (one engine step)."""
+    batch_size: sequences of one program evaluated together at most (one engine step).
+    max_loaded: programs kept loaded at once (each holds its own merged weights, ~340 MB for
+    GPT-2 124M); loading one more unloads the least recently used."""
 
     programs_dir: Path
     data_dir: Path
@@ -45,13 +47,15 @@ class ServeSettings:
     max_concurrent: int = 256
     max_tokens_cap: int = 1024
     batch_size: int = 64
+    max_loaded: int = 8
     interpreter: Path | None = None
     compile_models: ModelFiles = field(default_factory=ModelFiles)
     models_dir: Path | None = None
     cache_dir: Path | None = None  # prefix KV caches (None: paw_lite's default cache directory)
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_input_chars", "max_batch", "max_concurrent", "max_tokens_cap", "batch_size"):
+        for name in ("max_body_bytes", "max_input_chars", "max_batch", "max_concurrent", "max_tokens_cap", "batch_size",
+                     "max_loaded"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServeSettingsError(f"{name} must be a positive integer, not {value!r}")

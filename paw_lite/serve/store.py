@@ -114,6 +114,14 @@ class ProgramStore:
                 self._loaded[name] = (entry, fn)
             return fn
 
+    def unload(self, name: str, fn: PawFunction) -> None:
+        """Forget a loaded program (if it is still `fn`): the next request loads it again. Closing
+        fn is the caller's, once nothing runs on it."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None and loaded[1] is fn:
+                del self._loaded[name]
+
     def loaded(self) -> dict[str, PawFunction]:
         with self._lock:
             return {name: fn for name, (_, fn) in self._loaded.items()}
