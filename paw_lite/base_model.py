@@ -146,11 +146,11 @@ def _load_gguf(path: Path) -> BaseModel:
     # released, while the tokenizer is built in Python here. The fingerprint is the sha256 of the
     # whole file: it costs little wall time next to dequantizing (a second read comes from the page
     # cache), so nothing weaker is used.
-    types = _KINDS[family.name].weight_types
+    decode = _KINDS[family.name].decode
     in_file_order = sorted(index.tensors, key=lambda t: t.data_offset)
     with ThreadPoolExecutor(max_workers=3) as pool:
         digest = pool.submit(file_sha256, path)
-        halves = [pool.submit(_read_tensors, index, path, part, types) for part in _halves_by_size(in_file_order)]
+        halves = [pool.submit(_read_tensors, index, path, part, decode) for part in _halves_by_size(in_file_order)]
         tokenizer = _gguf_tokenizer(index, config, family, path)
         loaded = {name: array for half in halves for name, array in half.result().items()}
         fingerprint = digest.result()
@@ -169,9 +169,9 @@ def _halves_by_size(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
     return groups
 
 
-def _read_tensors(index, path: Path, tensors: list[TensorInfo], types: frozenset) -> dict[str, np.ndarray]:
+def _read_tensors(index, path: Path, tensors: list[TensorInfo], decode) -> dict[str, np.ndarray]:
     """float32 tensors by name, read in file order."""
-    return {info.name: tensor_to_f32(info, raw, path, types) for info, raw in iter_tensors(index, tensors)}
+    return {info.name: decode(info, raw, path) for info, raw in iter_tensors(index, tensors)}
 
 
 class _ShapeOnly:
@@ -220,9 +220,9 @@ def _gpt2_engine(weights: dict[str, np.ndarray], config: GPT2Config, lora: LoraP
 
 
 def _qwen3_hf_weights(folder: Path, config: Qwen3Config) -> tuple[dict[str, np.ndarray], list[Path]]:
-    from .qwen3_weights import hf_qwen3_tensors
+    from .qwen3_weights import read_hf_tensors
 
-    return hf_qwen3_tensors(folder, config)
+    return read_hf_tensors(folder)[1], sorted(folder.glob("*.safetensors"))
 
 
 def _qwen3_engine(weights: dict[str, np.ndarray], config: Qwen3Config, lora: LoraPairs, scale: float,
@@ -232,10 +232,16 @@ def _qwen3_engine(weights: dict[str, np.ndarray], config: Qwen3Config, lora: Lor
     return Engine.qwen3(Qwen3Weights.from_gguf_names(weights, config, lora, scale, consume=consume), config)
 
 
-def _qwen3_weight_types() -> frozenset:
-    from .qwen3_weights import QWEN3_WEIGHT_TYPES
+def _gpt2_decode(info: TensorInfo, raw: bytes | memoryview, path: Path) -> np.ndarray:
+    return tensor_to_f32(info, raw, path, WEIGHT_TYPES)
 
-    return QWEN3_WEIGHT_TYPES
+
+def _qwen3_decode(info: TensorInfo, raw: bytes | memoryview, path: Path) -> np.ndarray:
+    # K-quant decoders hold temporaries several times their output: qwen3_weights decodes large
+    # tensors in row blocks (the 151,936-row Q6_K embedding would otherwise take gigabytes)
+    from .qwen3_weights import _decode
+
+    return _decode(info, raw, path)
 
 
 @dataclass(frozen=True)
@@ -244,15 +250,11 @@ class _Kind:
 
     family: Family
     gguf_config: Callable[[GGUFIndex, Path], ModelConfig]
-    weight_types_of: Callable[[], frozenset]  # the GGUF tensor types its weights may have
+    decode: Callable[[TensorInfo, bytes | memoryview, Path], np.ndarray]  # a GGUF tensor as float32, checked
     hf_config: Callable[[Path], ModelConfig]
     hf_weights: Callable[[Path, ModelConfig], tuple[dict[str, np.ndarray], list[Path]]]  # and the files they came from
     hf_tokenizer: Callable[[Path, ModelConfig], BPETokenizer]
     engine: Callable[[dict[str, np.ndarray], ModelConfig, LoraPairs, float, bool], Engine]
-
-    @property
-    def weight_types(self) -> frozenset:
-        return self.weight_types_of()
 
     def load_hf(self, folder: Path) -> BaseModel:
         return _load_hf_dir(folder, self)
@@ -260,11 +262,11 @@ class _Kind:
 
 _KINDS: dict[str, _Kind] = {
     COMPACT.name: _Kind(
-        COMPACT, _gpt2_gguf_config, lambda: WEIGHT_TYPES,
+        COMPACT, _gpt2_gguf_config, _gpt2_decode,
         lambda folder: hf_gpt2_config(folder / "config.json", INTERPRETER_SOURCES), _gpt2_hf_weights,
         lambda folder, config: BPETokenizer.from_hf_dir(folder), _gpt2_engine),
     STANDARD.name: _Kind(
-        STANDARD, Qwen3Config.from_gguf, _qwen3_weight_types,
+        STANDARD, Qwen3Config.from_gguf, _qwen3_decode,
         lambda folder: Qwen3Config.from_hf(folder / "config.json"), _qwen3_hf_weights,
         lambda folder, config: BPETokenizer.from_hf_qwen_dir(folder, config.n_vocab, STANDARD), _qwen3_engine),
 }

@@ -1,5 +1,6 @@
 """`paw-lite bench [--json]`: the NumPy interpreter against llama.cpp, side by side;
-`paw-lite bench --constrained`: constrained outputs against the official runtime's logits-processor way.
+`paw-lite bench --constrained`: constrained outputs against the official runtime's logits-processor way;
+`paw-lite bench --standard`: Standard programs (the Qwen3-0.6B interpreter) against the official runtime's way.
 
 The benchmarks live in `benchmarks/interpreter_bench.py` and `benchmarks/constrained_bench.py` of a
 source checkout (they build their random models from the real GPT-2 vocabulary in the
@@ -19,6 +20,7 @@ from . import emit, require_positive
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "interpreter_bench.py"
 CONSTRAINED_SCRIPT = BENCH_SCRIPT.with_name("constrained_bench.py")
+STANDARD_SCRIPT = BENCH_SCRIPT.with_name("standard_bench.py")
 
 
 def _bench_module(script: Path = BENCH_SCRIPT) -> ModuleType:
@@ -39,10 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "paw_lite and llama.cpp (llama-cpp-python) on a full-size random GPT-2 "
                                    "with a rank-64 adapter; medians of fresh processes, ratio per row.")
     add_arguments(p)
-    p.add_argument("--constrained", action="store_true",
-                   help="instead: constrained outputs (choices, a JSON schema, fn.map with choices) against the "
-                        "official runtime's way, llama.cpp eval + sample with a masking logits processor "
-                        "(benchmarks/constrained_bench.py)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--constrained", action="store_true",
+                       help="instead: constrained outputs (choices, a JSON schema, fn.map with choices) against the "
+                            "official runtime's way, llama.cpp eval + sample with a masking logits processor "
+                            "(benchmarks/constrained_bench.py)")
+    which.add_argument("--standard", action="store_true",
+                       help="instead: a Standard program on a full-size random Qwen3-0.6B (Q6_K) with a rank-64 "
+                            "adapter on its 196 modules, against the official runtime's way, llama.cpp eval + "
+                            "sample (benchmarks/standard_bench.py; builds its 620 MB files once)")
     p.set_defaults(func=run)
 
 
@@ -64,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.constrained:
         require("llguidance", "constrain")
     require_positive(args, "repeats", "inner", "calls", "batch_size")
-    bench = _bench_module(CONSTRAINED_SCRIPT if args.constrained else BENCH_SCRIPT)
+    script = CONSTRAINED_SCRIPT if args.constrained else STANDARD_SCRIPT if getattr(args, "standard", False) else BENCH_SCRIPT
+    bench = _bench_module(script)
     if args.cache is None:
         args.cache = bench.DEFAULT_CACHE
     try:

@@ -1,0 +1,448 @@
+"""Standard programs: paw_lite's NumPy Qwen3 against the official runtime's way (llama.cpp), same files, one run.
+
+    python benchmarks/standard_bench.py [--json] [--repeats N] [--calls N] [--quick]
+    paw-lite bench --standard [--json] ...          (the same, from a source checkout)
+
+The files are generated once into benchmarks/.cache/standard (not committed): a Qwen3-0.6B-shaped
+interpreter with random weights (28 layers, 1024 wide, 16 query / 8 key-value heads of 128, FFN
+3072, tied embeddings, the real Qwen vocabulary padded to 151,936 rows as the published file is),
+written as F16 and quantized to Q6_K by llama.cpp's own quantizer (the published file's type), a
+rank-64 Q4_0 `adapter.gguf` on all 196 modules (28 layers x 7), and a Standard program (the Qwen
+chat template, thinking off) whose prefix is 250 tokens. Speed does not depend on weight values;
+the embedding rows of `<|im_end|>` and `<|endoftext|>` are zero, so neither EOS wins the argmax
+and every call makes exactly the tokens asked for (checked).
+
+paw_lite: `paw_lite.function(program, base_model=...)`, `fn.generate_ids` on the cached prefix and
+`fn.map_ids` over the inputs. The official way, as programasweights 0.4.14's
+`runtime_llamacpp.py` runs a call: rewind to the evaluated prefix, `eval` input + suffix, then
+`Llama.sample(temp=0)` and `eval` of the picked token until EOS or the limit; its throughput is
+those calls one after another. interpreter_bench.py's llama.cpp set-up (`_Llama`: mmap'd model,
+the adapter attached at scale 1), workload format, worker processes and option parsing are
+imported, not copied.
+
+Each repeat runs each engine in a fresh process (alternating which goes first); rows report
+medians, the ratio column is paw_lite / official. Peak RSS is each worker process's own."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _interpreter_bench():
+    """benchmarks/interpreter_bench.py, by its path (benchmarks/ is no package), under the name
+    `paw-lite bench` loads it by: one copy per process."""
+    name = "paw_lite_interpreter_bench"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("interpreter_bench.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+ib = _interpreter_bench()
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = ROOT / "benchmarks" / ".cache" / "standard"
+OUTPUT_NAME = "standard-results.json"  # written into the cache folder unless --output says otherwise
+FORMAT = 1  # bump to regenerate the cached files
+ENGINES = ("paw_lite", "official")
+PREFIX_TOKENS = ib.PREFIX_TOKENS  # 250, as for GPT-2
+INPUT_TOKENS, OUTPUT_TOKENS, PREFILL_TOKENS = ib.INPUT_TOKENS, ib.OUTPUT_TOKENS, ib.PREFILL_TOKENS
+DECODE_TOKENS = 32
+AGREE_INPUTS, AGREE_TOKENS = 8, 8
+RANK = 64
+TARGETS = [  # (row key, comparison, bound) from issue 20, "Proof"
+    ("throughput_calls_s", "ratio >=", 3.0),
+    ("peak_rss_run_mb", "paw_lite <=", 3200.0),
+]
+
+
+def qwen3_0_6b_config():
+    """Qwen3-0.6B's hyperparameters (its config.json; the published GGUF holds the same)."""
+    from paw_lite.qwen3_layout import Qwen3Config
+
+    return Qwen3Config(n_vocab=151936, n_ctx=40960, n_embd=1024, n_ff=3072, n_layer=28, n_head=16, n_head_kv=8,
+                       head_dim=128, eps=1e-6, rope_theta=1e6, tied=True)
+
+
+# -- generating the files ---------------------------------------------------------------------
+
+def ensure_workload(cache: Path, n_calls: int, log=print):
+    stamp = cache / "workload.json"
+    if stamp.exists():
+        meta = json.loads(stamp.read_text())
+        if meta.get("format") == FORMAT and len(meta["calls"]) >= n_calls:
+            return ib.Workload.load(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    from paw_lite.families import STANDARD
+    from paw_lite.gguf_file import read_index
+    from paw_lite.tokenizer import BPETokenizer
+
+    config = qwen3_0_6b_config()
+    base, adapter, program = cache / "qwen3-0.6b-random-q6_k.gguf", cache / "adapter-r64-q4_0.gguf", cache / "bench.paw"
+    if not base.exists():
+        log(f"bench: writing {base.name} (Qwen3-0.6B-shaped, random weights: F16, then Q6_K by llama.cpp) ...")
+        _write_base(base, config)
+    tok = BPETokenizer.from_gguf(read_index(base), base, STANDARD)
+    log(f"bench: writing {adapter.name} (rank {RANK}, 196 modules, Q4_0) and {program.name} ...")
+    _write_adapter(adapter, config)
+    template, prefix_ids = _template(tok)
+    _write_program(program, adapter, template)
+    prefix, suffix = template.split("{INPUT_PLACEHOLDER}")
+    rng = np.random.default_rng(1)
+    calls = [ib._prompt(tok, prefix, suffix, prefix_ids, ib._sentence(tok, rng, INPUT_TOKENS))
+             for _ in range(max(n_calls, 256))]
+    long_call = ib._prompt(tok, prefix, suffix, prefix_ids, ib._sentence(tok, rng, PREFILL_TOKENS))
+    meta = {"format": FORMAT, "base": base.name, "adapter": adapter.name, "program": program.name,
+            "prefix_ids": prefix_ids, "calls": calls, "long_call": long_call}
+    stamp.write_text(json.dumps(meta))
+    return ib.Workload.load(cache)
+
+
+def _vocab():
+    """The Qwen3 vocabulary as the published GGUF lays it out: the 151,643 byte-level BPE tokens of
+    llama.cpp's ggml-vocab-qwen2.gguf, Qwen3's 26 added tokens (CONTROL, or USER_DEFINED for the
+    non-special ones such as <think>), then [PAD] rows (UNUSED) up to the embedding's 151,936."""
+    from gguf import TokenType
+
+    from paw_lite.convert.hf_bpe import BPEVocab
+    from paw_lite.testing.qwen3 import ENDOFTEXT_ID, IM_END_ID, QWEN3_ADDED, qwen_vocab
+    from paw_lite.testing.vocab import vocab_dir
+
+    base, merges = qwen_vocab(vocab_dir())
+    tokens = list(base) + [t for t, _ in QWEN3_ADDED]
+    types = [int(TokenType.NORMAL)] * len(base) + [int(TokenType.CONTROL if s else TokenType.USER_DEFINED)
+                                                   for _, s in QWEN3_ADDED]
+    n_rows = qwen3_0_6b_config().n_vocab
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), n_rows)]
+    types += [int(TokenType.UNUSED)] * (n_rows - len(types))
+    return BPEVocab(tokens=tokens, token_types=types, merges=list(merges), bos_id=None, eos_id=IM_END_ID,
+                    pad_id=ENDOFTEXT_ID, add_bos=False, chat_template=None)
+
+
+def _write_base(path: Path, config) -> None:
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+    from paw_lite.atomic import atomic_path
+    from paw_lite.convert.gguf_stream import TensorPlan, write_streamed
+    from paw_lite.convert.llama_quantize import llama_quantize
+    from paw_lite.convert.qwen3 import _add_metadata
+    from paw_lite.testing.qwen3 import ENDOFTEXT_ID, IM_END_ID
+
+    vocab = _vocab()
+
+    def plan(name: str, shape: tuple[int, ...], seed: int) -> TensorPlan:
+        def rows(r0: int, r1: int) -> tuple[np.ndarray, str]:
+            rng = np.random.default_rng([seed, r0])
+            if len(shape) == 1:
+                return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)), "F32"
+            block = 0.02 * rng.standard_normal((r1 - r0, shape[1]), dtype=np.float32)
+            if name == "token_embd.weight":  # tied head: both EOS score 0, far below the maximum of 152k random logits
+                for eos in (IM_END_ID, ENDOFTEXT_ID):
+                    if r0 <= eos < r1:
+                        block[eos - r0] = 0.0
+            return block, "F32"
+
+        qtype = GGMLQuantizationType.F16 if len(shape) == 2 else GGMLQuantizationType.F32
+        return TensorPlan(name, shape, qtype, rows)
+
+    plans = [plan(name, shape, seed) for seed, (name, shape) in enumerate(config.tensor_shapes().items())]
+    intermediate = path.with_name(path.stem + "-f16.gguf")
+    with atomic_path(intermediate) as tmp:
+        w = GGUFWriter(tmp, "qwen3")
+        _add_metadata(w, config, vocab, "qwen3-0.6b-random", LlamaFileType.MOSTLY_F16)
+        write_streamed(w, plans)
+        w.close()
+    try:
+        llama_quantize(intermediate, path, "q6_k")
+    finally:
+        intermediate.unlink(missing_ok=True)
+
+
+def _write_adapter(path: Path, config) -> None:
+    from paw_lite.lora import write_adapter_gguf
+    from paw_lite.testing.qwen3 import random_qwen3_lora
+
+    write_adapter_gguf(path, random_qwen3_lora(config, RANK, seed=2, std=0.05), 16.0, "q4_0", arch="qwen3")
+
+
+def _template(tok) -> tuple[str, list[int]]:
+    """A Standard template (`families.standard_template`) whose prefix is PREFIX_TOKENS tokens."""
+    from paw_lite.families import standard_template
+
+    head = "Task: classify each log line as ALERT or QUIET."
+    tail = "\n\nExamples:\nInput: disk usage at 99% on /var\nOutput: ALERT"
+    words: list[str] = []
+    i = 0
+    while True:
+        template = standard_template(head + "".join(words) + tail, "{INPUT_PLACEHOLDER}")
+        prefix = template.split("{INPUT_PLACEHOLDER}")[0]
+        n = len(tok.encode(prefix))
+        if n == PREFIX_TOKENS:
+            return template, tok.encode(prefix)
+        if n > PREFIX_TOKENS:
+            words.pop()
+        else:
+            words.append(" " + ib._WORDS[i % len(ib._WORDS)])
+        i += 1
+
+
+def _write_program(path: Path, adapter: Path, template: str) -> None:
+    from paw_lite.families import STANDARD
+    from paw_lite.program import Program
+
+    meta = {"version": 4, "program_id": "0" * 20, "spec": "benchmark program (random weights)",
+            "interpreter": STANDARD.interpreter, "runtime_id": STANDARD.runtime_id, "prefix_steps": None,
+            "lora_rank": RANK, "lora_alpha": 16.0, "pseudo_program_strategy": "provided"}
+    pseudo = template.split("\n\n[INPUT]")[0].removeprefix("<|im_start|>user\n")
+    Program(meta=meta, template=template, adapter_gguf=adapter.read_bytes(), pseudo_program=pseudo).save(path)
+
+
+# -- the measuring processes ------------------------------------------------------------------
+
+class ProductFloor:
+    """interpreter_bench.ProductFloor for Qwen3's matrices: the float32 products one call cannot do
+    without (the prompt's rows through every layer's q/k/v, output, gate/up and down matrices, one
+    head product per output token, every matrix once per decoded token), timed alone on the loaded
+    weights; nothing else. What a float32 NumPy interpreter does not get below on this host."""
+
+    def __init__(self, weights, n_prompt: int):
+        from paw_lite.products import SMALL_PRODUCT_ROWS
+
+        self.weights, self.n_prompt = weights, n_prompt
+        layer = weights.layers[0]
+        widest = max(layer.attn_qkv.shape[0], layer.ffn_gate_up.shape[0])
+        self.d, self.n_ff = layer.ffn_down.shape[0], layer.ffn_down.shape[1]
+        rng = np.random.default_rng(0)
+        self.x_d = rng.standard_normal((n_prompt, self.d), dtype=np.float32)
+        self.x_q = rng.standard_normal((n_prompt, layer.attn_output.shape[1]), dtype=np.float32)
+        self.x_ff = rng.standard_normal((n_prompt, self.n_ff), dtype=np.float32)
+        self.out = np.empty((n_prompt, widest), np.float32)
+        self.scratch = np.empty(widest * min(n_prompt, SMALL_PRODUCT_ROWS), np.float32)
+        self.logits = np.empty(weights.head.shape[0], np.float32)
+        self.prompt_s: list[float] = []
+        self.token_s: list[float] = []
+
+    def _products(self, n: int) -> None:
+        from paw_lite.products import project
+
+        layers, out = self.weights.layers, self.out
+        for i, layer in enumerate(layers):
+            m = 1 if i == len(layers) - 1 else n
+            project(self.x_d[:n], layer.attn_qkv, out[:n, :layer.attn_qkv.shape[0]], self.scratch)
+            project(self.x_q[:m], layer.attn_output, out[:m, :self.d], self.scratch)
+            project(self.x_d[:m], layer.ffn_gate_up, out[:m, :layer.ffn_gate_up.shape[0]], self.scratch)
+            project(self.x_ff[:m], layer.ffn_down, out[:m, :self.d], self.scratch)
+        np.matmul(self.weights.head, self.x_d[0], out=self.logits)
+
+    def sample(self) -> None:
+        self.prompt_s.append(ib._median_time(lambda: self._products(self.n_prompt), 1))
+        self.token_s.append(ib._median_time(lambda: self._products(1), 1))
+
+    def result(self, n_out: int) -> dict:
+        prompt, token = statistics.median(self.prompt_s), statistics.median(self.token_s)
+        return {"one_call_floor_s": prompt + (n_out - 1) * token, "decode_floor_tok_s": 1.0 / token}
+
+
+def paw_worker(w, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:
+    import paw_lite
+
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        fn = paw_lite.function(w.program, base_model=w.base, cache_dir=Path(tmp))
+        res["cold_start_s"] = time.perf_counter() - t
+        calls = w.calls
+        assert fn.prompt_ids(calls[0]["text"]) == calls[0]["ids"]
+
+        def one_call(i=[0]):
+            out = fn.generate_ids(calls[i[0] % len(calls)]["text"], max_tokens=OUTPUT_TOKENS)
+            assert len(out) == OUTPUT_TOKENS, out
+            i[0] += 1
+
+        floor = ProductFloor(fn._engine.w, len(calls[0]["ids"]) - len(w.prefix_ids))
+        call_times = []
+        for _ in range(inner):
+            call_times.append(ib._median_time(one_call, 1))
+            floor.sample()
+        res["one_call_s"] = statistics.median(call_times)
+        res.update(floor.result(OUTPUT_TOKENS))
+        res["peak_rss_one_program_mb"] = ib._peak_rss_mb()
+        res["prefix_eval_s"] = ib._median_time(lambda: fn._engine.eval_prefix(fn._prefix_ids), max(1, inner // 3))
+        text = calls[0]["text"]
+        t_long = ib._median_time(lambda: fn.generate_ids(text, max_tokens=DECODE_TOKENS + 1), max(1, inner // 3))
+        t_short = ib._median_time(lambda: fn.generate_ids(text, max_tokens=1), inner)
+        res["decode_tok_s"] = DECODE_TOKENS / (t_long - t_short)
+        n_long = len(w.long_call["ids"]) - len(w.prefix_ids)
+        res["prefill_tok_s"] = n_long / ib._median_time(lambda: fn.generate_ids(w.long_call["text"], max_tokens=1),
+                                                        max(1, inner // 3))
+        texts = [c["text"] for c in calls[:n_calls]]
+        t = time.perf_counter()
+        outs = fn.map_ids(texts, max_tokens=OUTPUT_TOKENS, batch_size=batch_size)
+        res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
+        assert all(len(o) == OUTPUT_TOKENS for o in outs)
+        res["peak_rss_run_mb"] = ib._peak_rss_mb()
+        if agree:
+            res["agree_ids"] = [fn.generate_ids(c["text"], max_tokens=AGREE_TOKENS) for c in calls[:AGREE_INPUTS]]
+            one_by_one = [fn.generate_ids(t, max_tokens=OUTPUT_TOKENS) for t in texts[:AGREE_INPUTS]]
+            res["map_equals_calls"] = [a == b for a, b in zip(outs, one_by_one)]
+        fn.close()
+        del fn
+        t = time.perf_counter()  # again, now with the prefix KV cache file on disk
+        fn = paw_lite.function(w.program, base_model=w.base, cache_dir=Path(tmp))
+        res["cold_start_cached_prefix_s"] = time.perf_counter() - t
+        fn.close()
+    return res
+
+
+class _Official(ib._Llama):
+    """interpreter_bench's llama.cpp set-up, with the official runtime's call: `sample(temp=0)` then
+    `eval([token])` per token, stopping at the file's EOS (<|im_end|>) or the limit."""
+
+    def call(self, ids: list[int], max_tokens: int) -> list[int]:
+        self.llm.n_tokens = len(self.prefix)
+        self.llm.eval(ids[len(self.prefix):])
+        out: list[int] = []
+        for _ in range(max_tokens):
+            token = self.llm.sample(temp=0)
+            if token == self.llm.token_eos():
+                break
+            out.append(token)
+            self.llm.eval([token])
+        return out
+
+
+def official_worker(w, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:
+    res: dict = {}
+    t = time.perf_counter()
+    eng = _Official(w)
+    eng.eval_prefix()
+    res["cold_start_s"] = time.perf_counter() - t
+    calls = w.calls
+
+    def one_call(i=[0]):
+        out = eng.call(calls[i[0] % len(calls)]["ids"], OUTPUT_TOKENS)
+        assert len(out) == OUTPUT_TOKENS, out
+        i[0] += 1
+
+    res["one_call_s"] = ib._median_time(one_call, inner)
+    res["peak_rss_one_program_mb"] = ib._peak_rss_mb()
+    res["prefix_eval_s"] = ib._median_time(eng.eval_prefix, max(1, inner // 3))
+    eng.eval_prefix()
+    t_long = ib._median_time(lambda: eng.call(calls[0]["ids"], DECODE_TOKENS + 1), max(1, inner // 3))
+    t_short = ib._median_time(lambda: eng.call(calls[0]["ids"], 1), inner)
+    res["decode_tok_s"] = DECODE_TOKENS / (t_long - t_short)
+    n_long = len(w.long_call["ids"]) - len(w.prefix_ids)
+    res["prefill_tok_s"] = n_long / ib._median_time(lambda: eng.call(w.long_call["ids"], 1), max(1, inner // 3))
+    t = time.perf_counter()
+    outs = [eng.call(c["ids"], OUTPUT_TOKENS) for c in calls[:n_calls]]
+    res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
+    assert all(len(o) == OUTPUT_TOKENS for o in outs)
+    res["peak_rss_run_mb"] = ib._peak_rss_mb()
+    if agree:
+        res["agree_ids"] = [eng.call(c["ids"], AGREE_TOKENS) for c in calls[:AGREE_INPUTS]]
+    eng.close()
+    return res
+
+
+WORKERS = {"paw_lite": paw_worker, "official": official_worker}
+
+
+# -- orchestration and report -----------------------------------------------------------------
+
+ROWS = [(key, label.replace("llama.cpp calls", "official calls"), unit, lower, *rest)
+        for key, label, unit, lower, *rest in ib.ROWS]
+ROWS = [(k, f"decode, one sequence ({DECODE_TOKENS} tokens)", *r[2:]) if k == "decode_tok_s" else (k, *r[1:])
+        for k, *r in ROWS]
+
+
+def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: int = 256, batch_size: int = 128,
+        log=print) -> dict:
+    opts = argparse.Namespace(inner=inner, calls=calls, batch_size=batch_size)
+    ensure_workload(cache, calls, log)
+    load_before = os.getloadavg()
+    samples: dict[str, list[dict]] = {e: [] for e in ENGINES}
+    t0 = time.time()
+    for rep in range(repeats):
+        for engine in (ENGINES if rep % 2 == 0 else ENGINES[::-1]):
+            log(f"bench: repeat {rep + 1}/{repeats}: {engine} ...")
+            samples[engine].append(ib._run_worker(engine, cache, opts, agree=rep == 0, script=Path(__file__).resolve()))
+    rows = []
+    for key, label, unit, lower, *against in ROWS:
+        keys = {"paw_lite": key, "official": against[0] if against else key}
+        vals = {e: [s[keys[e]] for s in samples[e] if keys[e] in s] for e in ENGINES}
+        med = {e: (statistics.median(v) if v else None) for e, v in vals.items()}
+        p, o = med["paw_lite"], med["official"]
+        rows.append({"key": key, "label": label, "unit": unit, "lower_is_better": lower, "paw_lite": p, "official": o,
+                     "ratio": (p / o) if p is not None and o else None, "samples": vals})
+    import llama_cpp
+
+    agreement = ib._agreement(samples["paw_lite"][0]["agree_ids"], samples["official"][0]["agree_ids"])
+    agreement["tokens_each"] = AGREE_TOKENS
+    equal = samples["paw_lite"][0]["map_equals_calls"]
+    return {
+        "rows": rows,
+        "agreement": agreement,
+        "map_equals_one_by_one": f"{sum(equal)}/{len(equal)}",
+        "conditions": {
+            "repeats": repeats, "inner": inner, "calls": calls, "batch_size": batch_size, "llama_n_threads": ib.N_THREADS,
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__, "llama_cpp_python": llama_cpp.__version__,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "wall_s": time.time() - t0,
+        },
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = ["| measure | paw_lite | official way | paw_lite / official |", "| --- | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['label']} | {ib._fmt(r['paw_lite'], r['unit'])} | {ib._fmt(r['official'], r['unit'])} | {ratio} |")
+    a, c = result["agreement"], result["conditions"]
+    lines += ["", f"Greedy agreement with the official way ({a['inputs']} inputs x {a['tokens_each']} tokens): "
+                  f"{a['identical_sequences']}/{a['inputs']} identical sequences, {a['matching_tokens']}/{a['total_tokens']} "
+                  f"tokens equal position by position.",
+              f"fn.map equals one call at a time on the benchmark model: {result['map_equals_one_by_one']} inputs.",
+              f"Medians of {c['repeats']} fresh processes per engine (alternating) x {c['inner']} timed runs; throughput over "
+              f"{c['calls']} calls (fn.map batch_size {c['batch_size']}); llama.cpp n_threads {c['llama_n_threads']}; "
+              f"{c['cpus']} CPUs, load average {c['loadavg_before'][0]:.2f} before, {c['loadavg_after'][0]:.2f} after; "
+              f"numpy {c['numpy']}, llama-cpp-python {c['llama_cpp_python']}."]
+    rows = {r["key"]: r for r in result["rows"]}
+    for key, how, bound in TARGETS:
+        r = rows[key]
+        value = r["ratio"] if how.startswith("ratio") else r["paw_lite"]
+        ok = value is not None and (value <= bound if how.endswith("<=") else value >= bound)
+        lines.append(f"target {key}: {how} {bound:g}: {'met' if ok else 'NOT met'} ({value:.2f})")
+    floor = rows["one_call_floor_s"]
+    if floor["paw_lite"] is not None and rows["one_call_s"]["official"]:
+        lines.append(f"one call: {rows['one_call_s']['ratio']:.2f}x the official way's; paw_lite's float32 products "
+                     f"alone take {floor['ratio']:.2f}x the official way's whole call (the floor of a float32 NumPy "
+                     f"interpreter on this host)")
+    return "\n".join(lines)
+
+
+def main_from_args(args: argparse.Namespace) -> dict:
+    args.cache = args.cache or DEFAULT_CACHE
+    return ib.main_from_args(args, run, OUTPUT_NAME)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        ib._worker_main(sys.argv[1:], WORKERS)
+    else:
+        args = ib.build_parser(__doc__).parse_args()
+        result = main_from_args(args)
+        print(json.dumps(result, indent=2) if args.json else format_table(result))

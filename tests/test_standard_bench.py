@@ -1,0 +1,107 @@
+"""benchmarks/standard_bench.py (`paw-lite bench --standard`) without running it: its vocabulary is
+laid out as the published Qwen3-0.6B file's, its workload has the token counts it claims, its
+official-way loop is the official runtime's (eval + sample(temp=0) until EOS), and its report
+computes ratios and targets right. The measurement itself is never a timed test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import TokenType
+
+from paw_lite.cli import main
+from paw_lite.cli.bench import STANDARD_SCRIPT, _bench_module
+from paw_lite.families import STANDARD
+from paw_lite.testing.qwen3 import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from paw_lite.tokenizer import BPETokenizer
+
+
+@pytest.fixture(scope="module")
+def sbench():
+    return _bench_module(STANDARD_SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def vocab(sbench, vocab_dir):
+    return sbench._vocab()
+
+
+@pytest.fixture(scope="module")
+def tok(vocab):
+    return BPETokenizer.from_token_types(vocab.tokens, vocab.token_types, vocab.merges, vocab.eos_id, "vocab", "qwen2",
+                                         STANDARD)
+
+
+def test_the_vocabulary_is_laid_out_as_qwen3_0_6b(sbench, vocab, tok):
+    assert len(vocab.tokens) == sbench.qwen3_0_6b_config().n_vocab == 151936
+    types = dict(zip(vocab.tokens, vocab.token_types))
+    assert vocab.tokens[IM_START_ID] == "<|im_start|>" and types["<|im_end|>"] == TokenType.CONTROL
+    assert types["<think>"] == TokenType.USER_DEFINED and vocab.tokens[151668] == "</think>"
+    assert vocab.token_types[-1] == TokenType.UNUSED and vocab.eos_id == IM_END_ID
+    assert tok.eos_ids == (IM_END_ID, ENDOFTEXT_ID)
+
+
+def test_workload_has_the_stated_token_counts(sbench, tok):
+    template, prefix_ids = sbench._template(tok)
+    assert template.startswith("<|im_start|>user\n") and template.endswith("<think>\n\n</think>\n\n")
+    prefix, suffix = template.split("{INPUT_PLACEHOLDER}")
+    assert len(prefix_ids) == sbench.PREFIX_TOKENS == 250
+    rng = np.random.default_rng(0)
+    n_suffix = len(tok.encode_prompt(prefix, "", suffix)) - len(prefix_ids)
+    for n in (sbench.INPUT_TOKENS, sbench.PREFILL_TOKENS):
+        call = sbench.ib._prompt(tok, prefix, suffix, prefix_ids, sbench.ib._sentence(tok, rng, n))
+        assert call["ids"][:250] == prefix_ids and len(call["ids"]) == 250 + n + n_suffix
+
+
+class _FakeLlama:
+    """Records the calls the official loop makes; samples the scripted tokens."""
+
+    def __init__(self, script):
+        self.script, self.log, self.n_tokens = list(script), [], 0
+
+    def eval(self, ids):
+        self.log.append(("eval", list(ids)))
+
+    def sample(self, temp):
+        assert temp == 0
+        return self.script.pop(0)
+
+    def token_eos(self):
+        return IM_END_ID
+
+
+def test_the_official_loop_is_eval_then_sample_until_eos(sbench):
+    eng = sbench._Official.__new__(sbench._Official)
+    eng.prefix = [1, 2, 3]
+    eng.llm = _FakeLlama([10, 11, IM_END_ID])
+    assert eng.call([1, 2, 3, 7, 8], 8) == [10, 11]
+    assert eng.llm.log == [("eval", [7, 8]), ("eval", [10]), ("eval", [11])]
+    eng.llm = _FakeLlama([10, 11, 12])
+    assert eng.call([1, 2, 3, 7], 2) == [10, 11]
+
+
+def test_report_shows_ratios_and_targets(sbench):
+    def row(key, p, o, lower=True):
+        return {"key": key, "label": key, "unit": "s" if lower else ("MB" if "rss" in key else "calls/s"),
+                "lower_is_better": lower, "paw_lite": p, "official": o, "ratio": None if o is None else p / o,
+                "samples": {}}
+
+    result = {
+        "rows": [row("one_call_s", 0.8, 0.4), row("throughput_calls_s", 12.0, 3.0, False),
+                 row("peak_rss_run_mb", 3000.0, 900.0), row("one_call_floor_s", 0.6, 0.4)],
+        "agreement": {"inputs": 8, "tokens_each": 8, "identical_sequences": 7, "matching_tokens": 60, "total_tokens": 64,
+                      "mean_tokens_before_first_difference": 7.5},
+        "map_equals_one_by_one": "8/8",
+        "conditions": {"repeats": 1, "inner": 3, "calls": 32, "batch_size": 128, "llama_n_threads": 2, "cpus": 2,
+                       "loadavg_before": (4.5, 0, 0), "loadavg_after": (5.0, 0, 0), "numpy": "2", "llama_cpp_python": "0.3.36"},
+    }
+    text = sbench.format_table(result)
+    assert "| throughput_calls_s | 12.0 calls/s | 3.0 calls/s | 4.00x |" in text
+    assert "target throughput_calls_s: ratio >= 3: met (4.00)" in text
+    assert "target peak_rss_run_mb: paw_lite <= 3200: met (3000.00)" in text
+    assert "one call: 2.00x the official way's; paw_lite's float32 products alone take 1.50x" in text
+    assert "load average 4.50 before, 5.00 after" in text and "7/8 identical sequences" in text
+
+
+def test_bench_standard_and_constrained_exclude_each_other(capsys):
+    assert main(["bench", "--standard", "--constrained"]) == 2
