@@ -113,6 +113,8 @@ def test_depth_ratio_layers_36_to_28():
     depth_ratio_layers; the last one is the compiler's last (read after the final norm)."""
     got = depth_layers(36, 28)
     assert got == [int((l + 1) * 36 / 28) - 1 for l in range(28)]
+    # the reimplementation's depth_ratio_layers takes the ratio first, in floating point: the same here
+    assert got == [int((l + 1) * (36 / 28)) - 1 for l in range(28)]
     assert got[:8] == [0, 1, 2, 4, 5, 6, 8, 9] and got[-1] == 35 and len(set(got)) == 28
     assert depth_layers(36, 12) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35]  # Compact, unchanged
     assert depth_layers(4, N_INTERP_LAYERS) == [0, 1, 3]
