@@ -31,7 +31,7 @@ from paw_lite.compiler.mapper import GPT2_MODULES, Mapper, MapperShape
 from paw_lite.errors import IncompatibleModelError, InvalidFileError
 from paw_lite.program import MEMBERS, content_program_id
 
-oracle("llama_cpp", "transformers")
+oracle("llama_cpp", "transformers", "peft", "programasweights")
 torch = oracle("torch")
 F = oracle("torch.nn.functional")
 pytestmark = pytest.mark.llama
@@ -380,7 +380,6 @@ def test_cli_run_test_and_peft_of_a_standard_program(models, standard_interp, tm
 
 def test_the_official_importer_accepts_a_standard_bundle(models, tmp_path, monkeypatch):
     """programasweights 0.4.14's importer (what programasweights.function("x.paw") runs), offline."""
-    oracle("programasweights")
     from programasweights import cache as sdk_cache
     from programasweights.local_program import import_local_program
 
