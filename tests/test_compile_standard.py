@@ -265,7 +265,7 @@ def test_the_compiler_meta_picks_the_family(models, tmp_path):
     assert prog.meta["interpreter"] == "Qwen/Qwen3-0.6B" and prog.template == TEMPLATE
 
 
-def test_files_of_the_other_family_are_refused_with_the_fix(models, tmp_path, tiny_gguf):
+def test_files_of_the_other_family_are_refused_with_the_fix(models, qwen, standard_interp, tmp_path, tiny_gguf):
     d, state = models
     names = default_files("standard")
     compact_meta = write_compiler_meta(tmp_path / "compact-meta.json")  # interpreter_model gpt2
@@ -274,6 +274,9 @@ def test_files_of_the_other_family_are_refused_with_the_fix(models, tmp_path, ti
     with pytest.raises(IncompatibleModelError, match=r"architecture 'gpt2' \(the compact family's interpreter\), but this "
                                                      r"compile makes standard programs"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, family="standard", interpreter=tiny_gguf)
+    with pytest.raises(IncompatibleModelError, match=r"not a GPT-2 model, but this compile makes compact programs"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, family="compact", compiler=qwen[1], mapper=d / names["mapper"],
+                compiler_meta=compact_meta, interpreter=standard_interp[0])  # the Qwen3 interpreter's HF folder
     # a Compact mapper shape read against this Standard mapper: its bases are named as Standard's
     gpt2_shape = MapperShape(hidden=256, interpreter=_gpt2_config(), rank=TINY_RANK, n_bases=TINY_BASES)
     assert gpt2_shape.modules == GPT2_MODULES
