@@ -435,4 +435,33 @@ def dequantize(raw: bytes | bytearray | memoryview, qtype: GGMLQuantizationType,
         out = q.astype(np.float32)
         out *= scale
         return out.reshape(shape)
+    if qtype == GGMLQuantizationType.Q6_K:
+        return _dequantize_q6_k(data).reshape(shape)
     return np.asarray(quants.dequantize(data, qtype), dtype=np.float32).reshape(shape)
+
+
+def _dequantize_q6_k(data: np.ndarray) -> np.ndarray:
+    """Q6_K (the published Qwen3 interpreter's type), as ggml's dequantize_row_q6_K and gguf-py
+    decode it, with fewer temporaries than gguf-py (a third of the time). A block of 256 values:
+    ql (128 bytes, the low 4 bits), qh (64 bytes, the high 2 bits), 16 int8 scales, a float16 d;
+    x = (d * scale[p // 16]) * (q - 32). In each half of 128 values, ql[0:64]'s low nibbles are
+    values 0..63 and its high nibbles 64..127; qh[0:32]'s bit pairs 0-1, 2-3, 4-5, 6-7 top values
+    0..31, 32..63, 64..95, 96..127."""
+    blocks = data.reshape(-1, 210)
+    n = len(blocks)
+    ql = blocks[:, :128].reshape(n, 2, 64)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+    q = np.empty((n, 2, 128), np.uint8)
+    np.bitwise_and(ql, 0x0F, out=q[:, :, :64])
+    np.right_shift(ql, 4, out=q[:, :, 64:])
+    high = np.right_shift(qh, np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1))  # (n, 2, 4, 32)
+    high &= 0x03
+    high <<= 4
+    q.reshape(n, 2, 4, 32)[...] |= high
+    signed = q.view(np.int8)
+    signed -= 32
+    d = blocks[:, 208:210].copy().view("<f2").astype(np.float32)  # (n, 1)
+    scale = d * blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    out = np.empty((n, 16, 16), np.float32)
+    np.multiply(signed.reshape(n, 16, 16), scale[:, :, None], out=out)
+    return out

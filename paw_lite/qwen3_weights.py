@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +138,31 @@ class Qwen3Weights:
         head = get("output.weight") if untied else get("token_embd.weight")
         return cls(head, get("token_embd.weight") if untied else None, get("output_norm.weight"), tuple(layers))
 
+    @classmethod
+    def empty(cls, config: Qwen3Config) -> "Qwen3Weights":
+        """Weights of this shape, not yet filled (np.empty: no page is touched until written)."""
+        q, kv, d, ff = config.n_head * config.head_dim, config.n_head_kv * config.head_dim, config.n_embd, config.n_ff
+
+        def e(*shape: int) -> np.ndarray:
+            return np.empty(shape, np.float32)
+
+        layers = tuple(Qwen3Layer(e(d), e(q + 2 * kv, d), e(config.head_dim), e(config.head_dim), e(d, q), e(d),
+                                  e(2 * ff, d), e(d, ff)) for _ in range(config.n_layer))
+        return cls(e(config.n_vocab, d), None if config.tied else e(config.n_vocab, d), e(d), layers)
+
+    def tensor_views(self) -> dict[str, np.ndarray]:
+        """GGUF name -> the array (or view of a stacked array) holding that tensor."""
+        out = {"output_norm.weight": self.output_norm}
+        if self.token_embd is None:
+            out["token_embd.weight"] = self.head
+        else:
+            out["token_embd.weight"], out["output.weight"] = self.token_embd, self.head
+        for i, layer in enumerate(self.layers):
+            for name in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
+                         "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
+                out[f"blk.{i}.{name}.weight"] = getattr(layer, name)
+        return out
+
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """(N, d) embedding rows of the tokens."""
         return (self.head if self.token_embd is None else self.token_embd)[tokens]
@@ -203,64 +228,92 @@ def read_gguf_tensors(path: str | os.PathLike[str], on_tensor: Callable[[str], N
     """(config, GGUF name -> float32 array) of a Qwen3 GGUF, decoded tensor by tensor in file order
     (large tensors in row blocks); on_tensor(name) after each."""
     index, config = read_gguf_config(path)
-    out: dict[str, np.ndarray] = {}
-    for info, raw in iter_tensors(index):
-        out[info.name] = _decode(info, raw, index.path)
-        if on_tensor is not None:
-            on_tensor(info.name)
+    out = {t.name: np.empty(numpy_shape(t), np.float32) for t in index.tensors}
+    _fill_from_gguf(index, out, on_tensor)
     return config, out
 
 
-def _decode(info: TensorInfo, raw: bytes | memoryview, path: Path | str) -> np.ndarray:
-    """A tensor as float32 (tensor_to_f32's checks: type, NaN/Inf), in blocks of whole rows."""
-    shape = numpy_shape(info)
-    if len(shape) != 2 or info.n_elements <= _DECODE_BLOCK_FLOATS:
-        return tensor_to_f32(info, raw, path, QWEN3_WEIGHT_TYPES)
-    rows, cols = shape
-    block, type_bytes = GGML_QUANT_SIZES[info.tensor_type]
-    row_bytes = cols // block * type_bytes  # read_index checked cols is a multiple of the block
-    step = max(1, _DECODE_BLOCK_FLOATS // cols)
-    out = np.empty(shape, np.float32)
-    view = memoryview(raw)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        part = TensorInfo(info.name, np.array([cols, r1 - r0], np.uint64), info.tensor_type, 0, (r1 - r0) * row_bytes)
-        out[r0:r1] = tensor_to_f32(part, view[r0 * row_bytes:r1 * row_bytes], path, QWEN3_WEIGHT_TYPES)
-    return out
+def _fill_from_gguf(index: GGUFIndex, out: Mapping[str, np.ndarray], on_tensor: Callable[[str], None] | None) -> None:
+    """Decode every tensor of the file into out[name] (float32 arrays of its shape), reading and
+    decoding blocks of whole rows: the file's bytes and the decoders' temporaries stay small."""
+    path = index.path
+    with open(path, "rb") as f:
+        for info in sorted(index.tensors, key=lambda t: t.data_offset):
+            target = out[info.name]
+            rows = target.shape[0] if target.ndim == 2 else 1
+            cols = target.shape[-1]
+            block, type_bytes = GGML_QUANT_SIZES[info.tensor_type]
+            row_bytes = cols // block * type_bytes  # read_index checked cols is a multiple of the block
+            step = max(1, _DECODE_BLOCK_FLOATS // cols)
+            flat = target.reshape(rows, cols)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                f.seek(info.data_offset + r0 * row_bytes)
+                raw = f.read((r1 - r0) * row_bytes)
+                if len(raw) != (r1 - r0) * row_bytes:  # the file shrank since read_index
+                    raise InvalidFileError(f"{path}: tensor {info.name} runs past the end of the file (truncated?)")
+                part = TensorInfo(info.name, np.array([cols, r1 - r0], np.uint64), info.tensor_type, 0, len(raw))
+                flat[r0:r1] = tensor_to_f32(part, raw, path, QWEN3_WEIGHT_TYPES)
+            if on_tensor is not None:
+                on_tensor(info.name)
 
 
 def read_hf_tensors(folder: str | os.PathLike[str], on_tensor: Callable[[str], None] | None = None
                     ) -> tuple[Qwen3Config, dict[str, np.ndarray]]:
     """(config, GGUF name -> float32 array) of an HF Qwen3 folder (config.json and safetensors, sharded
     or not, bf16/f16/f32), through the converter's name map and checks (`convert.qwen3.Qwen3Source`)."""
-    from .convert.qwen3 import Qwen3Source
-
-    source = Qwen3Source(folder)
-    out: dict[str, np.ndarray] = {}
-    for name, array in _hf_arrays(source):
-        if not np.isfinite(array).all():
-            raise InvalidFileError(f"{source.folder}: {source.tensors[name][0]} holds NaN or Inf values")
-        out[name] = array
-        if on_tensor is not None:
-            on_tensor(name)
+    source = _hf_source(folder)
+    out = {name: np.empty(st.shape(key), np.float32) for name, (key, st) in source.tensors.items()}
+    _fill_from_hf(source, out, on_tensor)
     return source.config, out
 
 
-def _hf_arrays(source) -> Iterator[tuple[str, np.ndarray]]:
+def _hf_source(folder: str | os.PathLike[str]):
+    from .convert.qwen3 import Qwen3Source
+
+    return Qwen3Source(folder)
+
+
+def _fill_from_hf(source, out: Mapping[str, np.ndarray], on_tensor: Callable[[str], None] | None) -> None:
+    """Every tensor of the folder into out[GGUF name], read in blocks of whole rows."""
     from .convert.qwen3 import read_rows
     from .safetensors_file import bf16_to_f32
 
     for name, (key, st) in source.tensors.items():
-        shape = st.shape(key)
-        raw = read_rows(st, key, 0, shape[0])
-        kind = st.dtype_name(key)
-        yield name, (bf16_to_f32(raw) if kind == "BF16" else np.ascontiguousarray(raw, np.float32))
+        target = out[name]
+        rows = target.shape[0] if target.ndim == 2 else 1
+        step = max(1, _DECODE_BLOCK_FLOATS // target.shape[-1])
+        flat = target.reshape(rows, -1)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            raw = read_rows(st, key, r0, r1).reshape(r1 - r0, -1)
+            flat[r0:r1] = bf16_to_f32(raw) if st.dtype_name(key) == "BF16" else raw
+        if not np.isfinite(target).all():
+            raise InvalidFileError(f"{st.path}: {key} holds NaN or Inf values")
+        if on_tensor is not None:
+            on_tensor(name)
 
 
 def load_qwen3(path: str | os.PathLike[str], lora: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                lora_scale: float = 1.0, on_tensor: Callable[[str], None] | None = None) -> tuple[Qwen3Config, Qwen3Weights]:
-    """A Qwen3 GGUF file or HF folder as (config, weights) with the LoRA pairs merged: the tensors
-    are read, then stacked and merged in their own memory (one float32 copy of the model at a time)."""
+    """A Qwen3 GGUF file or HF folder as (config, weights) with the LoRA pairs merged. Every tensor
+    is decoded straight into its place in the final (stacked) arrays and its LoRA merged there:
+    the process holds the float32 model once, plus a few MB of decoding buffers."""
     path = Path(path).expanduser()
-    config, tensors = read_hf_tensors(path, on_tensor) if path.is_dir() else read_gguf_tensors(path, on_tensor)
-    return config, Qwen3Weights.from_gguf_names(tensors, config, lora, lora_scale, consume=True)
+    if path.is_dir():
+        source = _hf_source(path)
+        config, fill = source.config, lambda views: _fill_from_hf(source, views, on_tensor)
+    else:
+        index, config = read_gguf_config(path)
+        fill = lambda views: _fill_from_gguf(index, views, on_tensor)  # noqa: E731
+    lora = lora or {}
+    check_lora_pairs(lora, config)
+    weights = Qwen3Weights.empty(config)
+    fill(weights.tensor_views())
+    views = weights.tensor_views()
+    scale = np.float32(lora_scale)
+    largest = max((views[f"{t}.weight"].size for t in lora), default=0)
+    product = np.empty(largest, np.float32)
+    for target, (a, b) in lora.items():
+        merge_lora(views[f"{target}.weight"], a, b, scale, product, in_place=True)
+    return config, weights

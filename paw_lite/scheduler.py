@@ -1,8 +1,8 @@
 """Which tokens each evaluation step holds: the sequences in flight in a cache's slots, their
 prompts fed in chunks, greedy decoding until EOS or each sequence's limit, and a finished
 sequence's slot handed to the next waiting one. No arithmetic here: a step is evaluated by a
-`PackedForward` (`gpt2_packed.GPT2Packed`; another model family is another forward over the
-same scheduler)."""
+`PackedForward` (`gpt2_packed.GPT2Packed`, `qwen3_packed.Qwen3Packed`: a model family is a
+forward over the same scheduler)."""
 
 from __future__ import annotations
 

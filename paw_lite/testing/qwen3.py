@@ -61,6 +61,9 @@ CHAT_TEMPLATE = (
 )
 
 TINY_DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+# Qwen3-0.6B's shape (its config.json): 28 layers, 151,936 embedding rows, rope theta 1e6, 40,960 positions.
+FULL_DIMS = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+FULL_SIZE = dict(n_layer=28, n_vocab=151936, rope_theta=1000000.0, n_ctx=40960, dims=FULL_DIMS)
 
 
 def qwen_vocab(vocab_dir: Path) -> tuple[list[str], list[str]]:
@@ -135,8 +138,11 @@ def save_qwen_tokenizer(folder: Path, vocab_dir: Path, template_in_jinja_file: b
 
 def make_tiny_qwen3(folder: Path, vocab_dir: Path, *, n_layer: int = 4, seed: int = 0,
                     template_in_jinja_file: bool = True, dtype: str = "bfloat16", tie_word_embeddings: bool = True,
-                    max_shard_size: str | int = "40MB", init_std: float = 0.08) -> Path:
+                    max_shard_size: str | int = "40MB", init_std: float = 0.08, dims: dict | None = None,
+                    n_vocab: int = N_VOCAB, rope_theta: float = 5000000.0, n_ctx: int = 2048) -> Path:
     """A deterministic random Qwen3 (see the module docstring) saved into `folder`; returns `folder`.
+    `dims` (TINY_DIMS by default) and n_vocab (>= N_VOCAB: extra rows have no token, as in the
+    published model) shape it; `make_tiny_qwen3(folder, vocab_dir, **FULL_SIZE)` is Qwen3-0.6B's shape.
 
     `dtype` is the stored weight type ("bfloat16" like the published checkpoint, "float16" or
     "float32"). Load the oracle with `transformers.AutoModelForCausalLM.from_pretrained(folder,
@@ -149,10 +155,10 @@ def make_tiny_qwen3(folder: Path, vocab_dir: Path, *, n_layer: int = 4, seed: in
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=N_VOCAB, num_hidden_layers=n_layer, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                      rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
+    cfg = Qwen3Config(vocab_size=n_vocab, num_hidden_layers=n_layer, max_position_embeddings=n_ctx, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
                       tie_word_embeddings=tie_word_embeddings, initializer_range=init_std,
-                      bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID, **TINY_DIMS)
+                      bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID, **(dims or TINY_DIMS))
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights so every parameter matters
         for name, p in model.named_parameters():
