@@ -365,8 +365,8 @@ WORKERS = {"paw_lite": paw_worker, "official": official_worker}
 
 ROWS = [(key, label.replace("llama.cpp calls", "official calls"), unit, lower, *rest)
         for key, label, unit, lower, *rest in ib.ROWS]
-ROWS = [(k, f"decode, one sequence ({DECODE_TOKENS} tokens)", *r[2:]) if k == "decode_tok_s" else (k, *r[1:])
-        for k, *r in ROWS]
+ROWS = [(k, f"decode, one sequence ({DECODE_TOKENS} tokens)", *rest) if k == "decode_tok_s" else (k, label, *rest)
+        for k, label, *rest in ROWS]
 
 
 def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: int = 256, batch_size: int = 128,
@@ -380,6 +380,7 @@ def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: in
         for engine in (ENGINES if rep % 2 == 0 else ENGINES[::-1]):
             log(f"bench: repeat {rep + 1}/{repeats}: {engine} ...")
             samples[engine].append(ib._run_worker(engine, cache, opts, agree=rep == 0, script=Path(__file__).resolve()))
+            (cache / "samples.json").write_text(json.dumps(samples))  # kept should the report fail
     rows = []
     for key, label, unit, lower, *against in ROWS:
         keys = {"paw_lite": key, "official": against[0] if against else key}

@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 
 from .engine import Engine
-from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, malformed_file
+from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, malformed_file
 from .families import COMPACT, STANDARD, Family, family_of_arch
 from .gguf_file import (WEIGHT_TYPES, GGUFIndex, TensorInfo, get_field, get_float, get_int, get_str, iter_tensors, numpy_shape,
                         read_index, tensor_to_f32)
@@ -47,6 +47,8 @@ class BaseModel:
     source: Path
     fingerprint: str
     family: Family = COMPACT
+    # Weights not read yet: `engine` reads them from `source` straight into the engine's form (once).
+    unread: bool = field(default=False, repr=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "BaseModel":
@@ -63,11 +65,46 @@ class BaseModel:
         with malformed_file(path, "interpreter GGUF"):
             return _load_gguf(path)
 
+    @classmethod
+    def for_one_function(cls, path: str | os.PathLike[str]) -> "BaseModel":
+        """An interpreter for one function alone (`paw_lite.function` without a loaded base): as
+        `load`, except that a family whose weights can be read straight into the engine's form
+        (Qwen3: `qwen3_weights.load_qwen3`, one float32 copy of the model at any time, 2.4 GB for
+        Qwen3-0.6B) has them read only by `engine`, once."""
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"{path}: no such interpreter model (a GGUF file or an HF GPT-2 or Qwen3 folder)")
+        if path.is_dir():
+            family = _hf_family(path)
+            with malformed_file(path, f"HF {family.model} folder"):
+                if _KINDS[family.name].load_engine is None:
+                    return _KINDS[family.name].load_hf(path)
+                config, tokenizer = read_header(path)
+                fingerprint = _hf_fingerprint(path, _KINDS[family.name].hf_files(path))
+        else:
+            with malformed_file(path, "interpreter GGUF"):
+                header = index, family, config = _gguf_config(path)
+                if _KINDS[family.name].load_engine is None:
+                    return _load_gguf(path, header)
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    digest = pool.submit(file_sha256, path)
+                    tokenizer = _gguf_tokenizer(index, config, family, path)
+                    fingerprint = digest.result()
+        return cls(config, {}, tokenizer, path, fingerprint, family, unread=True)
+
     def engine(self, lora: LoraPairs, lora_scale: float, consume: bool = False) -> Engine:
         """An engine over these weights with the LoRA pairs {"blk.{i}.{module}": (A, B)} merged in
         (W + scale * B @ A). With consume, the weights are merged in their own memory and taken
         out of this BaseModel (a base loaded for one function is never held twice)."""
-        return _KINDS[self.family.name].engine(self.weights, self.config, lora, lora_scale, consume)
+        kind = _KINDS[self.family.name]
+        if self.unread:
+            if not consume:
+                raise PawError(f"{self.source}: this interpreter was opened for one function "
+                               f"(BaseModel.for_one_function); load it with BaseModel.load to share it")
+            self.unread = False
+            with malformed_file(self.source, f"{self.family.model} interpreter"):
+                return kind.load_engine(self.source, self.config, lora, lora_scale)
+        return kind.engine(self.weights, self.config, lora, lora_scale, consume)
 
 
 def _check_shapes(weights: Mapping[str, object], config: ModelConfig, family: Family, source: Path) -> None:
@@ -140,22 +177,26 @@ def _gguf_tokenizer(reader: GGUFIndex, config: ModelConfig, family: Family, path
     return tokenizer
 
 
-def _load_gguf(path: Path) -> BaseModel:
-    index, family, config = _gguf_config(path)
-    # Jobs at once: NumPy dequantizes (two halves of the tensors) and hashlib hashes with the GIL
-    # released, while the tokenizer is built in Python here. The fingerprint is the sha256 of the
-    # whole file: it costs little wall time next to dequantizing (a second read comes from the page
-    # cache), so nothing weaker is used.
-    decode = _KINDS[family.name].decode
-    in_file_order = sorted(index.tensors, key=lambda t: t.data_offset)
-    with ThreadPoolExecutor(max_workers=3) as pool:
+def _load_gguf(path: Path, header: tuple[GGUFIndex, Family, ModelConfig] | None = None) -> BaseModel:
+    index, family, config = header or _gguf_config(path)
+    # Jobs at once: NumPy dequantizes and hashlib hashes with the GIL released, while the tokenizer
+    # is built in Python here. The fingerprint is the sha256 of the whole file: it costs little
+    # wall time next to dequantizing (a second read comes from the page cache), so nothing weaker
+    # is used.
+    with ThreadPoolExecutor(max_workers=2) as pool:
         digest = pool.submit(file_sha256, path)
-        halves = [pool.submit(_read_tensors, index, path, part, decode) for part in _halves_by_size(in_file_order)]
+        weights = pool.submit(_KINDS[family.name].gguf_weights, index, path)
         tokenizer = _gguf_tokenizer(index, config, family, path)
+        return BaseModel(config, weights.result(), tokenizer, path, digest.result(), family)
+
+
+def _gpt2_gguf_weights(index: GGUFIndex, path: Path) -> dict[str, np.ndarray]:
+    """float32 tensors by name in file order, dequantized in two halves at once."""
+    in_file_order = sorted(index.tensors, key=lambda t: t.data_offset)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        halves = [pool.submit(_read_tensors, index, path, part) for part in _halves_by_size(in_file_order)]
         loaded = {name: array for half in halves for name, array in half.result().items()}
-        fingerprint = digest.result()
-    weights = {t.name: loaded[t.name] for t in in_file_order}
-    return BaseModel(config, weights, tokenizer, path, fingerprint, family)
+    return {t.name: loaded[t.name] for t in in_file_order}
 
 
 def _halves_by_size(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
@@ -169,9 +210,9 @@ def _halves_by_size(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
     return groups
 
 
-def _read_tensors(index, path: Path, tensors: list[TensorInfo], decode) -> dict[str, np.ndarray]:
+def _read_tensors(index, path: Path, tensors: list[TensorInfo]) -> dict[str, np.ndarray]:
     """float32 tensors by name, read in file order."""
-    return {info.name: decode(info, raw, path) for info, raw in iter_tensors(index, tensors)}
+    return {info.name: tensor_to_f32(info, raw, path, WEIGHT_TYPES) for info, raw in iter_tensors(index, tensors)}
 
 
 class _ShapeOnly:
@@ -200,10 +241,14 @@ def _load_hf_dir(folder: Path, kind: "_Kind") -> BaseModel:
     tokenizer = kind.hf_tokenizer(folder, config)
     if tokenizer.n_vocab != config.n_vocab:
         raise InvalidFileError(f"{folder}: tokenizer has {tokenizer.n_vocab} tokens but config.json says vocab_size {config.n_vocab}")
+    return BaseModel(config, weights, tokenizer, folder, _hf_fingerprint(folder, files), kind.family)
+
+
+def _hf_fingerprint(folder: Path, files: list[Path]) -> str:
     h = hashlib.sha256()
     for p in [folder / "config.json", *files]:
         h.update(file_sha256(p).encode())
-    return BaseModel(config, weights, tokenizer, folder, h.hexdigest(), kind.family)
+    return h.hexdigest()
 
 
 # -- what differs between the families ----------------------------------------------------------
@@ -219,10 +264,22 @@ def _gpt2_engine(weights: dict[str, np.ndarray], config: GPT2Config, lora: LoraP
     return Engine.gpt2(Weights.from_gguf_names(weights, config, lora, scale, consume=consume), config)
 
 
+def _qwen3_hf_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
 def _qwen3_hf_weights(folder: Path, config: Qwen3Config) -> tuple[dict[str, np.ndarray], list[Path]]:
     from .qwen3_weights import read_hf_tensors
 
-    return read_hf_tensors(folder)[1], sorted(folder.glob("*.safetensors"))
+    return read_hf_tensors(folder)[1], _qwen3_hf_files(folder)
+
+
+def _qwen3_gguf_weights(index: GGUFIndex, path: Path) -> dict[str, np.ndarray]:
+    # row blocks: K-quant decoders hold temporaries several times their output, which for the
+    # 151,936-row Q6_K embedding would be gigabytes
+    from .qwen3_weights import read_gguf_tensors
+
+    return read_gguf_tensors(path)[1]
 
 
 def _qwen3_engine(weights: dict[str, np.ndarray], config: Qwen3Config, lora: LoraPairs, scale: float,
@@ -232,16 +289,13 @@ def _qwen3_engine(weights: dict[str, np.ndarray], config: Qwen3Config, lora: Lor
     return Engine.qwen3(Qwen3Weights.from_gguf_names(weights, config, lora, scale, consume=consume), config)
 
 
-def _gpt2_decode(info: TensorInfo, raw: bytes | memoryview, path: Path) -> np.ndarray:
-    return tensor_to_f32(info, raw, path, WEIGHT_TYPES)
+def _qwen3_load_engine(path: Path, config: Qwen3Config, lora: LoraPairs, scale: float) -> Engine:
+    from .qwen3_weights import load_qwen3
 
-
-def _qwen3_decode(info: TensorInfo, raw: bytes | memoryview, path: Path) -> np.ndarray:
-    # K-quant decoders hold temporaries several times their output: qwen3_weights decodes large
-    # tensors in row blocks (the 151,936-row Q6_K embedding would otherwise take gigabytes)
-    from .qwen3_weights import _decode
-
-    return _decode(info, raw, path)
+    loaded, weights = load_qwen3(path, lora, scale)
+    if loaded != config:  # the file changed between opening it and reading its weights
+        raise InvalidFileError(f"{path}: its hyperparameters changed while it was being loaded")
+    return Engine.qwen3(weights, config)
 
 
 @dataclass(frozen=True)
@@ -250,11 +304,14 @@ class _Kind:
 
     family: Family
     gguf_config: Callable[[GGUFIndex, Path], ModelConfig]
-    decode: Callable[[TensorInfo, bytes | memoryview, Path], np.ndarray]  # a GGUF tensor as float32, checked
+    gguf_weights: Callable[[GGUFIndex, Path], dict[str, np.ndarray]]  # float32 under GGUF names, checked
     hf_config: Callable[[Path], ModelConfig]
     hf_weights: Callable[[Path, ModelConfig], tuple[dict[str, np.ndarray], list[Path]]]  # and the files they came from
+    hf_files: Callable[[Path], list[Path]]  # the weight files of an HF folder (its fingerprint)
     hf_tokenizer: Callable[[Path, ModelConfig], BPETokenizer]
     engine: Callable[[dict[str, np.ndarray], ModelConfig, LoraPairs, float, bool], Engine]
+    # The weights read from a file straight into an engine with a LoRA merged (BaseModel.for_one_function)
+    load_engine: Callable[[Path, ModelConfig, LoraPairs, float], Engine] | None = None
 
     def load_hf(self, folder: Path) -> BaseModel:
         return _load_hf_dir(folder, self)
@@ -262,11 +319,13 @@ class _Kind:
 
 _KINDS: dict[str, _Kind] = {
     COMPACT.name: _Kind(
-        COMPACT, _gpt2_gguf_config, _gpt2_decode,
+        COMPACT, _gpt2_gguf_config, _gpt2_gguf_weights,
         lambda folder: hf_gpt2_config(folder / "config.json", INTERPRETER_SOURCES), _gpt2_hf_weights,
-        lambda folder, config: BPETokenizer.from_hf_dir(folder), _gpt2_engine),
+        lambda folder: [folder / "model.safetensors"], lambda folder, config: BPETokenizer.from_hf_dir(folder),
+        _gpt2_engine),
     STANDARD.name: _Kind(
-        STANDARD, Qwen3Config.from_gguf, _qwen3_decode,
-        lambda folder: Qwen3Config.from_hf(folder / "config.json"), _qwen3_hf_weights,
-        lambda folder, config: BPETokenizer.from_hf_qwen_dir(folder, config.n_vocab, STANDARD), _qwen3_engine),
+        STANDARD, Qwen3Config.from_gguf, _qwen3_gguf_weights,
+        lambda folder: Qwen3Config.from_hf(folder / "config.json"), _qwen3_hf_weights, _qwen3_hf_files,
+        lambda folder, config: BPETokenizer.from_hf_qwen_dir(folder, config.n_vocab, STANDARD), _qwen3_engine,
+        _qwen3_load_engine),
 }

@@ -420,7 +420,7 @@ def function(program: str | os.PathLike[str] | Program, base_model: str | os.Pat
     else:
         started = time.perf_counter()
         interpreter = paths.resolve_interpreter(base_model, prog.runtime_id)
-        base, owns = BaseModel.load(interpreter), True
+        base, owns = BaseModel.for_one_function(interpreter), True
         log.info("interpreter: %s loaded in %.2f s", interpreter, time.perf_counter() - started)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()
     return PawFunction(prog, base, cache_dir=directory if prefix_cache_enabled else None, owns_base=owns)

@@ -31,7 +31,7 @@ from paw_lite.compiler.mapper import GPT2_MODULES, Mapper, MapperShape
 from paw_lite.errors import IncompatibleModelError, InvalidFileError
 from paw_lite.program import MEMBERS, content_program_id
 
-oracle("llama_cpp", "transformers")
+oracle("llama_cpp", "transformers", "peft", "programasweights")
 torch = oracle("torch")
 F = oracle("torch.nn.functional")
 pytestmark = pytest.mark.llama
@@ -113,6 +113,8 @@ def test_depth_ratio_layers_36_to_28():
     depth_ratio_layers; the last one is the compiler's last (read after the final norm)."""
     got = depth_layers(36, 28)
     assert got == [int((l + 1) * 36 / 28) - 1 for l in range(28)]
+    # the reimplementation's depth_ratio_layers takes the ratio first, in floating point: the same here
+    assert got == [int((l + 1) * (36 / 28)) - 1 for l in range(28)]
     assert got[:8] == [0, 1, 2, 4, 5, 6, 8, 9] and got[-1] == 35 and len(set(got)) == 28
     assert depth_layers(36, 12) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35]  # Compact, unchanged
     assert depth_layers(4, N_INTERP_LAYERS) == [0, 1, 3]
@@ -263,7 +265,7 @@ def test_the_compiler_meta_picks_the_family(models, tmp_path):
     assert prog.meta["interpreter"] == "Qwen/Qwen3-0.6B" and prog.template == TEMPLATE
 
 
-def test_files_of_the_other_family_are_refused_with_the_fix(models, tmp_path, tiny_gguf):
+def test_files_of_the_other_family_are_refused_with_the_fix(models, qwen, standard_interp, tmp_path, tiny_gguf):
     d, state = models
     names = default_files("standard")
     compact_meta = write_compiler_meta(tmp_path / "compact-meta.json")  # interpreter_model gpt2
@@ -272,6 +274,9 @@ def test_files_of_the_other_family_are_refused_with_the_fix(models, tmp_path, ti
     with pytest.raises(IncompatibleModelError, match=r"architecture 'gpt2' \(the compact family's interpreter\), but this "
                                                      r"compile makes standard programs"):
         compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, models=d, family="standard", interpreter=tiny_gguf)
+    with pytest.raises(IncompatibleModelError, match=r"not a GPT-2 model, but this compile makes compact programs"):
+        compile(SPEC, tmp_path / "x.paw", pseudo_program=PSEUDO, family="compact", compiler=qwen[1], mapper=d / names["mapper"],
+                compiler_meta=compact_meta, interpreter=standard_interp[0])  # the Qwen3 interpreter's HF folder
     # a Compact mapper shape read against this Standard mapper: its bases are named as Standard's
     gpt2_shape = MapperShape(hidden=256, interpreter=_gpt2_config(), rank=TINY_RANK, n_bases=TINY_BASES)
     assert gpt2_shape.modules == GPT2_MODULES
@@ -378,7 +383,6 @@ def test_cli_run_test_and_peft_of_a_standard_program(models, standard_interp, tm
 
 def test_the_official_importer_accepts_a_standard_bundle(models, tmp_path, monkeypatch):
     """programasweights 0.4.14's importer (what programasweights.function("x.paw") runs), offline."""
-    oracle("programasweights")
     from programasweights import cache as sdk_cache
     from programasweights.local_program import import_local_program
 

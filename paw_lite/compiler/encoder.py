@@ -56,7 +56,10 @@ def encoder_token_ids(text: TextModel, spec: str, pseudo_program: str, prefix_st
 
 def depth_layers(n_compiler_layers: int, n_interpreter_layers: int) -> list[int]:
     """Compiler layer read for each interpreter layer l: t(l) = int((l+1) * Lc / Li) - 1, clamped
-    (Lc = 36, Li = 12 gives 2, 5, 8, ..., 35)."""
+    (Lc = 36: Li = 12 gives 2, 5, 8, ..., 35 for Compact programs; Li = 28 gives 0, 1, 2, 4, ..., 35
+    for Standard ones). Computed exactly in integers; the public reimplementation's
+    depth_ratio_layers (mapper.py) takes Lc / Li first in floating point, which gives the same
+    layers for both published pairs but can differ by one for others (15 / 11)."""
     return [min(max((l + 1) * n_compiler_layers // n_interpreter_layers - 1, 0), n_compiler_layers - 1)
             for l in range(n_interpreter_layers)]
 

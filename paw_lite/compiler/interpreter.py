@@ -55,6 +55,10 @@ def read_interpreter(path: Path, family: Family) -> InterpreterFile:
         from ..base_model import read_header
 
         config, tokenizer = read_header(path)
+        if not isinstance(config, GPT2Config):  # an HF folder of another model (a GGUF's architecture is checked above)
+            raise IncompatibleModelError(f"{path}: not a GPT-2 model, but this compile makes compact programs, which run on "
+                                         f"GPT-2; pass a GPT-2 interpreter (--interpreter, interpreter=) or compile for "
+                                         f"the other family (--family, family=)")
         return InterpreterFile(path, family, config, config.n_ctx, tokenizer)
     if path.is_dir():
         raise IncompatibleModelError(f"{path}: is a folder; a Standard program's interpreter is a Qwen3 GGUF file "

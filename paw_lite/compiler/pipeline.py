@@ -24,7 +24,7 @@ from ..lora import LoraAdapter, check_peft_folder, write_peft_dir
 from ..program import PLACEHOLDER, Program
 from ..runtime import PawFunction, function
 from .bundle import ADAPTER_TYPES, adapter_bytes, build_program
-from .config import CompilerMeta, ModelFiles, default_files
+from .config import CompilerMeta, ModelFiles
 from .encoder import TextModel, chat_prompt, depth_layers, encoder_token_ids, hidden_states
 from .hf_tokenizer import HFTokenizer
 from .interpreter import read_interpreter
