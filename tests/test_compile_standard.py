@@ -23,6 +23,8 @@ from gguf.quants import dequantize
 
 from oracles import oracle
 from compiler_fixtures import ALPHA, PREFIX_STEPS, TINY_BASES, TINY_RANK, max_rel, save_mapper, tiny_qwen, write_compiler_meta
+from standard_fixtures import (N_CTX, N_INTERP_LAYERS, STANDARD_META, module_dims, random_standard_mapper, standard_models_dir,
+                               tiny_standard_interpreter)
 from paw_lite.cli import main
 from paw_lite.compiler import compile, compile_report
 from paw_lite.compiler.config import default_files
@@ -42,36 +44,11 @@ PSEUDO = ("[PSEUDO_PROGRAM]\nTask: Answer ALERT for failures, QUIET otherwise.\n
 # The Standard template as the published Standard programs ship it (Qwen chat wrapping, empty think block).
 TEMPLATE = ("<|im_start|>user\n" + PSEUDO + "\n\n[INPUT]\n{INPUT_PLACEHOLDER}\n[END_INPUT]<|im_end|>\n"
             "<|im_start|>assistant\n<think>\n\n</think>\n\n")
-N_CTX = 384  # the tiny interpreter's context: 128 positions for a pseudo-program under the 256 reserved
-N_INTERP_LAYERS = 3  # the tiny compiler has 4: t(l) = int((l+1)*4/3) - 1 = 0, 1, 3 (a ratio other than 36/28)
-STANDARD_META = {"interpreter_model": "Qwen/Qwen3-0.6B", "compiler_snapshot": "paw-4b-qwen3-0.6b-tiny-test"}
 
 # The 7 Qwen3 modules: the mapper's key suffix -> the GGUF module name (written out here, independently
 # of paw_lite.qwen3_layout); the coefficient vector follows the suffixes in sorted order.
 SUFFIX_TO_GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                   "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
-def module_dims(hf_config) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each module from a transformers Qwen3Config (the reimplementation's profiles.py)."""
-    h, q, kv, ff = (hf_config.hidden_size, hf_config.num_attention_heads * hf_config.head_dim,
-                    hf_config.num_key_value_heads * hf_config.head_dim, hf_config.intermediate_size)
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h)}
-
-
-def random_standard_mapper(hidden: int, n_layer: int, dims: dict[str, tuple[int, int]], rank: int, n_bases: int,
-                           seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    n_coeff = n_layer * len(dims) * n_bases * 2
-    state = {"trunk.0.weight": rng.standard_normal((hidden, hidden)) / np.sqrt(hidden),
-             "trunk.0.bias": rng.standard_normal(hidden) * 0.1,
-             "coeff_head.weight": rng.standard_normal((n_coeff, hidden)) / np.sqrt(hidden),
-             "coeff_head.bias": rng.standard_normal(n_coeff) * 0.1}
-    for suffix, (d_in, d_out) in dims.items():
-        state[f"A_bases_{suffix}"] = rng.standard_normal((n_bases, rank, d_in)) / np.sqrt(d_in)
-        state[f"B_bases_{suffix}"] = rng.standard_normal((n_bases, d_out, rank)) * 0.05
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
 
 
 def oracle_mapper(state: dict[str, np.ndarray], prefix_hidden: list, n_layer: int, n_bases: int) -> dict[str, np.ndarray]:
@@ -135,33 +112,14 @@ def qwen(tmp_path_factory, vocab_dir):
 
 @pytest.fixture(scope="module")
 def standard_interp(tmp_path_factory, vocab_dir):
-    """A tiny random Qwen3 interpreter (3 layers, the real Qwen vocabulary) as HF folder and F32 GGUF."""
-    from paw_lite.convert.qwen3 import convert_qwen3
-    from paw_lite.testing.qwen3 import make_tiny_qwen3
-
-    root = tmp_path_factory.mktemp("std-interp")
-    hf = make_tiny_qwen3(root / "hf", vocab_dir, n_layer=N_INTERP_LAYERS, seed=5, dtype="float32")
-    # A short context: a random model rarely writes EOS, and `--run` / `--test` generate to the end
-    config = json.loads((hf / "config.json").read_text())
-    config["max_position_embeddings"] = N_CTX
-    (hf / "config.json").write_text(json.dumps(config))
-    return hf, convert_qwen3(hf, root / "tiny-qwen3-interp-f32.gguf", "f32")
+    return tiny_standard_interpreter(tmp_path_factory, vocab_dir)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, qwen, standard_interp):
     """A models directory holding the Standard files under their default names."""
-    from transformers import AutoConfig
-
     d = tmp_path_factory.mktemp("std-models")
-    names = default_files("standard")
-    dims = module_dims(AutoConfig.from_pretrained(standard_interp[0]))
-    state = random_standard_mapper(256, N_INTERP_LAYERS, dims, TINY_RANK, TINY_BASES, seed=11)
-    save_mapper(d / names["mapper"], state)
-    write_compiler_meta(d / names["compiler_meta"], **STANDARD_META)
-    for key, src in (("compiler", qwen[1]), ("pseudo_compiler", qwen[1]), ("interpreter", standard_interp[1])):
-        (d / names[key]).symlink_to(src)
-    return d, state
+    return d, standard_models_dir(d, qwen, standard_interp)
 
 
 def test_standard_adapter_equals_the_torch_oracle(models, qwen, tmp_path):

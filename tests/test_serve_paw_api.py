@@ -9,7 +9,12 @@ client pointed at the real server (`PAW_API_URL`), on tiny compiler models:
 - compile jobs run in the background, one at a time, with progress in their status, while
   inference and downloads go on; queued jobs cancel, running ones answer 409;
 - errors: an unknown compiler (422 naming the one there is), no compiler (503), traversal and
-  unknown ids (404 "not found": the client gives up at once), a wrong or missing API key (401).
+  unknown ids (404 "not found": the client gives up at once), a wrong or missing API key (401);
+- both families on one server: with the Compact and the Standard compiler files in its models
+  folder it lists both compilers, `compile(spec, compiler="paw-4b-qwen3-0.6b")` makes a Standard
+  program that the client downloads, imports and runs on the Qwen3 interpreter the server serves
+  (its llama.cpp tokens equal paw_lite's, up to a near-tie), and `qwen3-0.6b-q6_k` is the client's
+  own pinned manifest.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from paw_lite.program import Program
 
 from compiler_fixtures import TINY_BASES, TINY_RANK, random_mapper_state, save_mapper, tiny_qwen, write_compiler_meta
 from conftest import make_hf_gpt2
+from standard_fixtures import N_CTX as STD_N_CTX
+from standard_fixtures import standard_models_dir, tiny_standard_interpreter
 from llama_oracle import assert_same_or_near_tie
 from oracles import oracle
 
@@ -380,7 +387,8 @@ def test_without_compiler_files_compiles_answer_503_and_the_list_is_empty(models
     with server(settings, make_jobs(settings)) as url, official_client(tmp_path, url):
         assert programasweights.list_compilers() == []
         reply = httpx.get(f"{url}/api/v1/models/compilers").json()
-        assert "the compiler needs files that are not there" in reply["unavailable"]
+        assert "the compact compiler (paw-4b-gpt2) needs files that are not there" in reply["unavailable"]["paw-4b-gpt2"]
+        assert "paw-lite models pull --family standard" in reply["unavailable"]["paw-4b-qwen3-0.6b"]
         with pytest.raises(programasweights.APIError) as none:
             programasweights.compile(SPEC)
         assert none.value.response.status_code == 503 and "paw-lite models pull" in none.value.message
@@ -410,3 +418,115 @@ def test_paw_lite_serve_includes_the_paw_api(models, tmp_path):
     assert {"/api/v1/compile", "/api/v1/programs/{program_id}/download", "/api/v1/models/runtimes/{runtime_id}",
             "/api/v1/models/compilers", "/api/v1/infer"} <= paths
 
+
+
+# -- both families: the Standard compiler beside the Compact one ---------------------------------
+
+STD_RUNTIME = "tiny-qwen3-interp-f32"  # the tiny Qwen3 interpreter's file stem: a runtime the server serves
+
+
+@pytest.fixture(scope="module")
+def both_models(models, tmp_path_factory, vocab_dir) -> dict:
+    """A models folder with both families' compiler files: the Compact ones of `models` (its
+    interpreter as gpt2-q8_0.gguf) and the Standard ones on a tiny Qwen3 interpreter, which is also
+    there as tiny-qwen3-interp-f32.gguf, the interpreter the Standard compiler is given by name."""
+    folder = tmp_path_factory.mktemp("pawapi-both") / "models"
+    folder.mkdir()
+    for entry in models["dir"].iterdir():
+        (folder / entry.name).symlink_to(entry.resolve())
+    (folder / "gpt2-q8_0.gguf").symlink_to(models["gguf"])
+    qwen = tiny_qwen(tmp_path_factory, vocab_dir)
+    interp = tiny_standard_interpreter(tmp_path_factory, vocab_dir)
+    standard_models_dir(folder, qwen, interp)
+    (folder / f"{STD_RUNTIME}.gguf").symlink_to(interp[1])
+    return {"dir": folder, "interp_hf": interp[0], "interp": folder / f"{STD_RUNTIME}.gguf"}
+
+
+@pytest.fixture(scope="module")
+def std_served(models, both_models, tmp_path_factory) -> dict:
+    """A server with both compilers (the Standard one named by its meta and interpreter: the
+    default), and the first Standard compile through the official client."""
+    root = tmp_path_factory.mktemp("pawapi-std")
+    d = both_models["dir"]
+    files = ModelFiles(interpreter=both_models["interp"], compiler_meta=d / "paw-4b-qwen3-0.6b-meta.json")
+    settings = make_settings(root, {**models, "dir": d}, compile_models=files)
+    jobs = make_jobs(settings)
+    with server(settings, jobs) as url, official_client(root, url):
+        program = programasweights.compile(SPEC, compiler="paw-4b-qwen3-0.6b")
+        yield {"url": url, "root": root, "settings": settings, "jobs": jobs, "program": program}
+
+
+def test_both_compilers_are_listed_and_the_standard_one_compiles(std_served, tmp_path):
+    program, jobs, url = std_served["program"], std_served["jobs"], std_served["url"]
+    with official_client(tmp_path, url):
+        listed = programasweights.list_compilers()
+        assert [(c["name"], c["family"], c["interpreter"], c["runtime_id"], c["default"]) for c in listed] == [
+            ("paw-4b-qwen3-0.6b-tiny-test", "standard", "Qwen/Qwen3-0.6B", STD_RUNTIME, True),
+            ("tiny-test", "compact", "gpt2", "gpt2-q8_0", False)]
+        assert listed[0]["aliases"][0] == "paw-4b-qwen3-0.6b" and listed[1]["aliases"][0] == "paw-4b-gpt2"
+        assert (program.compiler_snapshot, program.runtime_id, jobs.compiles) == ("paw-4b-qwen3-0.6b-tiny-test", STD_RUNTIME, 1)
+        stored = Program.load(std_served["settings"].compiled_dir / f"{program.id}.paw")
+        assert stored.family.name == "standard" and stored.meta["interpreter"] == "Qwen/Qwen3-0.6B"
+        assert stored.meta["runtime_id"] == STD_RUNTIME and stored.meta["prefix_steps"] is None
+        # the default compiler (no 'compiler') is the Standard one here: the same program, no second compile
+        assert programasweights.compile(SPEC).id == program.id and jobs.compiles == 1
+        # an unknown compiler: 422 listing both
+        with pytest.raises(programasweights.APIError) as unknown:
+            programasweights.compile(SPEC, compiler="paw-9b-none")
+        message = unknown.value.message
+        assert unknown.value.response.status_code == 422
+        assert "'paw-4b-qwen3-0.6b-tiny-test'" in message and "'tiny-test'" in message
+    # compiler GGUFs are Qwen3 models too, and still never a runtime
+    for stem in ("paw-4b-qwen3-0.6b-compiler-q8_0", "qwen3-4b-instruct-2507-q4_k_m", "paw-4b-gpt2-compiler-q8_0"):
+        for suffix in ("", "/gguf"):
+            assert httpx.get(f"{url}/api/v1/models/runtimes/{stem}{suffix}").status_code == 404, stem
+
+
+def test_the_official_client_runs_the_standard_program_to_paw_lites_output(std_served, both_models, tmp_path):
+    """`function(id)`: download, the importer's checks, the runtime manifest and the Qwen3 GGUF from the
+    server, then the SDK's llama.cpp runtime: its greedy tokens equal paw_lite's, or part only at a
+    near-tie of transformers + PEFT (fp32; the adapter is F32, llama.cpp's KV cache is f16)."""
+    program_id = std_served["program"].id
+    with official_client(tmp_path, std_served["url"]) as sdk:
+        theirs = programasweights.function(program_id, n_ctx=STD_N_CTX)
+        try:
+            assert sdk_cache.has_valid_program_assets(program_id)
+            manifest = httpx.get(f"{std_served['url']}/api/v1/models/runtimes/{STD_RUNTIME}").json()
+            assert manifest["interpreter"] == "Qwen/Qwen3-0.6B" and manifest["local_sdk"]["n_ctx"] == STD_N_CTX
+            assert sdk_cache.fetch_runtime_manifest(STD_RUNTIME, api_url=std_served["url"]) is not None
+            assert (sdk / "base_models" / f"{STD_RUNTIME}.gguf").read_bytes() == both_models["interp"].read_bytes()
+            ours_program = Program.load(std_served["settings"].compiled_dir / f"{program_id}.paw")
+            assert (sdk / "programs" / program_id / "adapter.gguf").read_bytes() == ours_program.adapter_gguf
+            PeftModel, AutoModelForCausalLM = oracle("peft").PeftModel, oracle("transformers").AutoModelForCausalLM
+            torch = oracle("torch")
+            with paw_lite.function(ours_program, base_model=both_models["interp"]) as ours:
+                write_peft_dir(tmp_path / "peft", LoraAdapter.from_program(ours_program, ours.config))
+                base = AutoModelForCausalLM.from_pretrained(both_models["interp_hf"], dtype=torch.float32)
+                hf = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+                exact = 0
+                for text in INPUTS:
+                    their_text = theirs(text, max_tokens=MAX_TOKENS)
+                    evaluated = [int(t) for t in theirs._llm.input_ids[:theirs._llm.n_tokens]]
+                    prompt = ours.prompt_ids(text)
+                    assert evaluated[:len(prompt)] == prompt, repr(text)
+                    their_ids, our_ids = evaluated[len(prompt):], ours.generate_ids(text, max_tokens=MAX_TOKENS)
+                    assert_same_or_near_tie(our_ids, their_ids, prompt, hf, tol=1e-2, eos=ours.tokenizer.eos_ids[0])
+                    if our_ids == their_ids:
+                        assert ours(text, max_tokens=MAX_TOKENS) == their_text, repr(text)
+                        exact += 1
+                assert exact >= 1  # not resting on ties alone
+                # hosted inference and the OpenAI face run it on the server: paw_lite's output
+                with programasweights.function(program_id, remote=True) as remote:
+                    assert remote(INPUTS[0], max_tokens=MAX_TOKENS) == ours(INPUTS[0], max_tokens=MAX_TOKENS)
+                completion = openai.OpenAI(base_url=std_served["url"] + "/v1", api_key="none").completions.create(
+                    model=program_id, prompt=INPUTS[1], max_tokens=MAX_TOKENS)
+                assert completion.choices[0].text == ours(INPUTS[1], max_tokens=MAX_TOKENS)
+        finally:
+            theirs.close()
+
+
+def test_the_published_standard_runtime_is_the_clients_own_manifest(std_served, tmp_path):
+    served_manifest = httpx.get(f"{std_served['url']}/api/v1/models/runtimes/qwen3-0.6b-q6_k").json()
+    assert served_manifest == sdk_cache.LEGACY_RUNTIME_MANIFESTS["qwen3-0.6b-q6_k"]
+    with official_client(tmp_path, std_served["url"]):
+        assert sdk_cache.fetch_runtime_manifest("qwen3-0.6b-q6_k", api_url=std_served["url"]) == served_manifest

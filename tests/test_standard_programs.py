@@ -26,12 +26,13 @@ from paw_lite import prefix_cache
 from paw_lite.base_model import BaseModel, read_header
 from paw_lite.constraints import ChoiceMatcher, TokenTable
 from paw_lite.errors import IncompatibleModelError
-from paw_lite.families import COMPACT, STANDARD, standard_template
-from paw_lite.lora import LoraAdapter, adapter_gguf_bytes, write_peft_dir
-from paw_lite.program import PLACEHOLDER, Program
+from paw_lite.families import COMPACT, STANDARD
+from paw_lite.lora import LoraAdapter, write_peft_dir
+from paw_lite.program import Program
 from paw_lite.testing.qwen3 import ENDOFTEXT_ID, IM_END_ID, random_qwen3_lora
 
 from compiler_fixtures import tiny_qwen
+from standard_fixtures import make_standard_program
 from llama_oracle import assert_same_or_near_tie
 from oracles import oracle
 
@@ -42,27 +43,12 @@ llama_cpp = oracle("llama_cpp")
 RANK = 32
 MAX_TOKENS = 12
 EOS = [IM_END_ID, ENDOFTEXT_ID]
-PSEUDO = ("Task: classify the sentiment of a product review as POSITIVE or NEGATIVE.\n\n"
-          "Examples:\nInput: works great, five stars\nOutput: POSITIVE\nInput: broke after a day\nOutput: NEGATIVE")
 INPUTS = ["works great, five stars", "broke after a day", "\nleading newline", "  two spaces", "naïve café — 東京 🤖",
           "12345 67.89", "<think>typed</think>", "a much longer review: the battery lasts two days, the screen is sharp, "
           "but the speaker crackles at high volume and the case scratches easily"]
 # The near-tie tolerance on fp32 logits where llama.cpp (f16 KV cache, Q8_0 activations for the Q4_0
 # adapter) parts from the fp32 oracles; measured differences in this fixture stay below 0.05.
 NEAR_TIE = 0.1
-
-
-def make_standard_program(path: Path, tensors: dict[str, np.ndarray], alpha: float = 16.0, tensor_type: str = "q4_0",
-                          pseudo: str = PSEUDO, runtime_id: str = STANDARD.runtime_id) -> Path:
-    """A Standard .paw bundle as the official compiler writes one: meta.json with the Standard
-    interpreter and runtime, prefix_steps null, and the Standard template."""
-    rank = next(iter(tensors.values())).shape[0]
-    meta = {"version": 4, "program_id": "1" * 20, "spec": "classify review sentiment", "interpreter": STANDARD.interpreter,
-            "runtime_id": runtime_id, "prefix_steps": None, "lora_rank": rank, "lora_alpha": alpha,
-            "pseudo_program_strategy": "provided"}
-    return Program(meta=meta, template=standard_template(pseudo, PLACEHOLDER),
-                   adapter_gguf=adapter_gguf_bytes(tensors, alpha, tensor_type, arch=STANDARD.arch),
-                   pseudo_program=pseudo).save(path)
 
 
 @pytest.fixture(scope="module")

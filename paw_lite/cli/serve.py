@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the server's own files; programs compiled through it go to DIR/compiled "
                         "(default: <user cache>/paw_lite/serve)")
     p.add_argument("--base-model", type=Path, default=None, metavar="PATH",
-                   help="the GPT-2 interpreter to run every program on (default: each program's runtime in the "
-                        "models directory)")
+                   help="the interpreter (GPT-2 or Qwen3) the programs of its family run on; the other family's "
+                        "programs, and all by default, run on their <runtime_id>.gguf from --models or the models directory")
     limits = p.add_argument_group("limits (each refusal is a 4xx JSON error)")
     limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     limits.add_argument("--max-input-chars", type=int, default=32_000, help="longest input text (default 32000)")
@@ -38,13 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="most inputs of one program evaluated together (default 64)")
     limits.add_argument("--max-loaded", type=int, default=8,
                         help="programs kept loaded at once; one more unloads the least recently used (default 8)")
-    compile_ = p.add_argument_group("compiling through the PAW API (as `paw-lite compile`)")
-    compile_.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files (default: the models directory)")
+    compile_ = p.add_argument_group(
+        "compiling through the PAW API (as `paw-lite compile`; a compiler per family found)")
+    compile_.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files and interpreters (default: the models directory)")
     compile_.add_argument("--compiler", type=Path, metavar="GGUF", help="the trained compiler")
     compile_.add_argument("--mapper", type=Path, metavar="SAFETENSORS", help="the mapper weights")
     compile_.add_argument("--compiler-meta", type=Path, metavar="JSON", help="the compiler's meta.json")
     compile_.add_argument("--pseudo-compiler", type=Path, metavar="GGUF", help="the model that writes pseudo-programs")
-    compile_.add_argument("--interpreter", type=Path, metavar="GGUF", help="the GPT-2 interpreter compiled programs are for")
+    compile_.add_argument("--interpreter", type=Path, metavar="GGUF",
+                          help="the interpreter compiled programs are for (the files named one by one are for the "
+                               "family --compiler-meta names, else Compact; the other family's come from --models)")
     p.add_argument("--json", action="store_true", help="print the address and settings as one JSON line once listening")
     p.set_defaults(func=run)
 

@@ -33,9 +33,10 @@ from typing import Any
 from ..atomic import atomic_path, remove_stale_temporaries
 from ..compiler.config import CompilerMeta, ModelFiles
 # _runtime_id: the runtime a compiled program will name, decided as the pipeline decides it (one rule, not a copy)
-from ..compiler.pipeline import CompileOptions, _runtime_id, compiler_fingerprint, compile_program
+from ..compiler.pipeline import CompileOptions, _family, _runtime_id, compiler_fingerprint, compile_program
 from ..compiler.prompt_cache import file_identity
-from ..errors import PawError
+from ..errors import IncompatibleModelError, PawError
+from ..families import COMPACT, FAMILIES, Family
 from ..program import Program
 
 log = logging.getLogger("paw_lite.serve")
@@ -73,8 +74,10 @@ class JobStartedError(PawError):
 
 @dataclass(frozen=True)
 class Compiler:
-    """The compiler this server has: its files and what names and identifies it."""
+    """A compiler this server has (one per program family at most): its files and what names and
+    identifies it."""
 
+    family: Family
     name: str
     snapshot: str | None
     files: ModelFiles  # resolved: every path exists
@@ -83,27 +86,36 @@ class Compiler:
     identity: str  # hashes the compiler fingerprint and the pseudo compiler's and interpreter's file identities
 
     def answers_to(self, requested: str) -> bool:
-        """Whether a request's `compiler` value names this compiler: its name, its compiler file's
-        stem, or its fingerprint."""
-        return requested in {self.name, Path(self.files.compiler).stem, self.fingerprint}
+        """Whether a request's `compiler` value names this compiler: its name, its family's published
+        compiler name (paw-4b-gpt2, paw-4b-qwen3-0.6b), its compiler file's stem, or its fingerprint."""
+        return requested in self.names()
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "snapshot": self.snapshot, "kind": COMPILER_KIND, "interpreter": "gpt2",
-                "runtime_id": self.runtime_id, "fingerprint": self.fingerprint, "default": True,
-                "aliases": sorted({Path(self.files.compiler).stem, self.fingerprint} - {self.name})}
+    def names(self) -> list[str]:
+        """Every name it answers to, its own first."""
+        names = [self.name, self.family.compiler, Path(self.files.compiler).stem, self.fingerprint]
+        return [n for i, n in enumerate(names) if n not in names[:i]]
+
+    def describe(self, default: bool = True) -> dict[str, Any]:
+        return {"name": self.name, "snapshot": self.snapshot, "kind": COMPILER_KIND,
+                "interpreter": self.family.interpreter, "family": self.family.name, "runtime_id": self.runtime_id,
+                "fingerprint": self.fingerprint, "default": default, "aliases": self.names()[1:]}
 
 
-def find_compiler(files: ModelFiles, models_dir: Path | None, options: CompileOptions) -> Compiler:
-    """The compiler the files name (or the models directory holds), as `paw-lite compile` picks
-    them; a pseudo compiler is needed, since requests carry a spec only."""
-    resolved = files.resolved(models_dir, need_pseudo_compiler=True)
+def find_compiler(files: ModelFiles, models_dir: Path | None, options: CompileOptions, family: Family) -> Compiler:
+    """The compiler of `family` the files name (or the models directory holds), as `paw-lite compile
+    --family` picks them; a pseudo compiler is needed, since requests carry a spec only."""
+    resolved = files.resolved(models_dir, need_pseudo_compiler=True, family=family.name)
     meta = CompilerMeta.load(resolved.compiler_meta)
+    named = meta.family()
+    if named is not None and named != family:
+        raise IncompatibleModelError(f"{resolved.compiler_meta}: a compiler for {named.name} programs "
+                                     f"(interpreter_model {meta.interpreter_model!r}) among the {family.name} files")
     fingerprint = compiler_fingerprint(resolved)
     identity = hashlib.sha256(json.dumps(
         [fingerprint, file_identity(resolved.pseudo_compiler), file_identity(resolved.interpreter)]).encode()).hexdigest()
     name = meta.snapshot or Path(resolved.compiler).stem
-    return Compiler(name=name, snapshot=meta.snapshot, files=resolved, fingerprint=fingerprint,
-                    runtime_id=_runtime_id(resolved.interpreter, options), identity=identity)
+    return Compiler(family=family, name=name, snapshot=meta.snapshot, files=resolved, fingerprint=fingerprint,
+                    runtime_id=_runtime_id(resolved.interpreter, options, family), identity=identity)
 
 
 def compile_key(spec: str, compiler: Compiler, options: CompileOptions) -> str:
@@ -167,7 +179,7 @@ class CompileJobs:
         self._queue: list[Job] = []
         self._by_key: dict[str, Job] = {}  # queued or running jobs, so a second request joins the first
         self._worker: threading.Thread | None = None
-        self._compiler: Compiler | None = None
+        self._compilers: dict[str, Compiler] = {}  # by family name: found ones (failures are not kept)
         self._compiler_lock = threading.Lock()
         self.compiles = 0  # compiles started by this object (the tests count them)
         for folder in (self.compiled_dir, self.index_dir):  # what a server killed mid-write left behind
@@ -183,25 +195,53 @@ class CompileJobs:
 
     # -- the compiler ---------------------------------------------------------------------------
 
-    def compiler(self) -> Compiler:
-        """The server's compiler, found once (files are hashed then); a failure is not kept, so
-        files put in place later are found on the next request."""
+    def _explicit_family(self) -> str:
+        """The family the files given by name (--compiler ..., --family) are for, as `paw-lite
+        compile` decides it: the other family's compiler is looked for in the models directory only."""
+        try:
+            return _family(self.options, self.files).name
+        except PawError:  # a broken meta.json given: its compile reports it, with the files of that family
+            return COMPACT.name
+
+    def compilers(self) -> tuple[list[Compiler], dict[str, str]]:
+        """The compilers this server has, the default first (the family `paw-lite compile` picks
+        when both are there, as it does without --family), and why each other family has none.
+        Each is found once (its files are hashed then); a failure is not kept, so files put in
+        place later are found on the next request."""
+        explicit = self._explicit_family()
+        found, missing = [], {}
         with self._compiler_lock:
-            if self._compiler is None:
-                self._compiler = find_compiler(self.files, self.models_dir, self.options)
-            return self._compiler
+            for name, family in FAMILIES.items():
+                if name not in self._compilers:
+                    files = self.files if name == explicit else ModelFiles()
+                    try:
+                        self._compilers[name] = find_compiler(files, self.models_dir, self.options, family)
+                    except PawError as exc:
+                        missing[name] = str(exc)
+                        continue
+                found.append(self._compilers[name])
+        found.sort(key=lambda c: c.family.name != explicit)
+        return found, missing
+
+    def compiler(self) -> Compiler:
+        """The default compiler, or NoCompilerError saying which files are missing."""
+        return self.pick(None)
 
     def pick(self, requested: str | None) -> Compiler:
         """The compiler a request names (None: the default), or CompileRequestError naming what there is."""
-        try:
-            compiler = self.compiler()
-        except PawError as exc:
-            raise NoCompilerError(f"this server cannot compile: {exc}") from exc
-        if requested is not None and not compiler.answers_to(requested):
-            names = ", ".join(repr(n) for n in [compiler.name, *compiler.describe()["aliases"]])
-            raise UnknownCompilerError(f"compiler {requested[:80]!r} is not on this server; it has one compiler, "
-                                      f"{names} (GET /api/v1/models/compilers lists it), or omit 'compiler'")
-        return compiler
+        found, missing = self.compilers()
+        if not found:
+            raise NoCompilerError("this server cannot compile: " + "; ".join(missing.values()))
+        if requested is None:
+            return found[0]
+        for compiler in found:
+            if compiler.answers_to(requested):
+                return compiler
+        have = "; ".join(", ".join(repr(n) for n in c.names()[:2]) + f" ({c.family.name} programs)" for c in found)
+        hint = "".join(f"; the {FAMILIES[f].compiler} compiler is not here: {why}" for f, why in missing.items()
+                       if requested == FAMILIES[f].compiler)
+        raise UnknownCompilerError(f"compiler {requested[:80]!r} is not on this server; it has {have} "
+                                  f"(GET /api/v1/models/compilers lists them), or omit 'compiler'{hint}")
 
     # -- the index ------------------------------------------------------------------------------
 
@@ -338,6 +378,7 @@ class CompileJobs:
         def on_encoder(done: int, total: int) -> None:
             self._progress(job, stage="encoder", done=done, total=total, unit="token-layers")
 
+        options = dataclasses.replace(options, family=job.compiler.family.name)
         result = compile_program(job.spec, files=job.compiler.files, options=options, progress=progress,
                                  on_token=on_token, on_encoder=on_encoder)
         program = result.program

@@ -22,6 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..errors import ContextOverflowError, PawError
+from ..families import FAMILIES
 from ..program import Program
 from .batching import Job as BatchJob
 from .compile_jobs import (COMPILER_KIND, PROGRAM_ID, CompileJobs, Job, JobStartedError, NoCompilerError, UnknownCompilerError,
@@ -100,15 +101,20 @@ class PawApi:
         self.settings, self.jobs = settings, jobs
         self.programs = ProgramDirectory(jobs)
         self.slugs = SlugTable(settings.data_dir / "slugs.json")
-        self.runtimes = Runtimes(self._interpreters, lambda: models_dirs(settings.models_dir))
+        self.runtimes = Runtimes(self._interpreters, lambda: models_dirs(settings.models_dir), self._compiler_files)
 
     def _interpreters(self) -> list[Path | None]:
-        """Interpreter files this server has: the one programs run on, and the compiler's."""
+        """Interpreter files this server has: the one programs run on, and the compilers'."""
         found: list[Path | None] = [self.settings.interpreter, self.settings.compile_models.interpreter]
-        try:
-            found.append(self.jobs.compiler().files.interpreter)
-        except PawError:
-            pass
+        found += [c.files.interpreter for c in self.jobs.compilers()[0]]
+        return found
+
+    def _compiler_files(self) -> list[Path | None]:
+        """The compilers' own GGUFs (Qwen3 models like a Standard interpreter): never a runtime."""
+        given = self.settings.compile_models
+        found: list[Path | None] = [given.compiler, given.pseudo_compiler]
+        for c in self.jobs.compilers()[0]:
+            found += [c.files.compiler, c.files.pseudo_compiler]
         return found
 
     # -- helpers --------------------------------------------------------------------------------
@@ -297,15 +303,16 @@ class PawApi:
 
     # -- models ---------------------------------------------------------------------------------
 
-    def _compilers(self) -> tuple[list[dict[str, Any]], str | None]:
-        try:
-            return [self.jobs.compiler().describe()], None
-        except PawError as exc:
-            return [], str(exc)
+    def _compilers(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        found, missing = self.jobs.compilers()
+        described = [c.describe(default=i == 0) for i, c in enumerate(found)]
+        return described, {FAMILIES[family].compiler: why for family, why in missing.items()}
 
     async def compilers(self, request: Request) -> Response:
-        compilers, reason = await run_in_threadpool(self._compilers)
-        return JSONResponse({"compilers": compilers, **({"unavailable": reason} if reason else {})})
+        """The compilers whose files this server has (the default first); `unavailable` says, per
+        published compiler this server lacks, which files are missing."""
+        compilers, missing = await run_in_threadpool(self._compilers)
+        return JSONResponse({"compilers": compilers, **({"unavailable": missing} if missing else {})})
 
     async def runtime(self, request: Request) -> Response:
         runtime_id = request.path_params["runtime_id"]

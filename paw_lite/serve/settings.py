@@ -28,10 +28,11 @@ class ServeSettings:
     request; max_concurrent requests in evaluation at once (more get 429 rather than a queue
     that grows without bound); max_tokens_cap the largest max_tokens a request may ask for,
     also the default when it asks for none.
-    interpreter: the GPT-2 interpreter programs run on (None: each program's runtime in the
-    models directory, as `paw_lite.function` finds it).
+    interpreter: the interpreter (GPT-2 or Qwen3 GGUF or HF folder) the programs of its family run
+    on; programs of the other family, and every program when it is None, run on their own
+    `<runtime_id>.gguf` from models_dir, else paw_lite's models directory.
     compile_models / models_dir: the compiler's files, as `paw-lite compile` takes them (the
-    PAW API's compile jobs use them).
+    PAW API's compile jobs use them); models_dir is also searched for interpreters.
     batch_size: sequences of one program evaluated together at most (one engine step).
     max_loaded: programs kept loaded at once (each holds its own merged weights, ~340 MB for
     GPT-2 124M); loading one more unloads the least recently used."""

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .. import paths
 from ..base_model import BaseModel
-from ..errors import PawError
+from ..errors import IncompatibleModelError, ModelNotFoundError, PawError
+from ..families import describe
 from ..runtime import PawFunction, function
 from .settings import ServeSettings
 
@@ -130,9 +131,42 @@ class ProgramStore:
         from ..program import Program
 
         program = Program.load(entry.path)
-        base = self._base(paths.resolve_interpreter(self.settings.interpreter, program.meta.get("runtime_id")))
-        log.info("serving %s from %s", entry.name, entry.path)
+        base = self._interpreter_of(program, entry)
+        log.info("serving %s (%s) from %s on %s", entry.name, program.family.name, entry.path, base.source)
         return function(program, base_model=base, cache_dir=self.settings.cache_dir)
+
+    def _interpreter_of(self, program, entry: ProgramFile) -> BaseModel:
+        """The program's family's interpreter: the one the settings give when it is of that family,
+        else `<runtime_id>.gguf` in the models directories."""
+        given = self.settings.interpreter
+        if given is not None:
+            base = self._base(paths.resolve_interpreter(given, None))
+            if base.family == program.family:
+                return base
+        rid = program.runtime_id
+        if not paths.is_safe_name(rid):
+            raise ModelNotFoundError(f"{entry.path.name}: meta.json names runtime {rid!r}, which is not a valid model "
+                                     f"file name; give it runtime_id {program.family.runtime_id!r}")
+        dirs = self._models_dirs()
+        for folder in dirs:
+            if (folder / f"{rid}.gguf").is_file():
+                return self._base(folder / f"{rid}.gguf")
+        where = ", ".join(str(d) for d in dirs)
+        if given is not None:
+            raise IncompatibleModelError(
+                f"{entry.path.name} is {describe(program.family)}, but this server's --base-model {given} is a "
+                f"{base.family.model} model, and no {rid}.gguf is in the models directories ({where}); put "
+                f"{rid}.gguf there (`paw-lite models pull --family {program.family.name}`, or --models DIR for the "
+                f"folder that holds it) to serve both families, or leave out --base-model")
+        raise ModelNotFoundError(
+            f"{entry.path.name} is {describe(program.family)}: its interpreter {rid}.gguf is not in the models "
+            f"directories ({where}); get it with `paw-lite models pull --family {program.family.name}`, pass "
+            f"--models DIR for the folder that holds it, or --base-model PATH")
+
+    def _models_dirs(self) -> list[Path]:
+        from .runtimes import models_dirs  # the same folders the PAW API's runtimes are found in
+
+        return models_dirs(self.settings.models_dir)
 
     def _base(self, interpreter: Path) -> BaseModel:
         """One BaseModel per interpreter file, shared by every program on it."""
