@@ -16,7 +16,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError, PawError, malformed_file
-from .families import COMPACT, STANDARD, Family, family_of_arch
+from .families import COMPACT, FAMILIES, STANDARD, Family, family_of_arch
 from .gguf_file import (WEIGHT_TYPES, GGUFIndex, TensorInfo, get_field, get_float, get_int, get_str, iter_tensors, numpy_shape,
                         read_index, tensor_to_f32)
 from .gpt2_layout import GPT2Config
@@ -142,7 +142,7 @@ def _gguf_config(path: Path) -> tuple[GGUFIndex, Family, ModelConfig]:
     if (get_field(reader, "adapter.type", path, None) == "lora"
             or get_field(reader, "general.type", path, None) == "adapter"):
         arch = get_field(reader, "general.architecture", path, None)
-        runtime = next((f.runtime_id for f in (COMPACT, STANDARD) if f.arch == arch), COMPACT.runtime_id)
+        runtime = next((f.runtime_id for f in FAMILIES.values() if f.arch == arch), COMPACT.runtime_id)
         raise IncompatibleModelError(f"{path}: is a LoRA adapter, not a base model; pass the interpreter GGUF "
                                      f"({runtime}.gguf) instead")
     family = family_of_arch(get_str(reader, "general.architecture", path), str(path))
@@ -231,7 +231,8 @@ def _hf_family(folder: Path) -> Family:
     except (OSError, ValueError, RecursionError):
         return COMPACT  # the GPT-2 reader says what is wrong with the file
     model_type = cfg.get("model_type", COMPACT.arch) if isinstance(cfg, dict) else COMPACT.arch
-    return STANDARD if model_type == STANDARD.arch else COMPACT
+    # HF's model_type is the GGUF architecture name for both; another is refused by GPT-2's reader
+    return next((f for f in FAMILIES.values() if f.arch == model_type), COMPACT)
 
 
 def _load_hf_dir(folder: Path, kind: "_Kind") -> BaseModel:
