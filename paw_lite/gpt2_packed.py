@@ -26,6 +26,8 @@ _GELU_ROWS = 64  # rows per GELU pass: (64, n_ff) float32 stays in L2 across its
 class GPT2Packed:
     """GPT-2 over packed rows, with activation buffers of its own: one per thread (`fork`)."""
 
+    map_kv_budget = None  # fn.map's own (parallel_map.MAP_KV_BUDGET, 1 GiB) beside ~0.5 GB of weights
+
     def __init__(self, weights: Weights, config: GPT2Config):
         self.w = weights
         self.config = config

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import blas_threads
 from .engine import Engine, Sequence, Stopped, own_positions
-from .scheduler import EOS
+from .scheduler import EOS, PackedForward
 
 # fn.map's default sequences in flight, shared among the worker threads (one per core): each holds
 # its own keys and values (74 KB per token on GPT-2 124M: 128 x 50 tokens = 470 MB) besides the
@@ -48,7 +48,8 @@ class MapPool:
         wanted = blas_threads.map_workers() if workers is None else workers
         n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
         capacity = min(batch_size // n_workers, kv_capacity([seqs[i] for i in todo], n_workers,
-                                                             self.engine.model.kv_shape.bytes_per_position))
+                                                             self.engine.model.kv_shape.bytes_per_position,
+                                                             kv_budget(self.engine.model)))
 
         def work(engine: Engine, group: list[int], stop: threading.Event | None = None) -> None:
             done = None if report is None else (lambda k, ids: report(group[k], ids))
@@ -80,12 +81,19 @@ def _one_at_a_time(callback: Callable[[int, list[int]], None]) -> Callable[[int,
     return call
 
 
-def kv_capacity(seqs: list[Sequence], n_workers: int, bytes_per_position: int) -> int:
-    """Sequences in flight per worker that keep the map's keys and values within MAP_KV_BUDGET,
+def kv_budget(model: PackedForward) -> int:
+    """The bytes a map's (or a served batch's) keys and values may take on this model: MAP_KV_BUDGET,
+    or less where the model says so (`map_kv_budget`, for a model whose weights leave less room)."""
+    own = model.map_kv_budget
+    return MAP_KV_BUDGET if own is None else min(MAP_KV_BUDGET, own)
+
+
+def kv_capacity(seqs: list[Sequence], n_workers: int, bytes_per_position: int, budget: int) -> int:
+    """Sequences in flight per worker that keep the map's keys and values within `budget` bytes,
     each slot sized as the engine sizes it, so long inputs run fewer at a time instead of
     asking for gigabytes. At least one, whatever the budget."""
     per_slot = own_positions(seqs) * bytes_per_position
-    return max(1, MAP_KV_BUDGET // (n_workers * per_slot))
+    return max(1, budget // (n_workers * per_slot))
 
 
 def run_workers(engines: list[Engine], groups: list[list[int]],

@@ -25,6 +25,12 @@ from .qwen3_weights import Qwen3Layer, Qwen3Weights
 class Qwen3Packed:
     """Qwen3 over packed rows, with activation buffers of its own: one per thread (`fork`)."""
 
+    # Keys and values a map may hold: half of fn.map's 1 GiB. Qwen3-0.6B's float32 weights take
+    # 2.38 GB, and with the full GiB a 256-input map peaked at 3.3 GB, over the 3.2 GB a Standard
+    # program is meant to fit in (issue #20). Past ~20 rows a decode step is compute-bound here, so
+    # fewer sequences in flight cost little throughput (benchmarks/README.md, standard_bench).
+    map_kv_budget = 512 << 20
+
     def __init__(self, weights: Qwen3Weights, config: Qwen3Config):
         self.w = weights
         self.config = config

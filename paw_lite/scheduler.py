@@ -61,6 +61,7 @@ class PackedForward(Protocol):
     config: object  # the model's hyperparameters
     kv_shape: KVShape
     n_vocab: int
+    map_kv_budget: int | None  # bytes of keys and values a map may hold at most; None: fn.map's own budget
 
     def fork(self) -> "PackedForward":
         """The same weights with buffers of its own, for another thread."""

@@ -282,6 +282,19 @@ def test_long_inputs_run_fewer_at_a_time(fn, monkeypatch):
     assert capacities == [1]
 
 
+def test_qwen3_maps_hold_half_the_kv_budget(monkeypatch):
+    """Qwen3-0.6B's 2.4 GB of weights leave less room: its maps (and served batches) keep their keys
+    and values within 512 MiB, GPT-2's within fn.map's 1 GiB; never more than MAP_KV_BUDGET."""
+    from paw_lite import parallel_map
+    from paw_lite.gpt2_packed import GPT2Packed
+    from paw_lite.qwen3_packed import Qwen3Packed
+
+    assert parallel_map.kv_budget(GPT2Packed) == parallel_map.MAP_KV_BUDGET == 1 << 30
+    assert parallel_map.kv_budget(Qwen3Packed) == 512 << 20
+    monkeypatch.setattr(parallel_map, "MAP_KV_BUDGET", 1000)
+    assert parallel_map.kv_budget(Qwen3Packed) == parallel_map.kv_budget(GPT2Packed) == 1000
+
+
 def test_an_unwritable_cache_folder_only_costs_the_prefix_cache(tiny_program, tiny_gguf, tmp_path, caplog):
     """The adapter is read from memory, so the cache folder holds only the prefix cache: one that
     cannot be written is a warning naming it, and the program still runs."""

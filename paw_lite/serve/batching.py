@@ -18,7 +18,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from ..errors import PawError
-from ..parallel_map import MAP_KV_BUDGET
+from ..parallel_map import kv_budget
 from ..runtime import PawFunction, PreparedCall
 from .settings import ServeSettings
 from .store import ProgramStore
@@ -120,7 +120,7 @@ class ProgramWorker:
     def _run_batch(self, engine, new: list[Job], gone: list[Job]) -> None:
         eos = self.fn.tokenizer.eos_ids
         batch = engine.batch(self.capacity, eos, on_done=lambda job, ids: job._post("done", ids),
-                             kv_budget=MAP_KV_BUDGET)
+                             kv_budget=kv_budget(engine.model))
         try:
             while True:
                 dropped = set(gone)
