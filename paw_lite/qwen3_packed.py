@@ -25,10 +25,10 @@ from .qwen3_weights import Qwen3Layer, Qwen3Weights
 class Qwen3Packed:
     """Qwen3 over packed rows, with activation buffers of its own: one per thread (`fork`)."""
 
-    # Keys and values a map may hold: half of fn.map's 1 GiB. Qwen3-0.6B's float32 weights take
-    # 2.38 GB, and with the full GiB a 256-input map peaked at 3.3 GB, over the 3.2 GB a Standard
-    # program is meant to fit in (issue #20). Past ~20 rows a decode step is compute-bound here, so
-    # fewer sequences in flight cost little throughput (benchmarks/README.md, standard_bench).
+    # Keys and values a map may hold: half of fn.map's 1 GiB, as Qwen3-0.6B's float32 weights take
+    # 2.38 GB and a Standard program is meant to fit in 3.2 GB (issue #20). Measured on 2 cores, a
+    # fresh process mapping standard_bench's 256 inputs (8 tokens each): 512 MiB, 2.96 calls/s and
+    # a 3,188 MB peak; 256 MiB, 1.84 calls/s and 2,881 MB (too few sequences in flight per worker).
     map_kv_budget = 512 << 20
 
     def __init__(self, weights: Qwen3Weights, config: Qwen3Config):
