@@ -18,12 +18,12 @@ from .gpt2 import GELU_C, SQRT_2_OVER_PI
 from .gpt2_layout import GPT2Config
 from .gpt2_weights import Layer, Weights
 from .kv_cache import KVShape, SlotCache, Step
-from .products import SMALL_PRODUCT_ROWS, Head, project
+from .products import SMALL_PRODUCT_ROWS, Head, HeadPicks, project
 
 _GELU_ROWS = 64  # rows per GELU pass: (64, n_ff) float32 stays in L2 across its eight passes
 
 
-class GPT2Packed:
+class GPT2Packed(HeadPicks):
     """GPT-2 over packed rows, with activation buffers of its own: one per thread (`fork`)."""
 
     map_kv_budget = None  # fn.map's own (parallel_map.MAP_KV_BUDGET, 1 GiB) beside ~0.5 GB of weights
@@ -70,18 +70,6 @@ class GPT2Packed:
             self._block_rest(rows, np.ascontiguousarray(q[:, last]), c.n_layer - 1, final, cache,
                              [(0, len(last), AttentionPlan.of(tail, cache))], ws)
         return layer_norm_into(rows, w.output_norm_w, w.output_norm_b, c.eps, ws.att[:len(rows)], ws.sq[:len(rows)])
-
-    def logits(self, h: np.ndarray) -> np.ndarray:
-        """Logits (S, n_vocab) of final hidden rows h (S, d), a view into the head's buffer."""
-        return self.head.logits(h)
-
-    def greedy(self, h: np.ndarray) -> list[int]:
-        """The argmax of `logits(h)` per row, without writing the logits out."""
-        return self.head.greedy(h)
-
-    def greedy_among(self, h: np.ndarray, allowed: list[np.ndarray | None]) -> list[int]:
-        """The argmax per row among the ids allowed[row] (None: all), computing few-id rows only."""
-        return self.head.greedy_among(h, allowed)
 
     # -- a block, in two halves: the last block runs its second half on fewer rows ---------------
 

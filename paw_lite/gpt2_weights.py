@@ -5,7 +5,7 @@ C-contiguous, with a program's LoRA merged in by `merge_lora`, the one LoRA merg
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +53,7 @@ class Weights:
         the float32 model is never held twice; without it, matrices no LoRA targets are shared."""
         get = weights.pop if consume else weights.__getitem__  # type: ignore[attr-defined]
         lora = lora or {}
-        _check_lora(lora, config)
+        check_lora_pairs(lora, config, LORA_MODULES, "GPT-2")
         scale = np.float32(lora_scale)
         # One scratch matrix serves every LoRA product: memory the process touches for the first
         # time costs more than the products themselves (page faults), so a load must not allocate
@@ -108,14 +108,17 @@ def merge_lora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: np.float32, p
     return w + delta
 
 
-def _check_lora(lora: Mapping[str, tuple[np.ndarray, np.ndarray]], config: GPT2Config) -> None:
-    """LoraAdapter checks its file against the base on load; this is for pairs handed in directly."""
+def check_lora_pairs(lora: Mapping[str, tuple[np.ndarray, np.ndarray]], config, modules: Iterable[str], model: str) -> None:
+    """LoraAdapter checks its file against the base on load; this is for pairs handed in directly:
+    every target a `blk.N.<module>` of the base (`config.n_layer`, `config.module_dims`), every pair
+    A (r, d_in), B (d_out, r). Shared by both families (`model` names the base in errors)."""
+    modules = list(modules)
     for target, pair in lora.items():
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)", target)
         module = m.group(2) if m else ""
-        if module not in LORA_MODULES or int(m.group(1)) >= config.n_layer:
-            raise IncompatibleModelError(f"LoRA target {target!r} is not a module of this {config.n_layer}-layer GPT-2 "
-                                         f"(expected blk.N.{{{'|'.join(LORA_MODULES)}}} with N < {config.n_layer})")
+        if module not in modules or int(m.group(1)) >= config.n_layer:
+            raise IncompatibleModelError(f"LoRA target {target!r} is not a module of this {config.n_layer}-layer {model} "
+                                         f"(expected blk.N.{{{'|'.join(modules)}}} with N < {config.n_layer})")
         d_in, d_out = config.module_dims(module)
         a, b = pair
         r = a.shape[0] if a.ndim == 2 else -1

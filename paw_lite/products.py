@@ -108,3 +108,22 @@ class Head:
             out = buf[:len(rows)]
             np.matmul(rows, hT, out=out)
             yield start, out
+
+
+class HeadPicks:
+    """The scheduler's logits and picks of a model's final hidden rows, through its `head` (a
+    `Head`): the same for every model family."""
+
+    head: Head
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """Logits (S, n_vocab) of final hidden rows h (S, d), a view into the head's buffer."""
+        return self.head.logits(h)
+
+    def greedy(self, h: np.ndarray) -> list[int]:
+        """The argmax of `logits(h)` per row, without writing the logits out."""
+        return self.head.greedy(h)
+
+    def greedy_among(self, h: np.ndarray, allowed: list[np.ndarray | None]) -> list[int]:
+        """The argmax per row among the ids allowed[row] (None: all), computing few-id rows only."""
+        return self.head.greedy_among(h, allowed)

@@ -16,13 +16,13 @@ import numpy as np
 
 from .attention import AttentionPlan, Groups, attend, attention_groups
 from .kv_cache import KVShape, SlotCache, Step
-from .products import SMALL_PRODUCT_ROWS, Head, project
+from .products import SMALL_PRODUCT_ROWS, Head, HeadPicks, project
 from .qwen3 import rope_angles
 from .qwen3_layout import Qwen3Config
 from .qwen3_weights import Qwen3Layer, Qwen3Weights
 
 
-class Qwen3Packed:
+class Qwen3Packed(HeadPicks):
     """Qwen3 over packed rows, with activation buffers of its own: one per thread (`fork`)."""
 
     # Keys and values a map may hold: half of fn.map's 1 GiB, as Qwen3-0.6B's float32 weights take
@@ -74,18 +74,6 @@ class Qwen3Packed:
             self._block_rest(rows, np.ascontiguousarray(q[:, last]), c.n_layer - 1, final, cache,
                              [(0, len(last), AttentionPlan.of(tail, cache))], ws)
         return rms_norm_into(rows, w.output_norm, c.eps, np.empty_like(rows), ws.sq[:len(rows)])
-
-    def logits(self, h: np.ndarray) -> np.ndarray:
-        """Logits (S, n_vocab) of final hidden rows h (S, d), a view into the head's buffer."""
-        return self.head.logits(h)
-
-    def greedy(self, h: np.ndarray) -> list[int]:
-        """The argmax of `logits(h)` per row, without writing the logits out."""
-        return self.head.greedy(h)
-
-    def greedy_among(self, h: np.ndarray, allowed: list[np.ndarray | None]) -> list[int]:
-        """The argmax per row among the ids allowed[row] (None: all), computing few-id rows only."""
-        return self.head.greedy_among(h, allowed)
 
     # -- a layer, in two halves: the last layer runs its second half on fewer rows ---------------
 

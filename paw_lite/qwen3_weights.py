@@ -15,7 +15,6 @@ merges in place of the tensors it takes."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import IncompatibleModelError, InvalidFileError, ModelNotFoundError
-from .gguf_file import MODEL_LIMITS, GGUFIndex, TensorInfo, get_str, iter_tensors, numpy_shape, read_index, tensor_to_f32
-from .gpt2_weights import merge_lora
+from .gguf_file import MODEL_LIMITS, GGUFIndex, TensorInfo, get_str, numpy_shape, read_index, tensor_to_f32
+from .gpt2_weights import check_lora_pairs, merge_lora
 from .qwen3_layout import ARCH, LORA_MODULES, Qwen3Config
 
 _T = GGMLQuantizationType
@@ -93,7 +92,7 @@ class Qwen3Weights:
         not modified (the stacked matrices are new arrays, the others shared when no LoRA targets them)."""
         get = weights.pop if consume else weights.__getitem__  # type: ignore[attr-defined]
         lora = lora or {}
-        check_lora_pairs(lora, config)
+        check_lora_pairs(lora, config, LORA_MODULES, "Qwen3")
         _check_tensors({n: tuple(a.shape) for n, a in weights.items()}, config, "the Qwen3 weights")
         scale = np.float32(lora_scale)
         q, kv, d, ff = config.n_head * config.head_dim, config.n_head_kv * config.head_dim, config.n_embd, config.n_ff
@@ -166,22 +165,6 @@ class Qwen3Weights:
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """(N, d) embedding rows of the tokens."""
         return (self.head if self.token_embd is None else self.token_embd)[tokens]
-
-
-def check_lora_pairs(lora: Mapping[str, tuple[np.ndarray, np.ndarray]], config: Qwen3Config) -> None:
-    """LoraAdapter checks its file against the base on load; this is for pairs handed in directly."""
-    for target, pair in lora.items():
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)", target)
-        module = m.group(2) if m else ""
-        if module not in LORA_MODULES or int(m.group(1)) >= config.n_layer:
-            raise IncompatibleModelError(f"LoRA target {target!r} is not a module of this {config.n_layer}-layer Qwen3 "
-                                         f"(expected blk.N.{{{'|'.join(LORA_MODULES)}}} with N < {config.n_layer})")
-        d_in, d_out = config.module_dims(module)
-        a, b = pair
-        r = a.shape[0] if a.ndim == 2 else -1
-        if a.ndim != 2 or b.ndim != 2 or a.shape != (r, d_in) or b.shape != (d_out, r) or r <= 0:
-            raise IncompatibleModelError(f"LoRA pair of {target} has shapes A {a.shape}, B {b.shape}; "
-                                         f"expected A (r, {d_in}) and B ({d_out}, r) for this base model")
 
 
 def _check_tensors(shapes: Mapping[str, tuple[int, ...]], config: Qwen3Config, source: Path | str,
@@ -307,7 +290,7 @@ def load_qwen3(path: str | os.PathLike[str], lora: Mapping[str, tuple[np.ndarray
         index, config = read_gguf_config(path)
         fill = lambda views: _fill_from_gguf(index, views, on_tensor)  # noqa: E731
     lora = lora or {}
-    check_lora_pairs(lora, config)
+    check_lora_pairs(lora, config, LORA_MODULES, "Qwen3")
     weights = Qwen3Weights.empty(config)
     fill(weights.tensor_views())
     views = weights.tensor_views()

@@ -37,7 +37,6 @@ from ..compiler.pipeline import CompileOptions, _family, _runtime_id, compiler_f
 from ..compiler.prompt_cache import file_identity
 from ..errors import IncompatibleModelError, PawError
 from ..families import COMPACT, FAMILIES, Family
-from ..program import Program
 
 log = logging.getLogger("paw_lite.serve")
 
