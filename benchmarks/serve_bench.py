@@ -21,7 +21,6 @@ lone-request ratio. Targets (issue 18): 16 clients >= 4x paw-lite serve's 1-clie
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -35,21 +34,11 @@ import threading
 import time
 from pathlib import Path
 
-
-def _interpreter_bench():
-    """benchmarks/interpreter_bench.py, by its path (benchmarks/ is no package), under the name
-    `paw-lite bench` loads it by: one copy per process."""
-    name = "paw_lite_interpreter_bench"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("interpreter_bench.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from paw_lite.cli.bench import bench_module
 
 
-ib = _interpreter_bench()
+# interpreter_bench.py by its path (benchmarks/ is no package), one copy per process.
+ib = bench_module(Path(__file__).resolve().with_name("interpreter_bench.py"))
 
 DEFAULT_CACHE = ib.DEFAULT_CACHE
 OUTPUT_NAME = "serve-results.json"  # written into the cache folder unless --output says otherwise

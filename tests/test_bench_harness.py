@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from paw_lite.cli import main
-from paw_lite.cli.bench import _bench_module
+from paw_lite.cli.bench import bench_module
 from paw_lite.tokenizer import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _bench_module()
+    return bench_module()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_the_product_floor_times_the_engine_products_on_loaded_weights(bench, ti
 def cbench():
     from paw_lite.cli.bench import CONSTRAINED_SCRIPT
 
-    return _bench_module(CONSTRAINED_SCRIPT)
+    return bench_module(CONSTRAINED_SCRIPT)
 
 
 def test_constrained_labels_are_one_to_three_tokens(cbench, tok):

@@ -10,7 +10,7 @@ import pytest
 from gguf import TokenType
 
 from paw_lite.cli import main
-from paw_lite.cli.bench import STANDARD_SCRIPT, _bench_module
+from paw_lite.cli.bench import STANDARD_SCRIPT, bench_module
 from paw_lite.families import STANDARD
 from paw_lite.testing.qwen3 import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from paw_lite.tokenizer import BPETokenizer
@@ -18,7 +18,7 @@ from paw_lite.tokenizer import BPETokenizer
 
 @pytest.fixture(scope="module")
 def sbench():
-    return _bench_module(STANDARD_SCRIPT)
+    return bench_module(STANDARD_SCRIPT)
 
 
 @pytest.fixture(scope="module")

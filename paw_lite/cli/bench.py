@@ -2,8 +2,8 @@
 `paw-lite bench --constrained`: constrained outputs against the official runtime's logits-processor way;
 `paw-lite bench --standard`: Standard programs (the Qwen3-0.6B interpreter) against the official runtime's way.
 
-The benchmarks live in `benchmarks/interpreter_bench.py` and `benchmarks/constrained_bench.py` of a
-source checkout (they build their random models from the real GPT-2 vocabulary in the
+The benchmarks live in `benchmarks/interpreter_bench.py`, `constrained_bench.py` and
+`standard_bench.py` of a source checkout (they build their random models from the real GPT-2 vocabulary in the
 llama-cpp-python sdist, a development dependency); this command runs one and prints its table or JSON."""
 
 from __future__ import annotations
@@ -23,14 +23,20 @@ CONSTRAINED_SCRIPT = BENCH_SCRIPT.with_name("constrained_bench.py")
 STANDARD_SCRIPT = BENCH_SCRIPT.with_name("standard_bench.py")
 
 
-def _bench_module(script: Path = BENCH_SCRIPT) -> ModuleType:
+def bench_module(script: Path = BENCH_SCRIPT) -> ModuleType:
+    """A benchmark script as a module, by its path (benchmarks/ is no package), named
+    `paw_lite_<stem>`: one copy per process, whoever loads it first (`paw-lite bench`, or another
+    benchmark that builds on interpreter_bench.py)."""
+    name = f"paw_lite_{script.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
     if not script.exists():
         raise PawError(f"{script}: not found; `paw-lite bench` runs from a source checkout of paw-lite "
                        f"(pip install -e .), where benchmarks/{script.name} lives")
-    spec = importlib.util.spec_from_file_location(f"paw_lite_{script.stem}", script)
+    spec = importlib.util.spec_from_file_location(name, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -62,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"paw_lite fn.map batch size (default {DEFAULT_BATCH_SIZE}, fn.map's own)")
     p.add_argument("--quick", action="store_true", help="1 repeat, 3 timed runs, 32 calls: checks the setup")
-    p.add_argument("--cache", type=Path, default=None, help="where the generated files live (default benchmarks/.cache/interpreter)")
+    p.add_argument("--cache", type=Path, default=None, help="where the generated files live (default: the benchmark's own folder under benchmarks/.cache)")
     p.add_argument("--output", type=Path, help="also write the JSON result here (default <cache>/results.json)")
 
 
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         require("llguidance", "constrain")
     require_positive(args, "repeats", "inner", "calls", "batch_size")
     script = CONSTRAINED_SCRIPT if args.constrained else STANDARD_SCRIPT if getattr(args, "standard", False) else BENCH_SCRIPT
-    bench = _bench_module(script)
+    bench = bench_module(script)
     if args.cache is None:
         args.cache = bench.DEFAULT_CACHE
     try:
