@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler_fixtures import TINY_BASES, TINY_RANK, save_mapper, write_compiler_meta
+from oracles import oracle
 from paw_lite.compiler.config import default_files
 from paw_lite.families import STANDARD, standard_template
 from paw_lite.lora import adapter_gguf_bytes
@@ -78,10 +79,8 @@ def standard_models_dir(d: Path, compiler: tuple[Path, Path], interpreter: tuple
     """Fill `d` with the Standard compiler's files under their default names: a random mapper for
     `interpreter`, a meta.json naming Qwen/Qwen3-0.6B, the tiny Qwen3 `compiler` (HF folder, GGUF) as
     compiler and pseudo compiler, and the interpreter GGUF. Returns the mapper's weights."""
-    from transformers import AutoConfig
-
     names = default_files("standard")
-    dims = module_dims(AutoConfig.from_pretrained(interpreter[0]))
+    dims = module_dims(oracle("transformers").AutoConfig.from_pretrained(interpreter[0]))
     state = random_standard_mapper(256, N_INTERP_LAYERS, dims, TINY_RANK, TINY_BASES, seed=11)
     save_mapper(d / names["mapper"], state)
     write_compiler_meta(d / names["compiler_meta"], **STANDARD_META)
