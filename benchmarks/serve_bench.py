@@ -200,18 +200,27 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
             "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99)}
 
 
-def in_process_p50(w, texts: list[str]) -> float:
-    """The in-process call: `fn(text, max_tokens=8)`, one after another (after one warm-up call)."""
+def in_process(w, texts: list[str], requests: int, clients: tuple[int, ...]) -> tuple[float, dict[int, float]]:
+    """The in-process figures, on one `paw_lite.function`: the p50 of `fn(text, max_tokens=8)`
+    one call after another (after one warm-up call), and for each client count n the throughput
+    of `fn.map` over the requests' inputs with n in flight on the one engine (batch_size=n,
+    workers=1), as a served program runs them: the ceiling of a server holding n requests."""
     import paw_lite
 
+    inputs = [texts[i % len(texts)] for i in range(requests)]
     with paw_lite.function(w.program, base_model=w.base) as fn:
         fn(texts[0], max_tokens=OUTPUT_TOKENS)
         times = []
-        for text in texts:
+        for text in texts[:min(len(texts), max(16, requests // 4))]:
             t0 = time.perf_counter()
             fn(text, max_tokens=OUTPUT_TOKENS)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        ceilings = {}
+        for n in clients:
+            t0 = time.perf_counter()
+            fn.map(inputs, max_tokens=OUTPUT_TOKENS, batch_size=n, workers=1)
+            ceilings[n] = requests / (time.perf_counter() - t0)
+    return statistics.median(times), ceilings
 
 
 def run(cache: Path = DEFAULT_CACHE, requests: int = 128, clients: tuple[int, ...] = CLIENTS, log=print) -> dict:
@@ -222,8 +231,8 @@ def run(cache: Path = DEFAULT_CACHE, requests: int = 128, clients: tuple[int, ..
     texts = [c["text"] for c in w.calls]
     load_before = os.getloadavg()
     t_start = time.time()
-    log("bench: in-process calls ...")
-    baseline = in_process_p50(w, texts[:min(len(texts), max(16, requests // 4))])
+    log("bench: in-process calls and maps ...")
+    baseline, ceilings = in_process(w, texts, requests, clients)
     levels: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="serve-bench.") as tmp:
         for name, start in (("paw-lite serve", paw_lite_server), ("llama_cpp.server", llama_server)):
@@ -238,6 +247,8 @@ def run(cache: Path = DEFAULT_CACHE, requests: int = 128, clients: tuple[int, ..
     import llama_cpp
     import numpy as np
 
+    for lv in levels["paw-lite serve"]:
+        lv["in_process_map_rps"] = ceilings[lv["clients"]]
     result = {"levels": levels, "in_process_p50_s": baseline, "ratios": ratios(levels, baseline),
               "conditions": {"requests": requests, "clients": list(clients), "output_tokens": OUTPUT_TOKENS,
                              "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
@@ -265,8 +276,9 @@ def _ms(v: float) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| clients | paw-lite serve req/s | p50 | p99 | llama_cpp.server req/s | p50 | p99 | paw-lite / llama |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| clients | paw-lite serve req/s | p50 | p99 | in-process fn.map, n in flight | llama_cpp.server req/s | p50 | p99 "
+             "| paw-lite / llama |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     paw = {lv["clients"]: lv for lv in result["levels"].get("paw-lite serve", [])}
     llama = {lv["clients"]: lv for lv in result["levels"].get("llama_cpp.server", [])}
     for n in sorted(set(paw) | set(llama)):
@@ -274,6 +286,8 @@ def format_table(result: dict) -> str:
         cells = [str(n)]
         for lv in (p, q):
             cells += ["n/a"] * 3 if lv is None else [f"{lv['throughput_rps']:.2f}", _ms(lv["p50_s"]), _ms(lv["p99_s"])]
+            if lv is p:
+                cells.append("n/a" if p is None or "in_process_map_rps" not in p else f"{p['in_process_map_rps']:.2f}")
         cells.append(f"{p['throughput_rps'] / q['throughput_rps']:.2f}x" if p and q else "")
         lines.append("| " + " | ".join(cells) + " |")
     c = result["conditions"]

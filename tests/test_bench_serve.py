@@ -22,12 +22,15 @@ def sbench():
     return module
 
 
-def _level(clients, rps, p50, p99):
-    return {"clients": clients, "requests": 64, "wall_s": 64 / rps, "throughput_rps": rps, "p50_s": p50, "p99_s": p99}
+def _level(clients, rps, p50, p99, **more):
+    return {"clients": clients, "requests": 64, "wall_s": 64 / rps, "throughput_rps": rps, "p50_s": p50, "p99_s": p99,
+            **more}
 
 
 def _result(sbench):
-    levels = {"paw-lite serve": [_level(1, 5.0, 0.2, 0.25), _level(4, 12.0, 0.3, 0.4), _level(16, 25.0, 0.6, 0.9)],
+    levels = {"paw-lite serve": [_level(1, 5.0, 0.2, 0.25, in_process_map_rps=5.5),
+                                 _level(4, 12.0, 0.3, 0.4, in_process_map_rps=13.0),
+                                 _level(16, 25.0, 0.6, 0.9, in_process_map_rps=27.0)],
               "llama_cpp.server": [_level(1, 3.0, 0.33, 0.4), _level(4, 3.1, 1.3, 1.5), _level(16, 3.2, 5.0, 5.5)]}
     return {"levels": levels, "in_process_p50_s": 0.18, "ratios": sbench.ratios(levels, 0.18),
             "conditions": {"requests": 64, "clients": [1, 4, 16], "output_tokens": 8, "cpus": 2,
@@ -49,7 +52,7 @@ def test_ratios_and_targets_in_the_table(sbench):
     assert result["ratios"] == pytest.approx({"scaling_16_vs_1": 5.0, "vs_llama_16": 25.0 / 3.2,
                                               "lone_p50_vs_in_process": 0.2 / 0.18})
     table = sbench.format_table(result)
-    assert "| 16 | 25.00 | 600 ms | 900 ms | 3.20 | 5000 ms | 5500 ms | 7.81x |" in table
+    assert "| 16 | 25.00 | 600 ms | 900 ms | 27.00 | 3.20 | 5000 ms | 5500 ms | 7.81x |" in table
     assert "In-process call (paw_lite.function, 8 tokens): p50 180 ms." in table
     assert "target scaling_16_vs_1 (paw-lite serve, 16 clients / 1 client (throughput)): >= 4: met (5.00)" in table
     assert "target vs_llama_16 (paw-lite serve / llama_cpp.server, 16 clients (throughput)): >= 5: met (7.81)" in table
