@@ -65,6 +65,12 @@ class Engine:
         twin.set_prefix(self.prefix_k, self.prefix_v)
         return twin
 
+    def release_solo_cache(self) -> None:
+        """Free the single call's cache before a map: it holds a copy of the prefix and the longest
+        call's positions (~180 MB after a 550-token Qwen3-0.6B call), and the map's slot caches are
+        about to take their own. The next single call makes it again (a cheap allocation)."""
+        self._solo = None
+
     # -- prefix -------------------------------------------------------------------------------
 
     def set_prefix(self, k: np.ndarray, v: np.ndarray) -> None:

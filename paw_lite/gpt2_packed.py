@@ -27,6 +27,7 @@ class GPT2Packed(HeadPicks):
     """GPT-2 over packed rows, with activation buffers of its own: one per thread (`fork`)."""
 
     map_kv_budget = None  # fn.map's own (parallel_map.MAP_KV_BUDGET, 1 GiB) beside ~0.5 GB of weights
+    max_step_rows = None  # scheduler.MAX_ROWS
 
     def __init__(self, weights: Weights, config: GPT2Config):
         self.w = weights

@@ -45,6 +45,8 @@ class MapPool:
         if not todo:
             return outs
         report = None if on_done is None else _one_at_a_time(on_done)
+        for engine in (self.engine, *self.forks):
+            engine.release_solo_cache()  # the map's caches replace it: peak memory is one of them, not both
         wanted = blas_threads.map_workers() if workers is None else workers
         n_workers = min(wanted, batch_size, -(-len(todo) // _MIN_PER_WORKER))
         capacity = min(batch_size // n_workers, kv_capacity([seqs[i] for i in todo], n_workers,

@@ -25,11 +25,16 @@ from .qwen3_weights import Qwen3Layer, Qwen3Weights
 class Qwen3Packed(HeadPicks):
     """Qwen3 over packed rows, with activation buffers of its own: one per thread (`fork`)."""
 
-    # Keys and values a map may hold: half of fn.map's 1 GiB, as Qwen3-0.6B's float32 weights take
-    # 2.38 GB and a Standard program is meant to fit in 3.2 GB (issue #20). Measured on 2 cores, a
-    # fresh process mapping standard_bench's 256 inputs (8 tokens each): 512 MiB, 2.96 calls/s and
-    # a 3,188 MB peak; 256 MiB, 1.84 calls/s and 2,881 MB (too few sequences in flight per worker).
-    map_kv_budget = 512 << 20
+    # Keys and values a map (or a served batch) may hold, and rows one step evaluates: Qwen3-0.6B's
+    # float32 weights take 2.38 GB and a Standard program is meant to run in 3.2 GB (issue #20).
+    # Measured on 2 cores, a fresh process mapping standard_bench's 256 inputs (8 tokens each),
+    # peak RSS and throughput by KV budget and step rows: 512 MiB / 2,048 rows, 3,270 MiB and
+    # 2.7-2.8 calls/s; 384 / 2,048, 3,118 MiB and 2.76; 256 / 2,048, 2,893 MiB and 1.71 (too few
+    # sequences in flight per worker); 512 / 512, 3,225 MiB and 2.68; 384 / 512 (these), 2,976 MiB
+    # and 2.75. 512-row steps keep each thread's activation buffers at ~50 MB, not ~200 MB, and
+    # still run the products at full speed (450 GFLOP a step).
+    map_kv_budget = 384 << 20
+    max_step_rows = 512
 
     def __init__(self, weights: Qwen3Weights, config: Qwen3Config):
         self.w = weights

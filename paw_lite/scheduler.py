@@ -62,6 +62,7 @@ class PackedForward(Protocol):
     kv_shape: KVShape
     n_vocab: int
     map_kv_budget: int | None  # bytes of keys and values a map may hold at most; None: fn.map's own budget
+    max_step_rows: int | None  # rows one step evaluates at most (its activation buffers); None: MAX_ROWS
 
     def fork(self) -> "PackedForward":
         """The same weights with buffers of its own, for another thread."""
@@ -208,7 +209,8 @@ class Batch:
         segments = [(i, slot_of[i], index, tokens) for i, (tokens, index) in decoding.items()]
         rows = sum(len(sg[3]) for sg in segments)
         total = rows + sum(len(prompts[i]) - done for i, done in fed.items())
-        budget = -(-total // -(-total // MAX_ROWS))  # even steps: 2368 rows go as 2 x 1184, not 2048 + 320
+        limit = self.model.max_step_rows or MAX_ROWS
+        budget = -(-total // -(-total // limit))  # even steps: 2368 rows go as 2 x 1184, not 2048 + 320
         for i, done in fed.items():
             n = min(PREFILL_CHUNK, len(prompts[i]) - done, budget - rows)
             if n <= 0:

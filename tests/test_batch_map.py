@@ -246,6 +246,35 @@ def test_prompts_split_over_several_steps(tiny_fn, monkeypatch):
     assert tiny_fn.map_ids(TEXTS, max_tokens=5, batch_size=3) == want
 
 
+def test_a_models_step_row_limit_bounds_every_step(tiny_fn, monkeypatch):
+    """A model's max_step_rows (Qwen3-0.6B's 512, for its activation buffers) caps the rows of every
+    step below scheduler.MAX_ROWS, with the same ids."""
+    want = [tiny_fn.generate_ids(t, max_tokens=5) for t in TEXTS]
+    model = tiny_fn._engine.model
+    rows = []
+    forward = model.forward
+
+    def counted(cache, step, tokens, wanted):
+        rows.append(len(tokens))
+        return forward(cache, step, tokens, wanted)
+
+    monkeypatch.setattr(model, "max_step_rows", 5)
+    monkeypatch.setattr(model, "forward", counted)
+    assert tiny_fn.map_ids(TEXTS, max_tokens=5, batch_size=3, workers=1) == want
+    assert rows and max(rows) == 5
+
+
+def test_a_map_frees_the_single_call_cache(tiny_fn):
+    """The single call's cache (the prefix copied plus the longest call's positions) is dropped
+    before a map's slot caches are made, so the peak holds one of them, not both."""
+    engine = tiny_fn._engine
+    tiny_fn.generate_ids(TEXTS[2], max_tokens=5)
+    assert engine._solo is not None
+    tiny_fn.map_ids(TEXTS[:4], max_tokens=5, workers=1)
+    assert engine._solo is None
+    assert tiny_fn.generate_ids(TEXTS[2], max_tokens=5) == tiny_fn.map_ids([TEXTS[2]], max_tokens=5)[0]
+
+
 def test_map_workers_equal_one_at_a_time(tiny_fn, monkeypatch):
     """Two worker threads with single-threaded BLAS (forced, whatever this machine's core count)
     give the same ids, and BLAS gets its thread count back."""
