@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -298,7 +297,6 @@ def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: in
     # The timed choices calls ran on the map's first inputs: fn.map must give what one call gives.
     paw = first["paw_lite"]
     n = min(len(paw["choices_ids"]), len(paw["map_ids"]))
-    import llama_cpp
 
     return {
         "rows": rows,
@@ -306,12 +304,7 @@ def run(cache: Path = DEFAULT_CACHE, repeats: int = 3, inner: int = 7, calls: in
         "official_mask_s_per_call": mask,
         "map_equals_calls": f"{sum(a == b for a, b in zip(paw['choices_ids'][:n], paw['map_ids'][:n]))}/{n}",
         "labels": list(LABELS), "schema": SCHEMA, "limits": {"choices": CHOICE_LIMIT, "json_schema": SCHEMA_LIMIT},
-        "conditions": {
-            "repeats": repeats, "inner": inner, "calls": calls, "batch_size": batch_size, "llama_n_threads": ib.N_THREADS,
-            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__, "llama_cpp_python": llama_cpp.__version__,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "wall_s": time.time() - t0,
-        },
+        "conditions": ib.conditions(repeats, inner, calls, batch_size, load_before, t0),
     }
 
 

@@ -143,7 +143,7 @@ class PawFunction:
         """Outputs for many inputs, the same as calling the function on each. Up to batch_size
         inputs are in flight at once, evaluated together against the shared prefix, each stopping
         at its own EOS and handing its place to the next input. Fewer are in flight when their keys
-        and values would take more than MAP_KV_BUDGET (1 GiB; 512 MiB on Qwen3): long inputs.
+        and values would take more than MAP_KV_BUDGET (1 GiB; 384 MiB on Qwen3): long inputs.
 
         workers: threads sharing the inputs; None for one per core. With more than one, NumPy's
         BLAS is held at one thread while they run (process-wide, see `paw_lite.blas_threads`), so

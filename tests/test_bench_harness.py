@@ -65,7 +65,7 @@ def test_report_shows_ratios_and_targets(bench):
     assert "target one_call_s: ratio <= 1: met (0.75)" in text
     assert "target cold_start_s: ratio <= 3: met (2.00)" in text
     assert "target throughput_calls_s: ratio >= 5: met (6.00)" in text
-    assert "target peak_rss_one_program_mb: paw_lite <= 800: met (700.00)" in text
+    assert "target peak_rss_one_program_mb: paw_lite <= 763 MiB: met (700.00)" in text
     assert "15/20 identical sequences" in text
     assert "| one_call_floor_s | 100 ms | 200 ms | 0.50x |" in text
     result["rows"][2] = _row("one_call_s", 0.25, 0.2)

@@ -7,7 +7,8 @@ client pointed at the real server (`PAW_API_URL`), on tiny compiler models:
   rules), fetches its runtime manifest and the interpreter GGUF from the server (checked by size
   and sha256), and runs it through the SDK's llama.cpp runtime to paw_lite's own output;
 - compile jobs run in the background, one at a time, with progress in their status, while
-  inference and downloads go on; queued jobs cancel, running ones answer 409;
+  inference and downloads go on; queued jobs cancel, running ones answer 409; a stopped server's
+  queued and running jobs are queued again by the next one, under their ids;
 - errors: an unknown compiler (422 naming the one there is), no compiler (503), traversal and
   unknown ids (404 "not found": the client gives up at once), a wrong or missing API key (401);
 - both families on one server: with the Compact and the Standard compiler files in its models
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -50,7 +52,7 @@ from programasweights.client import PAWClient  # noqa: E402
 
 from paw_lite.serve import paw_api  # noqa: E402
 from paw_lite.serve.app import build_app  # noqa: E402
-from paw_lite.serve.compile_jobs import CompileJobs  # noqa: E402
+from paw_lite.serve.compile_jobs import MAX_PENDING_RECORD_BYTES, CompileJobs  # noqa: E402
 from paw_lite.serve.run import serving  # noqa: E402
 from paw_lite.serve.settings import ServeSettings  # noqa: E402
 
@@ -346,6 +348,65 @@ def test_compile_jobs_run_in_the_background_with_progress_while_inference_goes_o
         assert programasweights.get_compile_status(second["job_id"])["status"] == "cancelled"
         # the new program is a model of the OpenAI face too, named by its id
         assert program.id in [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="none").models.list()]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the compile thread's death, on purpose
+def test_a_stopped_server_resumes_its_queued_and_running_jobs(served, models, tmp_path):
+    """A server stops with one job running (held in its encoder pass) and one queued; its compile
+    thread then dies as a stopped process's does. The next server on the same data folder queues
+    both again under their ids: the official client's status polls see them finish, with the
+    programs the specs give, and the pending records are gone."""
+    reached, release = threading.Event(), threading.Event()
+
+    def hold_then_die(status: dict) -> None:
+        if status["stage"] == "encoder" and not reached.is_set():
+            reached.set()
+            release.wait(WAIT_S)
+            raise SystemExit  # the thread ends as the process would: no record is touched
+
+    settings = make_settings(tmp_path, models)
+    first = make_jobs(settings, on_update=hold_then_die)
+    with server(settings, first) as url, official_client(tmp_path, url):
+        running = programasweights.compile_async(OTHER_SPEC, compiler="tiny-test")
+        assert reached.wait(WAIT_S), "the compile never reached its encoder pass"
+        queued = programasweights.compile_async(THIRD_SPEC, compiler="tiny-test")
+        assert queued["status"] == "queued"
+    ids = {running["job_id"], queued["job_id"]}
+    assert {p.stem for p in (settings.data_dir / "compile_pending").glob("*.json")} == ids
+    worker = first._worker
+    release.set()
+    worker.join(WAIT_S)
+    assert not list(settings.compiled_dir.glob("*.paw"))  # nothing was compiled before the stop
+
+    second = make_jobs(settings)
+    with server(settings, second) as url, official_client(tmp_path, url):
+        for job, spec in ((running, OTHER_SPEC), (queued, THIRD_SPEC)):
+            status = programasweights.get_compile_status(job["job_id"])
+            assert status["status"] in ("queued", "running", "done")
+            program = programasweights.compile(spec)  # joins the resumed job, or finds its program
+            assert programasweights.get_compile_status(job["job_id"])["program_id"] == program.id
+    assert second.compiles == 2
+    assert not list((settings.data_dir / "compile_pending").glob("*.json"))
+
+
+def test_pending_records_that_cannot_resume(tmp_path):
+    """Records a server cannot queue again: one for a compiler it lacks fails its job, saying why;
+    unreadable, oversized or misnamed ones are removed. Nothing is compiled."""
+    pending = tmp_path / "data" / "compile_pending"
+    pending.mkdir(parents=True)
+    job_id = "ab" * 16
+    record = {"job_id": job_id, "spec": SPEC, "family": "compact", "compiler": "paw-4b-gpt2",
+              "created_at": "2026-12-07T00:00:00Z"}
+    (pending / f"{job_id}.json").write_text(json.dumps(record))
+    (pending / f"{'cd' * 16}.json").write_text("{not json")
+    (pending / f"{'ef' * 16}.json").write_text(json.dumps({**record, "job_id": "ab" * 16}))  # names another job
+    (pending / f"{'01' * 16}.json").write_bytes(b" " * (MAX_PENDING_RECORD_BYTES + 1))
+    jobs = CompileJobs(tmp_path / "data", ModelFiles(), models_dir=tmp_path / "no-models")
+    assert jobs.resume() == [job_id]
+    status = jobs.status(job_id)
+    assert status["status"] == "failed" and "restarted without the compiler" in status["error"]
+    assert status["compiler_snapshot"] is None and jobs.compiles == 0
+    assert not list(pending.iterdir())
 
 
 def test_a_compile_that_fails_says_why(models, tmp_path):

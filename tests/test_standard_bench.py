@@ -82,7 +82,7 @@ def test_the_official_loop_is_eval_then_sample_until_eos(sbench):
 
 def test_report_shows_ratios_and_targets(sbench):
     def row(key, p, o, lower=True):
-        return {"key": key, "label": key, "unit": "s" if lower else ("MB" if "rss" in key else "calls/s"),
+        return {"key": key, "label": key, "unit": "s" if lower else ("MiB" if "rss" in key else "calls/s"),
                 "lower_is_better": lower, "paw_lite": p, "official": o, "ratio": None if o is None else p / o,
                 "samples": {}}
 
@@ -98,7 +98,7 @@ def test_report_shows_ratios_and_targets(sbench):
     text = sbench.format_table(result)
     assert "| throughput_calls_s | 12.0 calls/s | 3.0 calls/s | 4.00x |" in text
     assert "target throughput_calls_s: ratio >= 3: met (4.00)" in text
-    assert "target peak_rss_run_mb: paw_lite <= 3200: met (3000.00)" in text
+    assert "target peak_rss_run_mb: paw_lite <= 3052 MiB: met (3000.00)" in text
     assert "one call: 2.00x the official way's; paw_lite's float32 products alone take 1.50x" in text
     assert "load average 4.50 before, 5.00 after" in text and "7/8 identical sequences" in text
 

@@ -7,6 +7,11 @@ only fight over memory and cores, so the queue is strictly one at a time (as the
 reimplementation avra-m3/program-as-weights-server does). The worker thread exists only while jobs
 are queued: nothing runs, and nothing needs stopping, when the queue is empty.
 
+A stopped server does not lose its queue: each queued or running job is recorded in
+`data_dir/compile_pending/<job id>.json` until it ends, and `resume()` (at the next start) queues
+those jobs again under their ids, so a client still polling one sees it finish. A compile cut off
+by the stop starts over.
+
 Identity: a request's compile inputs (the spec, what identifies the compiler, the pseudo compiler
 and the interpreter files, and the compile options) are hashed into a key; `data_dir/compile_index/
 <key>.json` names the program the key gave, and the program itself is `data_dir/compiled/
@@ -44,6 +49,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 PROGRAM_ID = re.compile(r"^[0-9a-f]{16,64}$")  # the official SDK's program id (cache._PROGRAM_ID_RE)
 KEY_VERSION = 1  # bump when what a key hashes changes meaning
 KEPT_FINISHED_JOBS = 1000  # finished jobs remembered for status polls; older ones are forgotten
+MAX_PENDING_RECORD_BYTES = 4 << 20  # a pending job's record: its spec and a few names
 COMPILER_KIND = "finetune"  # the official client's word for a trained compiler (client.compile_async)
 
 # Progress: each phase's share of a whole compile (measured on the real models: the pseudo-program
@@ -137,7 +143,7 @@ class Job:
     job_id: str
     key: str
     spec: str
-    compiler: Compiler
+    compiler: Compiler | None  # None only for a resumed job whose compiler this server lacks (failed)
     status: str = "queued"  # queued -> running -> done | failed; queued -> cancelled
     stage: str | None = None
     done: int | None = None  # the stage's count (pseudo-program tokens, encoder token-layers)
@@ -181,7 +187,8 @@ class CompileJobs:
         self._compilers: dict[str, Compiler] = {}  # by family name: found ones (failures are not kept)
         self._compiler_lock = threading.Lock()
         self.compiles = 0  # compiles started by this object (the tests count them)
-        for folder in (self.compiled_dir, self.index_dir):  # what a server killed mid-write left behind
+        # what a server killed mid-write left behind
+        for folder in (self.compiled_dir, self.index_dir, self.pending_dir):
             remove_stale_temporaries(folder)
 
     @property
@@ -191,6 +198,10 @@ class CompileJobs:
     @property
     def index_dir(self) -> Path:
         return self.data_dir / "compile_index"
+
+    @property
+    def pending_dir(self) -> Path:
+        return self.data_dir / "compile_pending"
 
     # -- the compiler ---------------------------------------------------------------------------
 
@@ -282,12 +293,69 @@ class CompileJobs:
                 job.started_at = job.completed_at = job.created_at
                 job.finished.set()
                 return job
-            self._by_key[key] = job
-            self._queue.append(job)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="paw-lite-compile", daemon=True)
-                self._worker.start()
+            self._record_pending(job)
+            self._enqueue(job)
         return job
+
+    def _enqueue(self, job: Job) -> None:
+        """Queue a job (under the lock), starting the worker if none runs."""
+        self._by_key.setdefault(job.key, job)  # a resumed twin of a queued job does not take its place
+        self._queue.append(job)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="paw-lite-compile", daemon=True)
+            self._worker.start()
+
+    # -- jobs a stopped server left -------------------------------------------------------------
+
+    def _record_pending(self, job: Job) -> None:
+        """Write the job's record (before it is queued): what resume() needs to queue it again."""
+        record = {"job_id": job.job_id, "spec": job.spec, "family": job.compiler.family.name,
+                  "compiler": job.compiler.name, "created_at": job.created_at}
+        with atomic_path(self.pending_dir / f"{job.job_id}.json") as tmp:
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+
+    def _forget_pending(self, job: Job) -> None:
+        (self.pending_dir / f"{job.job_id}.json").unlink(missing_ok=True)
+
+    def resume(self) -> list[str]:
+        """Queue again, oldest first and under their own ids, the jobs a stopped server left queued
+        or running; returns their ids. A job whose program is in `compiled/` by now is done at once;
+        one whose family's compiler this server lacks fails, saying so. An unreadable record is
+        logged and removed."""
+        records = []
+        for path in sorted(self.pending_dir.glob("*.json")):
+            record = _read_pending(path)
+            if record is None:
+                log.warning("%s: not a pending compile job's record; removed", path)
+                path.unlink(missing_ok=True)
+            else:
+                records.append(record)
+        records.sort(key=lambda r: r["created_at"])
+        if not records:
+            return []
+        found, missing = self.compilers()
+        resumed = []
+        for record in records:
+            compiler = next((c for c in found if c.family.name == record["family"]), None)
+            job = Job(job_id=record["job_id"], key="", spec=record["spec"], compiler=compiler,
+                      created_at=record["created_at"])
+            with self._lock:
+                if job.job_id in self._jobs:  # already known to this object: nothing to resume
+                    continue
+                self._jobs[job.job_id] = job
+                resumed.append(job.job_id)
+                if compiler is not None:  # the worker answers it from the index if it was compiled meanwhile
+                    job.key = compile_key(job.spec, compiler, self.options)
+                    self._enqueue(job)
+                    continue
+                why = missing.get(record["family"], f"no {record['family']} compiler")
+                job.status, job.completed_at = "failed", _now()
+                job.error = f"the server restarted without the compiler this job was for: {why}"
+            self._forget_pending(job)
+            self._finish(job)
+        if resumed:
+            log.info("resumed %d compile job(s) a stopped server left", len(resumed))
+        return resumed
 
     def lookup(self, spec: str, compiler: Compiler) -> str | None:
         """The program id this request gave before, without queueing anything (a precheck)."""
@@ -297,7 +365,8 @@ class CompileJobs:
         with self._lock:
             job = self._jobs.get(job_id) if JOB_ID.match(job_id) else None
         if job is None:
-            raise UnknownJobError(f"compile job {job_id[:80]!r} not found (jobs are kept in memory: a restart forgets them)")
+            raise UnknownJobError(f"compile job {job_id[:80]!r} not found (finished jobs are kept in memory, the "
+                                  f"last {KEPT_FINISHED_JOBS}: a restart forgets them)")
         return job
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -315,8 +384,10 @@ class CompileJobs:
         with self._lock:
             if job.status == "queued":
                 self._queue.remove(job)
-                self._by_key.pop(job.key, None)
+                if self._by_key.get(job.key) is job:
+                    del self._by_key[job.key]
                 job.status, job.completed_at = "cancelled", _now()
+                self._forget_pending(job)
             elif job.status == "running":
                 raise JobStartedError(f"compile job {job_id} is already running and cannot be cancelled")
             status = job.status
@@ -343,10 +414,17 @@ class CompileJobs:
                     return
                 job = self._queue.pop(0)
                 job.status, job.started_at = "running", _now()
-                self.compiles += 1
             t0 = time.perf_counter()
             try:
-                program_id, pseudo, strategy, phases = self._compile(job)
+                program_id = self.cached_program(job.key)  # a resumed job compiled before the stop, or a twin's
+                if program_id is not None:
+                    with self._lock:
+                        job.cached = True
+                    pseudo, strategy, phases = None, None, []
+                else:
+                    with self._lock:
+                        self.compiles += 1
+                    program_id, pseudo, strategy, phases = self._compile(job)
             except Exception as exc:  # the job's boundary: every failure is the job's error, the worker goes on
                 message = str(exc) if isinstance(exc, PawError) else f"internal error: {type(exc).__name__}: {exc}"
                 if not isinstance(exc, PawError):
@@ -360,7 +438,9 @@ class CompileJobs:
                     job.stage = job.done = job.total = job.unit = None
             with self._lock:
                 job.completed_at, job.seconds = _now(), round(time.perf_counter() - t0, 3)
-                self._by_key.pop(job.key, None)
+                if self._by_key.get(job.key) is job:  # not a twin resumed with the same key
+                    del self._by_key[job.key]
+            self._forget_pending(job)
             self._finish(job)
             self._report(job)
 
@@ -420,12 +500,14 @@ class CompileJobs:
         """The job as the official client's CompileStatus has it (client.py), plus progress fields."""
         return {
             "job_id": job.job_id, "status": job.status, "program_id": job.program_id,
-            "compiler_snapshot": job.compiler.snapshot or job.compiler.name, "compiler_kind": COMPILER_KIND,
+            "compiler_snapshot": None if job.compiler is None else job.compiler.snapshot or job.compiler.name,
+            "compiler_kind": COMPILER_KIND,
             "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
             "completed_at": job.completed_at, "percent": job.percent, "stage": job.stage,
             "progress": None if job.done is None else {"done": job.done, "total": job.total, "unit": job.unit},
             "pseudo_program": job.pseudo_program, "pseudo_program_strategy": job.pseudo_program_strategy,
-            "runtime_id": job.compiler.runtime_id, "runtime_manifest_version": 1, "cached": job.cached,
+            "runtime_id": None if job.compiler is None else job.compiler.runtime_id, "runtime_manifest_version": 1,
+            "cached": job.cached,
             "queue_position": self._queue.index(job) + 1 if job in self._queue else None,
             "queue_length": len(self._queue), "estimated_wait_s": None,
             "timings": {"total_s": job.seconds, "phases": job.phases} if job.seconds is not None else None,
@@ -443,6 +525,22 @@ def _percent(stage: str, done: int | None, total: int | None) -> float:
         before += w
     fraction = min(1.0, done / total) if done is not None and total else 0.0
     return 100.0 * (before + weight * fraction) / sum(PHASE_WEIGHTS.values())
+
+
+def _read_pending(path: Path) -> dict[str, Any] | None:
+    """A pending job's record, checked (size before reading, then every field), or None."""
+    try:
+        if path.stat().st_size > MAX_PENDING_RECORD_BYTES:
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fields = ("job_id", "spec", "family", "compiler", "created_at")
+    if not isinstance(record, dict) or not all(isinstance(record.get(f), str) for f in fields):
+        return None
+    if not JOB_ID.match(record["job_id"]) or path.stem != record["job_id"] or record["family"] not in FAMILIES:
+        return None
+    return record
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -376,9 +376,11 @@ def _guarded(handler):
 
 def routes(settings, jobs: CompileJobs | None = None) -> list[BaseRoute]:
     """The PAW API's routes for `build_app(settings, extra_routes=...)`. `jobs`: the compile queue
-    (default: one on the settings' compiler files and data folder, with default compile options)."""
+    (default: one on the settings' compiler files and data folder, with default compile options);
+    the jobs a stopped server left in its data folder are queued again here."""
     if jobs is None:
         jobs = CompileJobs(settings.data_dir, settings.compile_models, settings.models_dir)
+    jobs.resume()  # what a stopped server left queued or running, under the same job ids
     api = PawApi(settings, jobs)
     r = "/api/v1"
     table = [
