@@ -380,6 +380,8 @@ def test_settings_are_checked():
         ServeSettings(programs_dir="p", data_dir="d", max_tokens_cap=0)
     with pytest.raises(ServeSettingsError, match="port"):
         ServeSettings(programs_dir="p", data_dir="d", port=70000)
+    with pytest.raises(ServeSettingsError, match="compile_threads"):
+        ServeSettings(programs_dir="p", data_dir="d", compile_threads=0)
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -531,3 +533,19 @@ def test_cli_refuses_bad_options_as_json(root, tmp_path):
 
     assert main(["serve", "--programs", str(tmp_path / "missing"), "--json"]) == 2
     assert main(["serve", "--programs", str(root / "programs"), "--max-tokens-cap", "0", "--json"]) == 2
+    assert main(["serve", "--programs", str(root / "programs"), "--compile-threads", "0", "--json"]) == 2
+
+
+def test_compile_threads_reach_the_compile_jobs(root, tmp_path):
+    """--compile-threads is the thread count of the server's compile jobs (every core by default)."""
+    from paw_lite.cli import build_parser
+    from paw_lite.cli.serve import settings_from_args
+    from paw_lite.serve.paw_api import compile_jobs
+
+    def jobs_of(*flags):
+        args = build_parser().parse_args(["serve", "--programs", str(root / "programs"), "--data-dir",
+                                          str(tmp_path / "data"), *flags])
+        return compile_jobs(settings_from_args(args))
+
+    assert jobs_of("--compile-threads", "1").options.n_threads == 1
+    assert jobs_of().options.n_threads is None

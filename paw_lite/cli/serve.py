@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     compile_.add_argument("--interpreter", type=Path, metavar="GGUF",
                           help="the interpreter compiled programs are for (the files named one by one are for the "
                                "family --compiler-meta names, else Compact; the other family's come from --models)")
+    compile_.add_argument("--compile-threads", type=int, default=None, metavar="N",
+                          help="threads of llama.cpp's passes in a compile job, nearly all of its time (default: every "
+                               "core; fewer leave cores to inference while a compile runs, and it takes longer)")
     p.add_argument("--json", action="store_true", help="print the address and settings as one JSON line once listening")
     p.set_defaults(func=run)
 
@@ -58,7 +61,7 @@ def settings_from_args(args: argparse.Namespace):
     from ..serve.settings import ServeSettings, api_key_from_env
 
     require_positive(args, "max_body_bytes", "max_input_chars", "max_batch", "max_concurrent", "max_tokens_cap",
-                     "batch_size", "max_loaded")
+                     "batch_size", "max_loaded", "compile_threads")
     if not 0 <= args.port <= 65535:
         raise PawError(f"--port must be 0..65535 (0: any free port), not {args.port}")
     if not args.programs.is_dir():
@@ -71,7 +74,7 @@ def settings_from_args(args: argparse.Namespace):
                          max_input_chars=args.max_input_chars, max_batch=args.max_batch,
                          max_concurrent=args.max_concurrent, max_tokens_cap=args.max_tokens_cap,
                          batch_size=args.batch_size, max_loaded=args.max_loaded, interpreter=args.base_model, compile_models=files,
-                         models_dir=args.models)
+                         models_dir=args.models, compile_threads=args.compile_threads)
 
 
 def run(args: argparse.Namespace) -> int:

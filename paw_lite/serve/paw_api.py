@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ..compiler.pipeline import CompileOptions
 from ..errors import ContextOverflowError, PawError
 from ..families import FAMILIES
 from ..program import Program
@@ -374,12 +375,19 @@ def _guarded(handler):
     return endpoint
 
 
+def compile_jobs(settings) -> CompileJobs:
+    """The server's compile queue: the settings' compiler files, models and data folder, and
+    `paw-lite compile`'s default options but for the threads (settings.compile_threads)."""
+    return CompileJobs(settings.data_dir, settings.compile_models, settings.models_dir,
+                       CompileOptions(n_threads=settings.compile_threads))
+
+
 def routes(settings, jobs: CompileJobs | None = None) -> list[BaseRoute]:
     """The PAW API's routes for `build_app(settings, extra_routes=...)`. `jobs`: the compile queue
-    (default: one on the settings' compiler files and data folder, with default compile options);
+    (default: `compile_jobs(settings)`);
     the jobs a stopped server left in its data folder are queued again here."""
     if jobs is None:
-        jobs = CompileJobs(settings.data_dir, settings.compile_models, settings.models_dir)
+        jobs = compile_jobs(settings)
     jobs.resume()  # what a stopped server left queued or running, under the same job ids
     api = PawApi(settings, jobs)
     r = "/api/v1"

@@ -33,6 +33,8 @@ class ServeSettings:
     `<runtime_id>.gguf` from models_dir, else paw_lite's models directory.
     compile_models / models_dir: the compiler's files, as `paw-lite compile` takes them (the
     PAW API's compile jobs use them); models_dir is also searched for interpreters.
+    compile_threads: the threads of llama.cpp's passes in a compile job, nearly all of its time
+    (None: every core). Fewer leave cores to inference while a compile runs; it takes longer.
     batch_size: sequences of one program evaluated together at most (one engine step).
     max_loaded: programs kept loaded at once (each holds its own merged weights, ~340 MB for
     GPT-2 124M); loading one more unloads the least recently used."""
@@ -53,6 +55,7 @@ class ServeSettings:
     compile_models: ModelFiles = field(default_factory=ModelFiles)
     models_dir: Path | None = None
     cache_dir: Path | None = None  # prefix KV caches (None: paw_lite's default cache directory)
+    compile_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_input_chars", "max_batch", "max_concurrent", "max_tokens_cap", "batch_size",
@@ -60,6 +63,9 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServeSettingsError(f"{name} must be a positive integer, not {value!r}")
+        threads = self.compile_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ServeSettingsError(f"compile_threads must be a positive integer, or None for every core, not {threads!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ServeSettingsError(f"port must be 0..65535 (0: any free port), not {self.port!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
