@@ -275,6 +275,13 @@ def _ms(v: float) -> str:
     return f"{v * 1000:.0f} ms"
 
 
+def _level_cells(level: dict | None) -> list[str]:
+    """A server's throughput, p50 and p99 at one client count (n/a where it was not measured)."""
+    if level is None:
+        return ["n/a"] * 3
+    return [f"{level['throughput_rps']:.2f}", _ms(level["p50_s"]), _ms(level["p99_s"])]
+
+
 def format_table(result: dict) -> str:
     lines = ["| clients | paw-lite serve req/s | p50 | p99 | in-process fn.map, n in flight | llama_cpp.server req/s | p50 | p99 "
              "| paw-lite / llama |",
@@ -283,11 +290,8 @@ def format_table(result: dict) -> str:
     llama = {lv["clients"]: lv for lv in result["levels"].get("llama_cpp.server", [])}
     for n in sorted(set(paw) | set(llama)):
         p, q = paw.get(n), llama.get(n)
-        cells = [str(n)]
-        for lv in (p, q):
-            cells += ["n/a"] * 3 if lv is None else [f"{lv['throughput_rps']:.2f}", _ms(lv["p50_s"]), _ms(lv["p99_s"])]
-            if lv is p:
-                cells.append("n/a" if p is None or "in_process_map_rps" not in p else f"{p['in_process_map_rps']:.2f}")
+        ceiling = "n/a" if p is None or "in_process_map_rps" not in p else f"{p['in_process_map_rps']:.2f}"
+        cells = [str(n), *_level_cells(p), ceiling, *_level_cells(q)]
         cells.append(f"{p['throughput_rps'] / q['throughput_rps']:.2f}x" if p and q else "")
         lines.append("| " + " | ".join(cells) + " |")
     c = result["conditions"]

@@ -58,14 +58,16 @@ class ServeSettings:
     compile_threads: int | None = None
 
     def __post_init__(self) -> None:
+        def positive(value) -> bool:
+            return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
         for name in ("max_body_bytes", "max_input_chars", "max_batch", "max_concurrent", "max_tokens_cap", "batch_size",
                      "max_loaded"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ServeSettingsError(f"{name} must be a positive integer, not {value!r}")
-        threads = self.compile_threads
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ServeSettingsError(f"compile_threads must be a positive integer, or None for every core, not {threads!r}")
+            if not positive(getattr(self, name)):
+                raise ServeSettingsError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        if self.compile_threads is not None and not positive(self.compile_threads):
+            raise ServeSettingsError(f"compile_threads must be a positive integer, or None for every core, "
+                                     f"not {self.compile_threads!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ServeSettingsError(f"port must be 0..65535 (0: any free port), not {self.port!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
