@@ -333,11 +333,7 @@ def format_table(result: dict) -> str:
               f"llama.cpp n_threads {c['llama_n_threads']}; {c['cpus']} CPUs, load average "
               f"{c['loadavg_before'][0]:.2f} before, {c['loadavg_after'][0]:.2f} after; numpy {c['numpy']}, "
               f"llama-cpp-python {c['llama_cpp_python']}."]
-    rows = {r["key"]: r for r in result["rows"]}
-    for key, how, bound in TARGETS:
-        value = rows[key]["ratio"]
-        ok = value <= bound if how.endswith("<=") else value >= bound
-        lines.append(f"target {key}: {how} {bound:g}: {'met' if ok else 'NOT met'} ({value:.2f})")
+    lines += ib.target_lines(TARGETS, result["rows"])
     return "\n".join(lines)
 
 

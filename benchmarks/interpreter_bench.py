@@ -501,16 +501,24 @@ def format_table(result: dict) -> str:
               f"{c['calls']} calls (fn.map batch_size {c['batch_size']}); llama.cpp n_threads {c['llama_n_threads']}; "
               f"{c['cpus']} CPUs, load average {c['loadavg_before'][0]:.2f} before, {c['loadavg_after'][0]:.2f} after; "
               f"numpy {c['numpy']}, llama-cpp-python {c['llama_cpp_python']}."]
-    rows = {r["key"]: r for r in result["rows"]}
-    for key, how, bound, *floor in TARGETS:
-        r = rows[key]
+    lines += target_lines(TARGETS, result["rows"])
+    return "\n".join(lines)
+
+
+def target_lines(targets: list[tuple], rows: list[dict]) -> list[str]:
+    """A line per target (row key, comparison, bound[, the row of paw_lite's float32 floor for it]):
+    met or not, and for one not met, the ratio paw_lite's float32 products alone reach."""
+    by_key = {r["key"]: r for r in rows}
+    lines = []
+    for key, how, bound, *floor in targets:
+        r = by_key[key]
         value = r["ratio"] if how.startswith("ratio") else r["paw_lite"]
         ok = value is not None and (value <= bound if how.endswith("<=") else value >= bound)
         line = f"target {key}: {how} {target_bound(key, bound)}: {'met' if ok else 'NOT met'} ({value:.2f})"
-        if not ok and floor and rows.get(floor[0], {}).get("ratio") is not None:
-            line += f"; paw_lite's float32 products alone: {rows[floor[0]]['ratio']:.2f}"
+        if not ok and floor and by_key.get(floor[0], {}).get("ratio") is not None:
+            line += f"; paw_lite's float32 products alone: {by_key[floor[0]]['ratio']:.2f}"
         lines.append(line)
-    return "\n".join(lines)
+    return lines
 
 
 def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:

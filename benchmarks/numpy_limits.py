@@ -27,11 +27,11 @@ import time
 import numpy as np
 
 from paw_lite.blas_threads import controller, usable_cpus
+from paw_lite.products import SMALL_PRODUCT_ROWS  # below it, products run as w @ x.T
 
 D, N_FF, N_LAYER, N_VOCAB = 768, 3072, 12, 50257
 SHAPES = [(3 * D, D), (D, D), (N_FF, D), (D, N_FF)]  # attn_qkv, attn_output, ffn_up, ffn_down (Linear layout)
 ROWS = (1, 2, 8, 16, 32, 37, 48, 64, 128, 256, 1024)
-SMALL_PRODUCT_ROWS = 96  # paw_lite.products.SMALL_PRODUCT_ROWS: below it, w @ x.T
 
 
 def _median_ms(fn, repeats: int) -> float:

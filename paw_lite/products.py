@@ -10,9 +10,11 @@ import numpy as np
 
 # Below this many rows a projection runs as w @ x.T into a (d_out, N) scratch that is then copied
 # back transposed: OpenBLAS handles the weight better as the first operand at few rows. Measured
-# on GPT-2 124M's 48 matrices: one thread, 64 rows 89 against 81 GFLOP/s; two threads, 37 rows
-# 91 against 84. From 128 rows both forms run alike and x @ w.T needs no copy.
-SMALL_PRODUCT_ROWS = 96
+# on 2 cores (AMD EPYC, OpenBLAS of numpy 2), GFLOP/s of w @ x.T (copy included) against x @ w.T,
+# one thread: GPT-2 124M's 4 matrix shapes, 64 rows 89 / 73, 128 rows 91 / 82, 200 rows 92 / 94;
+# Qwen3-0.6B's, 96 rows 87 / 75, 160 rows 91 / 84, 256 rows 91 / 91; two threads at once on
+# Qwen3's, 128 rows 78 / 75, 160 rows 82 / 54. From ~200 rows x @ w.T runs as fast with no copy.
+SMALL_PRODUCT_ROWS = 192
 
 # Vocabulary rows per head block: a (block, rows) float32 product of at most 1 MB, half of L2.
 _HEAD_BLOCK_FLOATS = 256 * 1024

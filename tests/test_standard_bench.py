@@ -100,8 +100,39 @@ def test_report_shows_ratios_and_targets(sbench):
     assert "target throughput_calls_s: ratio >= 3: met (4.00)" in text
     assert "target peak_rss_run_mb: paw_lite <= 3052 MiB: met (3000.00)" in text
     assert "one call: 2.00x the official way's; paw_lite's float32 products alone take 1.50x" in text
+    result["rows"][1:2] = [row("throughput_calls_s", 6.0, 3.0, False), row("throughput_floor_calls_s", 7.5, 3.0, False)]
+    assert "target throughput_calls_s: ratio >= 3: NOT met (2.00); paw_lite's float32 products alone: 2.50" in \
+        sbench.format_table(result)
     assert "load average 4.50 before, 5.00 after" in text and "7/8 identical sequences" in text
 
 
 def test_bench_standard_and_constrained_exclude_each_other(capsys):
     assert main(["bench", "--standard", "--constrained"]) == 2
+
+
+def test_the_map_floor_replays_the_maps_own_steps(sbench):
+    """StepLog records what each step of a map evaluates (every prompt token and every output
+    token but the last, one logits row per output token), puts the forward back, and map_floor
+    times those steps' products."""
+    from paw_lite.engine import Engine, Sequence
+    from paw_lite.qwen3_layout import Qwen3Config
+    from paw_lite.qwen3_packed import Qwen3Packed
+    from paw_lite.qwen3_weights import Qwen3Weights
+
+    config = Qwen3Config(n_vocab=300, n_ctx=128, n_embd=64, n_ff=96, n_layer=2, n_head=4, n_head_kv=2, head_dim=16,
+                         eps=1e-6, rope_theta=1e4, tied=True)
+    weights = Qwen3Weights.empty(config)
+    rng = np.random.default_rng(0)
+    for array in weights.tensor_views().values():
+        array[...] = 0.1 * rng.standard_normal(array.shape, dtype=np.float32)
+    engine = Engine.qwen3(weights, config)
+    engine.set_prefix(*engine.eval_prefix([1, 2, 3]))
+    seqs = [Sequence(rng.integers(0, 300, size=n).tolist(), 3, 4) for n in (2, 3, 5, 7, 1)]
+    forward = Qwen3Packed.forward
+    with sbench.StepLog() as log:
+        outs = engine.generate(seqs, (), capacity=2)
+    assert Qwen3Packed.forward is forward and [len(o) for o in outs] == [4] * 5
+    steps = [step for own in log.by_thread.values() for step in own]
+    assert sum(n for n, _ in steps) == sum(len(s.ids) + s.limit - 1 for s in seqs)
+    assert sum(m for _, m in steps) == sum(s.limit for s in seqs)
+    assert sbench.map_floor(weights, log) > 0
