@@ -183,6 +183,19 @@ def _write_program(path: Path, adapter: Path, template: str) -> None:
 
 # -- the measuring processes ------------------------------------------------------------------
 
+def time_threads(threads: list, start) -> float:
+    """Start the threads and return the seconds from the moment all of them have reached `start`
+    (a threading.Barrier for them and the caller: what they set up before it is not timed)
+    until the last one ends."""
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def _median_time(fn, n: int) -> float:
     times = []
     for _ in range(n):

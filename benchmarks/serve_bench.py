@@ -186,14 +186,7 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
                 with lock:
                     latencies.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = ib.time_threads([threading.Thread(target=client) for _ in range(clients)], start)
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(bodies)} requests to {url} failed; first: {failures[0]}")
     return {"clients": clients, "requests": len(bodies), "wall_s": wall, "throughput_rps": len(bodies) / wall,

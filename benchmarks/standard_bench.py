@@ -297,14 +297,7 @@ def map_floor(weights, log: StepLog) -> float:
             floor.step(n, m)
 
     with blas_threads.single_threaded():
-        threads = [threading.Thread(target=replay, args=pair) for pair in zip(floors, steps)]
-        for t in threads:
-            t.start()
-        start.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - t0
+        return ib.time_threads([threading.Thread(target=replay, args=pair) for pair in zip(floors, steps)], start)
 
 
 def paw_worker(w, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:
