@@ -27,8 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -220,9 +222,29 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:
+@dataclass(frozen=True)
+class PawMeasures:
+    """How `paw_worker` measures paw_lite, where the benchmarks differ (these defaults are this
+    file's, for GPT-2; standard_bench.py's Qwen3 is ~5x slower a call and measures fewer runs)."""
+
+    product_floor: type  # (weights, n_prompt) -> .sample() and .result(n_out): ProductFloor's interface
+    decode_tokens: int = DECODE_TOKENS
+    agree_inputs: int = AGREE_INPUTS
+    agree_tokens: int = AGREE_TOKENS
+    map_checked: int = 32  # map outputs compared with one call at a time
+    prefix_runs: Callable[[int], int] = lambda inner: inner  # runs of the prefix evaluation, given `inner`
+    long_runs: Callable[[int], int] = lambda inner: max(3, inner // 3)  # of the decode and prefill calls
+    # a context manager recording the map's steps, whose .floor_s(weights) times their products alone
+    map_steps: Callable[[], Any] | None = None
+
+
+def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bool,
+               how: PawMeasures | None = None) -> dict:
+    import contextlib
+
     import paw_lite
 
+    how = how or PawMeasures(ProductFloor)
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -237,7 +259,7 @@ def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bo
             i[0] += 1
 
         # The floor is sampled between the calls, so both see the host as it is at that moment.
-        floor = ProductFloor(fn._engine.w, len(calls[0]["ids"]) - len(w.prefix_ids))
+        floor = how.product_floor(fn._engine.w, len(calls[0]["ids"]) - len(w.prefix_ids))
         call_times = []
         for _ in range(inner):
             call_times.append(_median_time(one_call, 1))
@@ -245,23 +267,28 @@ def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bo
         res["one_call_s"] = statistics.median(call_times)
         res.update(floor.result(OUTPUT_TOKENS))
         res["peak_rss_one_program_mb"] = _peak_rss_mb()
-        res["prefix_eval_s"] = _median_time(lambda: fn._engine.eval_prefix(fn._prefix_ids), inner)
-        text = calls[0]["text"]
-        t_long = _median_time(lambda: fn.generate_ids(text, max_tokens=DECODE_TOKENS + 1), max(3, inner // 3))
+        res["prefix_eval_s"] = _median_time(lambda: fn._engine.eval_prefix(fn._prefix_ids), how.prefix_runs(inner))
+        text, long_runs = calls[0]["text"], how.long_runs(inner)
+        t_long = _median_time(lambda: fn.generate_ids(text, max_tokens=how.decode_tokens + 1), long_runs)
         t_short = _median_time(lambda: fn.generate_ids(text, max_tokens=1), inner)
-        res["decode_tok_s"] = DECODE_TOKENS / (t_long - t_short)
+        res["decode_tok_s"] = how.decode_tokens / (t_long - t_short)
         n_long = len(w.long_call["ids"]) - len(w.prefix_ids)
-        res["prefill_tok_s"] = n_long / _median_time(lambda: fn.generate_ids(w.long_call["text"], max_tokens=1), max(3, inner // 3))
+        res["prefill_tok_s"] = n_long / _median_time(lambda: fn.generate_ids(w.long_call["text"], max_tokens=1),
+                                                     long_runs)
         texts = [c["text"] for c in calls[:n_calls]]
-        t = time.perf_counter()
-        outs = fn.map_ids(texts, max_tokens=OUTPUT_TOKENS, batch_size=batch_size)
-        res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
+        with how.map_steps() if how.map_steps else contextlib.nullcontext() as steps:
+            t = time.perf_counter()
+            outs = fn.map_ids(texts, max_tokens=OUTPUT_TOKENS, batch_size=batch_size)
+            res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
         assert all(len(o) == OUTPUT_TOKENS for o in outs)
         res["peak_rss_run_mb"] = _peak_rss_mb()
+        if steps is not None:
+            res["throughput_floor_calls_s"] = n_calls / steps.floor_s(fn._engine.w)
         if agree:
-            res["agree_ids"] = [fn.generate_ids(c["text"], max_tokens=AGREE_TOKENS) for c in calls[:AGREE_INPUTS]]
-            one_by_one = [fn.generate_ids(t, max_tokens=OUTPUT_TOKENS) for t in texts[:32]]
-            res["map_equals_calls"] = [a == b for a, b in zip(outs[:32], one_by_one)]
+            res["agree_ids"] = [fn.generate_ids(c["text"], max_tokens=how.agree_tokens)
+                                for c in calls[:how.agree_inputs]]
+            one_by_one = [fn.generate_ids(t, max_tokens=OUTPUT_TOKENS) for t in texts[:how.map_checked]]
+            res["map_equals_calls"] = [a == b for a, b in zip(outs, one_by_one)]
         fn.close()
         del fn
         t = time.perf_counter()  # again, now with the prefix KV cache file on disk

@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -208,21 +207,21 @@ class ProductFloor:
     weights; nothing else. What a float32 NumPy interpreter does not get below on this host.
 
     `step` is the products of any step the scheduler runs, so the same class times fn.map's own
-    steps too (`map_floor`)."""
+    steps too (`StepLog.floor_s`). Its buffers hold n_prompt rows: the replay's largest step."""
 
-    def __init__(self, weights, max_rows: int):
+    def __init__(self, weights, n_prompt: int):
         from paw_lite.products import SMALL_PRODUCT_ROWS, Head
 
-        self.weights = weights
+        self.weights, self.n_prompt = weights, n_prompt
         layer = weights.layers[0]
         widest = max(layer.attn_qkv.shape[0], layer.ffn_gate_up.shape[0])
         self.d, self.n_ff = layer.ffn_down.shape[0], layer.ffn_down.shape[1]
         rng = np.random.default_rng(0)
-        self.x_d = rng.standard_normal((max_rows, self.d), dtype=np.float32)
-        self.x_q = rng.standard_normal((max_rows, layer.attn_output.shape[1]), dtype=np.float32)
-        self.x_ff = rng.standard_normal((max_rows, self.n_ff), dtype=np.float32)
-        self.out = np.empty((max_rows, widest), np.float32)
-        self.scratch = np.empty(widest * min(max_rows, SMALL_PRODUCT_ROWS), np.float32)
+        self.x_d = rng.standard_normal((n_prompt, self.d), dtype=np.float32)
+        self.x_q = rng.standard_normal((n_prompt, layer.attn_output.shape[1]), dtype=np.float32)
+        self.x_ff = rng.standard_normal((n_prompt, self.n_ff), dtype=np.float32)
+        self.out = np.empty((n_prompt, widest), np.float32)
+        self.scratch = np.empty(widest * min(n_prompt, SMALL_PRODUCT_ROWS), np.float32)
         self.head = Head(weights.head)
         self.prompt_s: list[float] = []
         self.token_s: list[float] = []
@@ -244,8 +243,8 @@ class ProductFloor:
         if m:
             self.head.greedy(self.x_d[:m])
 
-    def sample(self, n_prompt: int) -> None:
-        self.prompt_s.append(ib._median_time(lambda: self.step(n_prompt, 1), 1))
+    def sample(self) -> None:
+        self.prompt_s.append(ib._median_time(lambda: self.step(self.n_prompt, 1), 1))
         self.token_s.append(ib._median_time(lambda: self.step(1, 1), 1))
 
     def result(self, n_out: int) -> dict:
@@ -277,81 +276,33 @@ class StepLog:
 
         Qwen3Packed.forward = self._forward
 
+    def floor_s(self, weights) -> float:
+        """Seconds the float32 products of the recorded steps take alone: each worker thread's
+        steps replayed by a thread of its own, all at once, BLAS at one thread each (as fn.map
+        runs them). What the map cannot get below whatever its attention, norms and Python cost,
+        with the same steps: the ceiling of its throughput on this host."""
+        import threading
 
-def map_floor(weights, log: StepLog) -> float:
-    """Seconds the float32 products of the map's own steps take alone: each worker thread's steps
-    replayed by a thread of its own, all at once, BLAS at one thread each (as fn.map runs them).
-    What the map cannot get below whatever its attention, norms and Python cost, with the same
-    steps: the ceiling of its throughput on this host."""
-    import threading
+        from paw_lite import blas_threads
 
-    from paw_lite import blas_threads
+        steps = list(self.by_thread.values())
+        floors = [ProductFloor(weights, max(n for n, _ in s)) for s in steps]
+        start = threading.Barrier(len(steps) + 1)
 
-    steps = list(log.by_thread.values())
-    floors = [ProductFloor(weights, max(n for n, _ in s)) for s in steps]
-    start = threading.Barrier(len(steps) + 1)
+        def replay(floor: ProductFloor, own: list[tuple[int, int]]) -> None:
+            start.wait()
+            for n, m in own:
+                floor.step(n, m)
 
-    def replay(floor: ProductFloor, own: list[tuple[int, int]]) -> None:
-        start.wait()
-        for n, m in own:
-            floor.step(n, m)
-
-    with blas_threads.single_threaded():
-        return ib.time_threads([threading.Thread(target=replay, args=pair) for pair in zip(floors, steps)], start)
+        with blas_threads.single_threaded():
+            return ib.time_threads([threading.Thread(target=replay, args=pair) for pair in zip(floors, steps)], start)
 
 
 def paw_worker(w, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:
-    import paw_lite
-
-    res: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        fn = paw_lite.function(w.program, base_model=w.base, cache_dir=Path(tmp))
-        res["cold_start_s"] = time.perf_counter() - t
-        calls = w.calls
-        assert fn.prompt_ids(calls[0]["text"]) == calls[0]["ids"]
-
-        def one_call(i=[0]):
-            out = fn.generate_ids(calls[i[0] % len(calls)]["text"], max_tokens=OUTPUT_TOKENS)
-            assert len(out) == OUTPUT_TOKENS, out
-            i[0] += 1
-
-        n_prompt = len(calls[0]["ids"]) - len(w.prefix_ids)
-        floor = ProductFloor(fn._engine.w, n_prompt)
-        call_times = []
-        for _ in range(inner):
-            call_times.append(ib._median_time(one_call, 1))
-            floor.sample(n_prompt)
-        res["one_call_s"] = statistics.median(call_times)
-        res.update(floor.result(OUTPUT_TOKENS))
-        res["peak_rss_one_program_mb"] = ib._peak_rss_mb()
-        res["prefix_eval_s"] = ib._median_time(lambda: fn._engine.eval_prefix(fn._prefix_ids), max(1, inner // 3))
-        text = calls[0]["text"]
-        t_long = ib._median_time(lambda: fn.generate_ids(text, max_tokens=DECODE_TOKENS + 1), max(1, inner // 3))
-        t_short = ib._median_time(lambda: fn.generate_ids(text, max_tokens=1), inner)
-        res["decode_tok_s"] = DECODE_TOKENS / (t_long - t_short)
-        n_long = len(w.long_call["ids"]) - len(w.prefix_ids)
-        res["prefill_tok_s"] = n_long / ib._median_time(lambda: fn.generate_ids(w.long_call["text"], max_tokens=1),
-                                                        max(1, inner // 3))
-        texts = [c["text"] for c in calls[:n_calls]]
-        with StepLog() as steps:
-            t = time.perf_counter()
-            outs = fn.map_ids(texts, max_tokens=OUTPUT_TOKENS, batch_size=batch_size)
-            res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)
-        assert all(len(o) == OUTPUT_TOKENS for o in outs)
-        res["peak_rss_run_mb"] = ib._peak_rss_mb()
-        res["throughput_floor_calls_s"] = n_calls / map_floor(fn._engine.w, steps)
-        if agree:
-            res["agree_ids"] = [fn.generate_ids(c["text"], max_tokens=AGREE_TOKENS) for c in calls[:AGREE_INPUTS]]
-            one_by_one = [fn.generate_ids(t, max_tokens=OUTPUT_TOKENS) for t in texts[:AGREE_INPUTS]]
-            res["map_equals_calls"] = [a == b for a, b in zip(outs, one_by_one)]
-        fn.close()
-        del fn
-        t = time.perf_counter()  # again, now with the prefix KV cache file on disk
-        fn = paw_lite.function(w.program, base_model=w.base, cache_dir=Path(tmp))
-        res["cold_start_cached_prefix_s"] = time.perf_counter() - t
-        fn.close()
-    return res
+    return ib.paw_worker(w, inner, n_calls, batch_size, agree, ib.PawMeasures(
+        ProductFloor, decode_tokens=DECODE_TOKENS, agree_inputs=AGREE_INPUTS, agree_tokens=AGREE_TOKENS,
+        map_checked=AGREE_INPUTS, prefix_runs=lambda inner: max(1, inner // 3),
+        long_runs=lambda inner: max(1, inner // 3), map_steps=StepLog))
 
 
 class _Official(ib._Llama):

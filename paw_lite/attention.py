@@ -107,6 +107,18 @@ def attention_groups(step: Step, cache: SlotCache) -> Groups:
             for a, b in zip(cuts, cuts[1:])]
 
 
+def wanted_rows(step: Step, wanted: np.ndarray, cache: SlotCache, groups: Groups) -> tuple[np.ndarray | None, Groups]:
+    """The rows a model's last layer finishes: each wanted segment's last token (its outputs feed
+    nothing but the logits; the other rows only store their keys and values there). Returns their
+    packed indices and the attention groups of those rows alone, each attending as its segment's
+    last token; (None, groups) when that is every row (one token per segment, all wanted)."""
+    if len(step.count) == int(step.count.sum()) and wanted.all():
+        return None, groups
+    last = (np.cumsum(step.count) - 1)[wanted]  # packed row of each wanted segment's last token
+    tail = Step(step.slot[wanted], (step.first + step.count - 1)[wanted], np.ones(len(last), np.int64))
+    return last, [(0, len(last), AttentionPlan.of(tail, cache))]
+
+
 def attend(q: np.ndarray, i: int, cache: SlotCache, plan: AttentionPlan, scale: np.float32) -> np.ndarray:
     """Causal attention of the packed queries q (H, N, hd) over their sequence's prefix part
     and own keys. Returns (H, N, hd). The two blocks of keys share one softmax: one running

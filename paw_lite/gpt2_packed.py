@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import AttentionPlan, Groups, attend, attention_groups
+from .attention import Groups, attend, attention_groups, wanted_rows
 from .gpt2 import GELU_C, SQRT_2_OVER_PI
 from .gpt2_layout import GPT2Config
 from .gpt2_weights import Layer, Weights
@@ -57,19 +57,12 @@ class GPT2Packed(HeadPicks):
             self._block_rest(x, q, i, layer, cache, groups, ws)
         # The last block's outputs feed nothing but the logits: every row's keys and values are
         # stored, the rest of the block runs only on the rows whose logits are wanted.
-        last = np.cumsum(step.count) - 1  # packed row of each segment's last token
         q = self._attention_input(x, c.n_layer - 1, final, cache, groups, ws)
         if not wanted.any():
             return None
-        if len(last) == len(x) and wanted.all():  # one token per segment: every row is wanted
-            rows = x
-            self._block_rest(rows, q, c.n_layer - 1, final, cache, groups, ws)
-        else:
-            last = last[wanted]
-            tail = Step(step.slot[wanted], (step.first + step.count - 1)[wanted], np.ones(len(last), np.int64))
-            rows = x[last]  # (S', d), a copy
-            self._block_rest(rows, np.ascontiguousarray(q[:, last]), c.n_layer - 1, final, cache,
-                             [(0, len(last), AttentionPlan.of(tail, cache))], ws)
+        at, tail = wanted_rows(step, wanted, cache, groups)
+        rows = x if at is None else x[at]  # (S', d); a copy when some rows are left out
+        self._block_rest(rows, q if at is None else np.ascontiguousarray(q[:, at]), c.n_layer - 1, final, cache, tail, ws)
         return layer_norm_into(rows, w.output_norm_w, w.output_norm_b, c.eps, ws.att[:len(rows)], ws.sq[:len(rows)])
 
     # -- a block, in two halves: the last block runs its second half on fewer rows ---------------

@@ -112,8 +112,8 @@ def test_bench_standard_and_constrained_exclude_each_other(capsys):
 
 def test_the_map_floor_replays_the_maps_own_steps(sbench):
     """StepLog records what each step of a map evaluates (every prompt token and every output
-    token but the last, one logits row per output token), puts the forward back, and map_floor
-    times those steps' products."""
+    token but the last, one logits row per output token), puts the forward back, and times those
+    steps' products alone."""
     from paw_lite.engine import Engine, Sequence
     from paw_lite.qwen3_layout import Qwen3Config
     from paw_lite.qwen3_packed import Qwen3Packed
@@ -135,4 +135,4 @@ def test_the_map_floor_replays_the_maps_own_steps(sbench):
     steps = [step for own in log.by_thread.values() for step in own]
     assert sum(n for n, _ in steps) == sum(len(s.ids) + s.limit - 1 for s in seqs)
     assert sum(m for _, m in steps) == sum(s.limit for s in seqs)
-    assert sbench.map_floor(weights, log) > 0
+    assert log.floor_s(weights) > 0
