@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from oracles import oracle
 
@@ -45,3 +44,25 @@ def assert_same_or_near_tie(ours: list[int], theirs: list[int], prompt_ids: list
             return
         if x == eos:
             return
+
+
+def official_agrees(theirs, ours, hf, inputs: list[str], max_tokens: int, eos: int = 50256) -> tuple[int, set[str]]:
+    """The official SDK's function `theirs` (llama.cpp) against paw_lite's `ours` on each input:
+    llama.cpp evaluated our prompt, its greedy tokens equal ours or part at a near-tie in `hf`
+    (`assert_same_or_near_tie`, tol 1e-2), and where the tokens are equal so are the texts.
+    Returns how many inputs were equal token for token, and the SDK's distinct outputs."""
+    exact, outputs = 0, set()
+    for text in inputs:
+        their_text = theirs(text, max_tokens=max_tokens)
+        # The SDK returns text only; the ids llama.cpp evaluated show its prompt and its greedy
+        # choices (read from its Llama object, not changed).
+        evaluated = [int(t) for t in theirs._llm.input_ids[:theirs._llm.n_tokens]]
+        prompt = ours.prompt_ids(text)
+        assert evaluated[:len(prompt)] == prompt, repr(text)
+        their_ids, our_ids = evaluated[len(prompt):], ours.generate_ids(text, max_tokens=max_tokens)
+        assert_same_or_near_tie(our_ids, their_ids, prompt, hf, tol=1e-2, eos=eos)
+        if our_ids == their_ids:
+            assert ours(text, max_tokens=max_tokens) == their_text, repr(text)
+            exact += 1
+        outputs.add(their_text)
+    return exact, outputs

@@ -35,7 +35,7 @@ from paw_lite.program import Program
 
 from compiler_fixtures import TINY_BASES, TINY_RANK, random_mapper_state, save_mapper, tiny_qwen, write_compiler_meta
 from conftest import make_hf_gpt2
-from llama_oracle import assert_same_or_near_tie
+from llama_oracle import official_agrees
 from oracles import oracle
 
 oracle("llama_cpp", "transformers", "peft")
@@ -209,20 +209,7 @@ def test_the_official_runtime_runs_it_to_paw_lites_output(case, sdk_offline, tmp
         hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(case["hf"]), tmp_path / "peft").eval()
         theirs = programasweights.function(str(bundle), n_ctx=ours.config.n_ctx, offline=True)
         try:
-            outputs, exact = set(), 0
-            for text in INPUTS:
-                their_text = theirs(text, max_tokens=MAX_TOKENS)
-                # The SDK returns text only; the ids llama.cpp evaluated show its prompt and its greedy
-                # choices (read from its Llama object, not changed).
-                evaluated = [int(t) for t in theirs._llm.input_ids[:theirs._llm.n_tokens]]
-                prompt = ours.prompt_ids(text)
-                assert evaluated[:len(prompt)] == prompt, repr(text)
-                their_ids, our_ids = evaluated[len(prompt):], ours.generate_ids(text, max_tokens=MAX_TOKENS)
-                assert_same_or_near_tie(our_ids, their_ids, prompt, hf, tol=1e-2)
-                if our_ids == their_ids:
-                    assert ours(text, max_tokens=MAX_TOKENS) == their_text, repr(text)
-                    exact += 1
-                outputs.add(their_text)
+            exact, outputs = official_agrees(theirs, ours, hf, INPUTS, MAX_TOKENS)
             assert len(outputs) > 1, "outputs should depend on the input"
             # measured here: all 5 inputs equal for the F32 adapter, 4 of 5 for the Q4_0 one (a near-tie
             # at the 6th token); at least one equal to the last token keeps the test from resting on ties

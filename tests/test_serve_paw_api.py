@@ -40,7 +40,7 @@ from compiler_fixtures import TINY_BASES, TINY_RANK, random_mapper_state, save_m
 from conftest import make_hf_gpt2
 from standard_fixtures import N_CTX as STD_N_CTX
 from standard_fixtures import standard_models_dir, tiny_standard_interpreter
-from llama_oracle import assert_same_or_near_tie
+from llama_oracle import official_agrees
 from oracles import oracle
 
 oracle("llama_cpp", "transformers", "peft", "starlette", "uvicorn")
@@ -190,17 +190,7 @@ def test_the_official_client_downloads_and_runs_the_program_to_paw_lites_output(
         with paw_lite.function(ours_program, base_model=models["gguf"]) as ours:
             write_peft_dir(tmp_path / "peft", LoraAdapter.from_program(ours_program, ours.config))
             hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(models["hf"]), tmp_path / "peft").eval()
-            exact = 0
-            for text in INPUTS:
-                their_text = theirs(text, max_tokens=MAX_TOKENS)
-                evaluated = [int(t) for t in theirs._llm.input_ids[:theirs._llm.n_tokens]]
-                prompt = ours.prompt_ids(text)
-                assert evaluated[:len(prompt)] == prompt, repr(text)
-                their_ids, our_ids = evaluated[len(prompt):], ours.generate_ids(text, max_tokens=MAX_TOKENS)
-                assert_same_or_near_tie(our_ids, their_ids, prompt, hf, tol=1e-2)
-                if our_ids == their_ids:
-                    assert ours(text, max_tokens=MAX_TOKENS) == their_text, repr(text)
-                    exact += 1
+            exact, _ = official_agrees(theirs, ours, hf, INPUTS, MAX_TOKENS)
             assert exact >= 1  # not resting on ties alone
     finally:
         theirs.close()
@@ -564,17 +554,7 @@ def test_the_official_client_runs_the_standard_program_to_paw_lites_output(std_s
                 write_peft_dir(tmp_path / "peft", LoraAdapter.from_program(ours_program, ours.config))
                 base = AutoModelForCausalLM.from_pretrained(both_models["interp_hf"], dtype=torch.float32)
                 hf = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
-                exact = 0
-                for text in INPUTS:
-                    their_text = theirs(text, max_tokens=MAX_TOKENS)
-                    evaluated = [int(t) for t in theirs._llm.input_ids[:theirs._llm.n_tokens]]
-                    prompt = ours.prompt_ids(text)
-                    assert evaluated[:len(prompt)] == prompt, repr(text)
-                    their_ids, our_ids = evaluated[len(prompt):], ours.generate_ids(text, max_tokens=MAX_TOKENS)
-                    assert_same_or_near_tie(our_ids, their_ids, prompt, hf, tol=1e-2, eos=ours.tokenizer.eos_ids[0])
-                    if our_ids == their_ids:
-                        assert ours(text, max_tokens=MAX_TOKENS) == their_text, repr(text)
-                        exact += 1
+                exact, _ = official_agrees(theirs, ours, hf, INPUTS, MAX_TOKENS, eos=ours.tokenizer.eos_ids[0])
                 assert exact >= 1  # not resting on ties alone
                 # hosted inference and the OpenAI face run it on the server: paw_lite's output
                 with programasweights.function(program_id, remote=True) as remote:
