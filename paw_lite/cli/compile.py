@@ -25,10 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(Qwen3-0.6B interpreter, compiler paw-4b-qwen3-0.6b); default: the one --compiler-meta names, "
                         "else compact")
     p.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files (default: the models directory)")
-    p.add_argument("--compiler", type=Path, metavar="GGUF", help="the trained compiler")
-    p.add_argument("--mapper", type=Path, metavar="SAFETENSORS", help="the mapper weights")
-    p.add_argument("--compiler-meta", type=Path, metavar="JSON", help="the compiler's meta.json")
-    p.add_argument("--pseudo-compiler", type=Path, metavar="GGUF", help="the model that writes pseudo-programs")
+    add_compiler_files(p)
     p.add_argument("--interpreter", type=Path, metavar="GGUF", help="the interpreter the program is for (GPT-2 for compact, "
                                                                     "Qwen3 for standard programs)")
     p.add_argument("--adapter-type", choices=ADAPTER_TYPES, default="q4_0", help="adapter.gguf tensor type (default q4_0)")
@@ -42,6 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compiler-tokenizer", type=Path, metavar="DIR", help="HF tokenizer folder of the compiler (default: the GGUF's)")
     p.add_argument("--json", action="store_true", help="print the result, phase timings and peak memory as JSON")
     p.set_defaults(func=run)
+
+
+def add_compiler_files(p) -> None:
+    """The compiler's files named one by one (what is not named is found in --models): for
+    `compile`, and for `serve`'s compiling through the PAW API (p: a parser or argument group)."""
+    p.add_argument("--compiler", type=Path, metavar="GGUF", help="the trained compiler")
+    p.add_argument("--mapper", type=Path, metavar="SAFETENSORS", help="the mapper weights")
+    p.add_argument("--compiler-meta", type=Path, metavar="JSON", help="the compiler's meta.json")
+    p.add_argument("--pseudo-compiler", type=Path, metavar="GGUF", help="the model that writes pseudo-programs")
 
 
 def _read_text(path: Path, what: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import PawError
 from . import require_positive
+from .compile import add_compiler_files
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,10 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     compile_ = p.add_argument_group(
         "compiling through the PAW API (as `paw-lite compile`; a compiler per family found)")
     compile_.add_argument("--models", type=Path, metavar="DIR", help="folder with the compiler files and interpreters (default: the models directory)")
-    compile_.add_argument("--compiler", type=Path, metavar="GGUF", help="the trained compiler")
-    compile_.add_argument("--mapper", type=Path, metavar="SAFETENSORS", help="the mapper weights")
-    compile_.add_argument("--compiler-meta", type=Path, metavar="JSON", help="the compiler's meta.json")
-    compile_.add_argument("--pseudo-compiler", type=Path, metavar="GGUF", help="the model that writes pseudo-programs")
+    add_compiler_files(compile_)
     compile_.add_argument("--interpreter", type=Path, metavar="GGUF",
                           help="the interpreter compiled programs are for (the files named one by one are for the "
                                "family --compiler-meta names, else Compact; the other family's come from --models)")

@@ -74,22 +74,23 @@ class SlugTable:
         """The program id of `slug` (its main version) or `slug@vN`; None when it names nothing."""
         pinned = PINNED.match(reference)
         slug, version = (pinned["slug"], int(pinned["version"])) if pinned else (reference, None)
-        if not SLUG.match(slug):
-            return None
-        with self._lock:
-            entry = self._read().get(slug)
+        entry = self._entry(slug)
         if entry is None:
             return None
         version = version or entry["main"]
         return entry["versions"][version - 1] if 1 <= version <= len(entry["versions"]) else None
 
-    def versions(self, slug: str) -> dict[str, Any] | None:
-        """{"slug", "main_version", "versions": [{"version", "program_id", "is_main"}]}, as the
-        official client's `list_versions` documents it; None for an unknown slug."""
+    def _entry(self, slug: str) -> dict[str, Any] | None:
+        """The table's entry of a slug; None for an unknown or malformed one."""
         if not SLUG.match(slug):
             return None
         with self._lock:
-            entry = self._read().get(slug)
+            return self._read().get(slug)
+
+    def versions(self, slug: str) -> dict[str, Any] | None:
+        """{"slug", "main_version", "versions": [{"version", "program_id", "is_main"}]}, as the
+        official client's `list_versions` documents it; None for an unknown slug."""
+        entry = self._entry(slug)
         if entry is None:
             return None
         return {"slug": slug, "main_version": entry["main"],
