@@ -18,6 +18,7 @@ Rows report medians; the ratio column is paw_lite / llama.cpp."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -234,14 +235,13 @@ class PawMeasures:
     map_checked: int = 32  # map outputs compared with one call at a time
     prefix_runs: Callable[[int], int] = lambda inner: inner  # runs of the prefix evaluation, given `inner`
     long_runs: Callable[[int], int] = lambda inner: max(3, inner // 3)  # of the decode and prefill calls
-    # a context manager recording the map's steps, whose .floor_s(weights) times their products alone
-    map_steps: Callable[[], Any] | None = None
+    # a context manager around the timed map; one that records its steps gives an object whose
+    # .floor_s(weights) times their products alone (standard_bench.StepLog)
+    map_steps: Callable[[], Any] = contextlib.nullcontext
 
 
 def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bool,
                how: PawMeasures | None = None) -> dict:
-    import contextlib
-
     import paw_lite
 
     how = how or PawMeasures(ProductFloor)
@@ -276,7 +276,7 @@ def paw_worker(w: Workload, inner: int, n_calls: int, batch_size: int, agree: bo
         res["prefill_tok_s"] = n_long / _median_time(lambda: fn.generate_ids(w.long_call["text"], max_tokens=1),
                                                      long_runs)
         texts = [c["text"] for c in calls[:n_calls]]
-        with how.map_steps() if how.map_steps else contextlib.nullcontext() as steps:
+        with how.map_steps() as steps:
             t = time.perf_counter()
             outs = fn.map_ids(texts, max_tokens=OUTPUT_TOKENS, batch_size=batch_size)
             res["throughput_calls_s"] = n_calls / (time.perf_counter() - t)

@@ -253,8 +253,9 @@ class ProductFloor:
 
 
 class StepLog:
-    """The steps fn.map evaluates, per worker thread, as (rows, rows wanting logits): a recorder
-    around Qwen3Packed.forward while the block runs. It adds no work to the steps it records."""
+    """The steps a Qwen3 fn.map evaluates, per worker thread, as (rows, rows wanting logits): a
+    recorder around Qwen3Packed.forward while the block runs (a list append a step, nothing in
+    the steps themselves). Qwen3 only: GPT-2's forward is another class."""
 
     def __enter__(self) -> "StepLog":
         import threading
@@ -278,24 +279,35 @@ class StepLog:
 
     def floor_s(self, weights) -> float:
         """Seconds the float32 products of the recorded steps take alone: each worker thread's
-        steps replayed by a thread of its own, all at once, BLAS at one thread each (as fn.map
-        runs them). What the map cannot get below whatever its attention, norms and Python cost,
-        with the same steps: the ceiling of its throughput on this host."""
+        steps replayed by a thread of its own, all at once, BLAS at one thread each when there
+        are several (as fn.map runs them). What the map cannot get below whatever its attention,
+        norms and Python cost, with the same steps: the ceiling of its throughput on this host."""
+        import contextlib
         import threading
 
         from paw_lite import blas_threads
 
         steps = list(self.by_thread.values())
+        if not steps:
+            raise RuntimeError("no Qwen3 step was recorded: StepLog times a Qwen3 map's steps")
         floors = [ProductFloor(weights, max(n for n, _ in s)) for s in steps]
         start = threading.Barrier(len(steps) + 1)
+        failures: list[BaseException] = []
 
         def replay(floor: ProductFloor, own: list[tuple[int, int]]) -> None:
             start.wait()
-            for n, m in own:
-                floor.step(n, m)
+            try:
+                for n, m in own:
+                    floor.step(n, m)
+            except BaseException as exc:  # re-raised below: a failed replay must not time as a fast one
+                failures.append(exc)
 
-        with blas_threads.single_threaded():
-            return ib.time_threads([threading.Thread(target=replay, args=pair) for pair in zip(floors, steps)], start)
+        with blas_threads.single_threaded() if len(steps) > 1 else contextlib.nullcontext():
+            seconds = ib.time_threads([threading.Thread(target=replay, args=pair) for pair in zip(floors, steps)],
+                                      start)
+        if failures:
+            raise failures[0]
+        return seconds
 
 
 def paw_worker(w, inner: int, n_calls: int, batch_size: int, agree: bool) -> dict:

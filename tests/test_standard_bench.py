@@ -136,3 +136,7 @@ def test_the_map_floor_replays_the_maps_own_steps(sbench):
     assert sum(n for n, _ in steps) == sum(len(s.ids) + s.limit - 1 for s in seqs)
     assert sum(m for _, m in steps) == sum(s.limit for s in seqs)
     assert log.floor_s(weights) > 0
+    with sbench.StepLog() as nothing:  # no Qwen3 step: no ceiling, rather than a division by ~0
+        pass
+    with pytest.raises(RuntimeError, match="no Qwen3 step was recorded"):
+        nothing.floor_s(weights)
